@@ -1,0 +1,46 @@
+# The targets read like the README: `make run`, `make test`, `make lint`, `make bench`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run worker migrate lint format test test-unit all clean
+
+$(STAMP): pyproject.toml requirements.lock
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "imgsvc needs Python 3.11 or newer"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install  ## serve the API with an in-process worker on $PORT (default 5000)
+	$(VENV)/bin/imgsvc serve --migrate
+
+worker: install  ## a standalone worker
+	$(VENV)/bin/imgsvc worker
+
+migrate: install
+	$(VENV)/bin/imgsvc migrate
+
+lint: install
+	$(VENV)/bin/ruff check imgsvc tests
+	$(VENV)/bin/ruff format --check imgsvc tests
+	$(VENV)/bin/mypy
+
+format: install
+	$(VENV)/bin/ruff format imgsvc tests
+	$(VENV)/bin/ruff check --fix imgsvc tests
+
+test: lint  ## lint, type check, then every test (they start their own PostgreSQL and S3)
+	$(PY) -m pytest
+
+test-unit: install
+	$(PY) -m pytest tests/unit
+
+all: test
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from imgsvc import cli
+
+cli.main()

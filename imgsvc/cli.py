@@ -1,0 +1,122 @@
+"""Command line: `imgsvc serve | worker | migrate`.
+
+With DATABASE_URL unset, serve, worker and migrate start a private PostgreSQL in
+IMGSVC_DATA_DIR (kept between runs) and stop it on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+
+from imgsvc import __version__, errors, localdb, migrate, settings
+
+logger = logging.getLogger("imgsvc")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgsvc", description="Compress product images in bulk.")
+    parser.add_argument("--version", action="version", version=f"imgsvc {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP API (and a worker, unless --no-worker)")
+    serve.add_argument("--no-worker", action="store_true", help="serve the API only")
+    serve.add_argument("--migrate", action="store_true", help="apply the schema first")
+    worker = commands.add_parser("worker", help="run a standalone worker")
+    worker.add_argument("--migrate", action="store_true", help="apply the schema first")
+    commands.add_parser("migrate", help="apply the database schema (idempotent)")
+    return parser
+
+
+@contextlib.contextmanager
+def _database(config: settings.Settings) -> Iterator[str]:
+    """The database URL: DATABASE_URL, or a private cluster started for this run."""
+    if config.database_url:
+        yield config.database_url
+        return
+    cluster = localdb.LocalPostgres(config.data_dir / "pg")
+    url = cluster.start()
+    logger.info("local PostgreSQL: psql %s", url)
+    try:
+        yield url
+    finally:
+        cluster.stop()
+
+
+def _serve(config: settings.Settings, url: str, run_worker: bool) -> None:
+    import uvicorn
+
+    from imgsvc import web
+
+    app = web.create_app(config, url, run_worker=run_worker)
+    print(
+        f"imgsvc {__version__} on {config.base_url} (worker: {'yes' if run_worker else 'no'})\n"
+        f"  try: curl -F file=@products.csv {config.base_url}/upload\n"
+        f"  then: curl {config.base_url}/status/<request_id>",
+        flush=True,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level.lower(),
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=30,
+        )
+    )
+    asyncio.run(server.serve())
+    if not server.started:
+        raise SystemExit(1)
+
+
+async def _worker(config: settings.Settings, url: str) -> None:
+    from imgsvc import jobs, resources
+
+    async with resources.opened(config, url) as res:
+        await migrate.check(res.pool)
+        jobs.use(url, config, res)
+        async with jobs.app.open_async():
+            logger.info("worker started (concurrency %s)", config.worker_concurrency)
+            await jobs.app.run_worker_async(install_signal_handlers=True, **jobs.worker_options(config))
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; ending through
+    # SystemExit, rather than the default handler, lets the local cluster stop too.
+    raise SystemExit(0)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `imgsvc` command."""
+    args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        config = settings.from_env()
+    except errors.SettingsError as exc:
+        print(f"imgsvc: configuration error: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pyvips").setLevel(logging.WARNING)
+    try:
+        with _database(config) as url:
+            if args.command == "migrate" or getattr(args, "migrate", False):
+                applied = asyncio.run(migrate.apply(url))
+                print(
+                    f"migrate: applied {', '.join(applied)}" if applied else "migrate: the schema is current",
+                    flush=True,
+                )
+            if args.command == "serve":
+                _serve(config, url, run_worker=not args.no_worker)
+            elif args.command == "worker":
+                asyncio.run(_worker(config, url))
+    except errors.ImgsvcError as exc:
+        print(f"imgsvc: {exc.message}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,197 @@
+"""Compress one image with libvips: bytes in, ``models.Compressed`` out.
+
+CPU-bound and blocking: callers run it in a worker thread (libvips releases the
+GIL), so the event loop never waits on image work. The format is found from the
+bytes, limits are checked from the header before any pixel is decoded, and the
+output keeps the source's format (TIFF and HEIC become JPEG, or PNG when they have
+transparency), is upright, in sRGB, and carries no metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pyvips
+
+from imgsvc import errors, models, quality
+
+# Loader -> our format name. A loader not listed here is refused.
+_FORMATS = {
+    "jpegload_buffer": "jpeg",
+    "uhdrload_buffer": "jpeg",
+    "pngload_buffer": "png",
+    "webpload_buffer": "webp",
+    "gifload_buffer": "gif",
+    "heifload_buffer": "heif",
+    "tiffload_buffer": "tiff",
+    "svgload_buffer": "svg",
+}
+_ANIMATED = {"gif", "webp"}
+SUPPORTED = "JPEG, PNG, WebP, GIF, AVIF, HEIC, TIFF"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """What one source image may be."""
+
+    max_pixels: int = 50_000_000
+    max_frames: int = 300
+    quality_factor: float = 0.5
+    allow_svg: bool = False
+
+
+def configure() -> None:
+    """Process-wide libvips settings: no operation cache, untrusted loaders blocked."""
+    pyvips.cache_set_max(0)
+    pyvips.block_untrusted_set(True)
+
+
+def _first_line(exc: pyvips.Error) -> str:
+    text = str(exc.detail or exc.message or "").strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0][:200] if lines else "unknown error"
+
+
+def _header(data: bytes, **options: Any) -> pyvips.Image:
+    try:
+        return pyvips.Image.new_from_buffer(data, "", **options)
+    except pyvips.Error:
+        if b"<svg" in data[:4096].lower():
+            raise errors.NotAnImage("SVG images are not accepted") from None
+        raise errors.NotAnImage(f"the source is not an image in a supported format ({SUPPORTED})") from None
+
+
+def _open(data: bytes, limits: Limits) -> tuple[pyvips.Image, str]:
+    """Read the header only, identify the format and apply the limits."""
+    if not data:
+        raise errors.NotAnImage("the source is empty (0 bytes)")
+    header = _header(data)
+    loader = str(header.get("vips-loader"))
+    fmt = _FORMATS.get(loader)
+    if fmt == "heif" and header.get_typeof("heif-compression") and header.get("heif-compression") == "av1":
+        fmt = "avif"
+    if fmt is None:
+        raise errors.NotAnImage(
+            f"the source format ({loader.removesuffix('load_buffer')}) is not supported ({SUPPORTED})"
+        )
+    if fmt == "svg" and not limits.allow_svg:
+        raise errors.NotAnImage("SVG images are not accepted")
+    options: dict[str, Any] = {"fail_on": "error"}
+    if fmt in _ANIMATED:
+        # The frame count from the n=-1 header: the "n-pages" field is not always set.
+        header = _header(data, n=-1)
+        options["n"] = -1
+    frame_height = header.get_page_height()
+    pages = max(1, header.height // frame_height)
+    pixels = header.width * frame_height
+    if pixels > limits.max_pixels:
+        raise errors.SourceTooLarge(
+            f"the image is {header.width}x{frame_height} = {pixels:,} pixels; "
+            f"the limit is {limits.max_pixels:,} (IMGSVC_MAX_PIXELS)"
+        )
+    if pages > limits.max_frames:
+        raise errors.SourceTooLarge(
+            f"the image has {pages:,} frames; the limit is {limits.max_frames:,} (IMGSVC_MAX_FRAMES)"
+        )
+    # Rotating needs random access; everything else streams top to bottom.
+    orientation = header.get("orientation") if header.get_typeof("orientation") else 1
+    if orientation in (0, 1):
+        options["access"] = "sequential"
+    return _header(data, **options), fmt
+
+
+def _to_srgb(image: pyvips.Image) -> pyvips.Image:
+    """Pixels in 8-bit sRGB (or grey), with any embedded profile applied."""
+    if image.get_typeof("icc-profile-data"):
+        image = image.icc_transform("srgb", embedded=True, intent="perceptual")
+    elif image.interpretation == "cmyk":
+        image = image.icc_transform("srgb", input_profile="cmyk", intent="perceptual")
+    target = "b-w" if image.interpretation in ("b-w", "grey16") else "srgb"
+    if image.interpretation != target or image.format != "uchar":
+        image = image.colourspace(target)
+    if image.format != "uchar":
+        image = image.cast("uchar")
+    return image
+
+
+def _encode(image: pyvips.Image, fmt: str, q: int | None) -> bytes:
+    common: dict[str, Any] = {"keep": pyvips.enums.ForeignKeep.NONE}
+    if fmt == "jpeg":
+        if image.hasalpha():
+            image = image.flatten(background=[255])
+        return bytes(image.jpegsave_buffer(Q=q, optimize_coding=True, **common))
+    if fmt == "png":
+        return bytes(image.pngsave_buffer(palette=True, Q=q, effort=4, **common))
+    if fmt == "webp":
+        return bytes(image.webpsave_buffer(Q=q, effort=4, **common))
+    if fmt == "gif":
+        # GIF has no quality knob: half the palette (128 colours), and let frames
+        # reuse pixels and palettes within a small error.
+        return bytes(
+            image.gifsave_buffer(
+                bitdepth=quality.GIF_BITDEPTH,
+                interframe_maxerror=8,
+                interpalette_maxerror=8,
+                reuse=True,
+                **common,
+            )
+        )
+    if fmt == "avif":
+        return bytes(image.heifsave_buffer(Q=q, compression="av1", effort=4, **common))
+    raise errors.ImgsvcError(f"no encoder for {fmt}")
+
+
+def _plan(fmt: str, data: bytes, image: pyvips.Image, factor: float) -> tuple[str, int | None, int | None]:
+    """The output format, the estimated source quality and the output quality."""
+    if fmt == "jpeg":
+        q_in = quality.estimate_jpeg_quality(data) or quality.LOSSLESS_QUALITY
+        return "jpeg", q_in, quality.target_quality(q_in, factor)
+    if fmt in ("webp", "avif"):
+        q_in = quality.NOMINAL_QUALITY[fmt]
+        return fmt, q_in, quality.target_quality(q_in, factor)
+    if fmt == "png":
+        return "png", quality.LOSSLESS_QUALITY, quality.PNG_PALETTE_QUALITY
+    if fmt == "gif":
+        return "gif", None, None
+    # TIFF, HEIC and SVG: JPEG, or PNG where there is transparency to keep.
+    q_in = quality.NOMINAL_QUALITY.get(fmt, quality.LOSSLESS_QUALITY)
+    if image.hasalpha():
+        return "png", q_in, quality.PNG_PALETTE_QUALITY
+    return "jpeg", q_in, quality.target_quality(quality.LOSSLESS_QUALITY, factor)
+
+
+def compress(data: bytes, limits: Limits) -> models.Compressed:
+    """Re-encode ``data`` at the quality rule's quality; raise PermanentError if it can't be."""
+    image, fmt_in = _open(data, limits)
+    try:
+        fmt_out, q_in, q_out = _plan(fmt_in, data, image, limits.quality_factor)
+        if image.get_n_pages() == 1 or fmt_in not in _ANIMATED:
+            image = image.autorot()
+        image = _to_srgb(image)
+        width = image.width
+        height = image.get_page_height() if image.get_n_pages() > 1 else image.height
+        out = _encode(image, fmt_out, q_out)
+    except pyvips.Error as exc:
+        raise errors.NotAnImage(f"the image could not be decoded: {_first_line(exc)}") from exc
+    if len(out) >= len(data) and fmt_out == fmt_in:
+        return models.Compressed(
+            data=data,
+            format_in=fmt_in,
+            format_out=fmt_in,
+            width=width,
+            height=height,
+            quality_in=q_in,
+            quality_out=q_in,
+            kept_original=True,
+        )
+    return models.Compressed(
+        data=out,
+        format_in=fmt_in,
+        format_out=fmt_out,
+        width=width,
+        height=height,
+        quality_in=q_in,
+        quality_out=q_out,
+        kept_original=False,
+    )

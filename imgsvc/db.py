@@ -1,0 +1,223 @@
+"""Queries over asyncpg. The SQL lives in ``sql/queries.sql`` as named blocks, loaded once.
+
+asyncpg's connection errors become ``DatabaseUnavailable`` here, so callers see a
+transient error they may retry, and the API answers 503.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import re
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import asyncpg
+
+from imgsvc import errors, models
+
+Pool: TypeAlias = asyncpg.Pool
+Connection: TypeAlias = asyncpg.Connection
+
+_UNAVAILABLE = (
+    OSError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.ConnectionFailureError,
+)
+
+
+def sql_dir() -> Path:
+    """The folder of the SQL files: inside the installed package, or the source tree's."""
+    here = Path(__file__).parent
+    for candidate in (here / "sql", here.parent / "sql"):
+        if (candidate / "queries.sql").is_file():
+            return candidate
+    raise errors.ImgsvcError("the SQL files are missing from the installation")
+
+
+def parse_named_blocks(text: str) -> dict[str, str]:
+    """Split a file of ``-- name --`` blocks into {name: sql}."""
+    blocks: dict[str, str] = {}
+    name: str | None = None
+    lines: list[str] = []
+    for line in text.splitlines():
+        match = re.fullmatch(r"-- ([a-z_]+) --", line.strip())
+        if match:
+            if name:
+                blocks[name] = "\n".join(lines).strip()
+            name, lines = match.group(1), []
+        elif name is not None and not line.lstrip().startswith("--"):
+            lines.append(line)
+    if name:
+        blocks[name] = "\n".join(lines).strip()
+    return blocks
+
+
+@functools.cache
+def queries() -> dict[str, str]:
+    """The named queries, read once."""
+    return parse_named_blocks((sql_dir() / "queries.sql").read_text())
+
+
+@contextlib.asynccontextmanager
+async def translated() -> AsyncIterator[None]:
+    """Turn asyncpg's connection failures into DatabaseUnavailable."""
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise errors.DatabaseUnavailable(f"the database is not answering ({type(exc).__name__})") from exc
+
+
+async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> Pool:
+    """Open a connection pool."""
+    async with translated():
+        pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, command_timeout=60)
+    assert pool is not None
+    return pool
+
+
+async def insert_request(
+    pool: Pool,
+    *,
+    file_name: str | None,
+    webhook_url: str | None,
+    products: Sequence[models.Product],
+    queue: str,
+    task: str,
+) -> str:
+    """Store a request, its products and images, and queue a job per image, atomically."""
+    request_id = uuid.uuid4()
+    image_count = sum(len(p.urls) for p in products)
+    q = queries()
+    async with translated(), pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            q["insert_request"], request_id, file_name, webhook_url, len(products), image_count
+        )
+        rows = await conn.fetch(
+            q["insert_products"],
+            request_id,
+            list(range(1, len(products) + 1)),
+            [p.line for p in products],
+            [p.serial for p in products],
+            [p.serial_number for p in products],
+            [p.name for p in products],
+        )
+        ids = {row["position"]: row["id"] for row in rows}
+        product_ids: list[int] = []
+        positions: list[int] = []
+        urls: list[str] = []
+        for index, product in enumerate(products, start=1):
+            for position, url in enumerate(product.urls, start=1):
+                product_ids.append(ids[index])
+                positions.append(position)
+                urls.append(url)
+        await conn.execute(q["insert_images"], request_id, product_ids, positions, urls)
+        queued = await conn.fetchval(q["defer_image_jobs"], request_id, queue, task)
+        if queued != image_count:
+            raise errors.ImgsvcError(f"queued {queued} jobs for {image_count} images")
+    return str(request_id)
+
+
+async def claim_image(pool: Pool, image_id: int) -> models.ImageTask | None:
+    """Mark an image as processing; None when it is already finished."""
+    q = queries()
+    async with translated(), pool.acquire() as conn:
+        row = await conn.fetchrow(q["claim_image"], image_id)
+        if row is None:
+            return None
+        await conn.execute(q["mark_request_processing"], uuid.UUID(row["request_id"]))
+    return models.ImageTask(
+        image_id=row["id"],
+        request_id=row["request_id"],
+        serial_number=row["serial_number"],
+        position=row["position"],
+        url=row["input_url"],
+        attempts=row["attempts"],
+    )
+
+
+async def release_image(pool: Pool, image_id: int, reason: str) -> None:
+    """Put an image back in the queue after a transient failure."""
+    async with translated():
+        await pool.execute(queries()["release_image"], image_id, reason)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stored:
+    """Where a compressed image was stored."""
+
+    key: str
+    url: str
+
+
+async def finish_image(
+    conn: Connection,
+    image_id: int,
+    request_id: str,
+    result: models.Compressed | None,
+    stored: Stored | None,
+    error: str | None,
+    bytes_in: int | None = None,
+) -> str | None:
+    """Record an image's final state; return the request's final status if this finished it.
+
+    Run inside a transaction. The request row is locked first, so when the last two
+    images of a request finish at once on two workers, the second waits for the first
+    and sees its image finished: exactly one of them finishes the request.
+    """
+    q = queries()
+    rid = uuid.UUID(request_id)
+    await conn.execute(q["lock_request"], rid)
+    if result is not None and stored is not None:
+        updated = await conn.fetchval(
+            q["finish_image_done"],
+            image_id,
+            stored.key,
+            stored.url,
+            bytes_in,
+            len(result.data),
+            result.width,
+            result.height,
+            result.format_in,
+            result.format_out,
+            result.quality_in,
+            result.quality_out,
+            result.kept_original,
+        )
+    else:
+        updated = await conn.fetchval(q["finish_image_failed"], image_id, error, bytes_in)
+    if updated is None:
+        return None
+    status: str | None = await conn.fetchval(q["finish_request_if_done"], rid)
+    if status is None:
+        await conn.execute(q["touch_request"], rid)
+    return status
+
+
+async def get_status(pool: Pool, request_id: uuid.UUID, *, limit: int, offset: int) -> dict[str, Any] | None:
+    """A request's progress and one page of its products with their images."""
+    q = queries()
+    async with translated(), pool.acquire() as conn:
+        summary = await conn.fetchrow(q["get_request"], request_id)
+        if summary is None:
+            return None
+        extra = await conn.fetchrow(q["get_request_extra"], request_id)
+        products = await conn.fetch(q["get_products_page"], request_id, limit, offset)
+        images = await conn.fetch(q["get_images_of_products"], [p["id"] for p in products])
+    by_product: dict[int, list[dict[str, Any]]] = {}
+    for image in images:
+        fields = dict(image)
+        by_product.setdefault(fields.pop("product_id"), []).append(fields)
+    return {
+        "summary": dict(summary),
+        "extra": dict(extra) if extra else {},
+        "products": [dict(p) | {"images": by_product.get(p["id"], [])} for p in products],
+    }

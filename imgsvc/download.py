@@ -1,0 +1,187 @@
+"""Fetch a source image: streamed, capped, timed, and never from a private network.
+
+The address check happens at connect time: a resolver that refuses private answers
+(so the address checked is the address connected to), plus a check of literal IP
+hosts, which aiohttp does not resolve. Redirects are followed here, one hop at a
+time, so every hop is checked again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import socket
+import zlib
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from imgsvc import errors
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_RETRY_STATUSES = frozenset({408, 425, 429})
+_CHUNK = 64 * 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """How a download is bounded."""
+
+    max_bytes: int = 40 * 1024 * 1024
+    max_redirects: int = 5
+    allow_private_networks: bool = False
+
+
+def blocked_reason(address: str) -> str | None:
+    """Why an IP address may not be fetched from, or None if it is public."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return f"{address} is not an IP address"
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is not None:
+            reason = blocked_reason(str(embedded))
+            return f"{ip} embeds {embedded}: {reason}" if reason else None
+    if not ip.is_global or ip.is_multicast:
+        return f"{ip} is in a private, loopback, link-local or reserved network"
+    return None
+
+
+class _Refused(OSError):
+    """Raised by the resolver; aiohttp wraps it in ClientConnectorDNSError."""
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves like the system, but refuses names with any non-public address."""
+
+    def __init__(self) -> None:
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        for result in results:
+            reason = blocked_reason(result["host"])
+            if reason is not None:
+                raise _Refused(f"{host} resolves to {reason}")
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def create_session(
+    *,
+    user_agent: str,
+    connect_timeout: float,
+    total_timeout: float,
+    concurrency: int,
+    per_host: int,
+    allow_private_networks: bool,
+) -> aiohttp.ClientSession:
+    """One HTTP client session for the whole process."""
+    resolver = None if allow_private_networks else GuardedResolver()
+    connector = aiohttp.TCPConnector(
+        limit=concurrency, limit_per_host=per_host, resolver=resolver, ttl_dns_cache=60
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=total_timeout, sock_connect=connect_timeout, sock_read=connect_timeout * 3
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        trust_env=False,
+        auto_decompress=False,
+        headers={
+            "User-Agent": user_agent,
+            "Accept": "image/*,*/*;q=0.5",
+            "Accept-Encoding": "gzip, deflate, identity",
+        },
+    )
+
+
+def check_address(url: str, limits: Limits) -> None:
+    """Refuse schemes other than http(s), and literal private IP hosts."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise errors.PermanentError(f"only http and https URLs are fetched, not {parts.scheme or 'none'}")
+    host = parts.hostname or ""
+    if limits.allow_private_networks:
+        return
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return  # a name: the resolver checks what it resolves to
+    reason = blocked_reason(host)
+    if reason is not None:
+        raise errors.BlockedAddress(f"refused to fetch {host}: {reason}")
+
+
+async def _read_body(response: aiohttp.ClientResponse, limits: Limits) -> bytes:
+    declared = response.content_length
+    if declared is not None and declared > limits.max_bytes:
+        raise errors.SourceTooLarge(
+            f"the source is {declared:,} bytes; the limit is {limits.max_bytes:,} (IMGSVC_MAX_IMAGE_BYTES)"
+        )
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    decoder: Any = None
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        decoder = zlib.decompressobj(wbits=47)  # gzip or zlib header, detected
+    elif encoding not in ("identity", ""):
+        raise errors.PermanentError(f"the source used Content-Encoding {encoding!r}, which is not supported")
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(_CHUNK):
+        if decoder is not None:
+            # Decompress at most one byte past the cap: a bomb stops here.
+            chunk = decoder.decompress(chunk, limits.max_bytes + 1 - len(body))
+        body += chunk
+        if len(body) > limits.max_bytes:
+            raise errors.SourceTooLarge(
+                f"the source is over the limit of {limits.max_bytes:,} bytes (IMGSVC_MAX_IMAGE_BYTES)"
+            )
+    return bytes(body)
+
+
+async def fetch(session: aiohttp.ClientSession, url: str, limits: Limits) -> bytes:
+    """The bytes at ``url``, following redirects; raise Permanent- or TransientError."""
+    current = url
+    for _ in range(limits.max_redirects + 1):
+        check_address(current, limits)
+        try:
+            async with session.get(current, allow_redirects=False) as response:
+                if response.status in _REDIRECTS:
+                    location = response.headers.get("Location")
+                    if not location:
+                        raise errors.PermanentError(
+                            f"the source answered HTTP {response.status} without a Location"
+                        )
+                    current = urljoin(current, location)
+                    continue
+                if response.status in _RETRY_STATUSES or response.status >= 500:
+                    raise errors.TransientError(
+                        f"the source answered HTTP {response.status} {response.reason or ''}".rstrip()
+                    )
+                if response.status != 200:
+                    raise errors.PermanentError(
+                        f"the source answered HTTP {response.status} {response.reason or ''}".rstrip()
+                    )
+                return await _read_body(response, limits)
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, _Refused):
+                raise errors.BlockedAddress(f"refused to fetch: {exc.os_error}") from exc
+            raise errors.TransientError(f"could not connect to {exc.host}:{exc.port}") from exc
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            raise errors.TransientError(f"the connection to the source broke ({type(exc).__name__})") from exc
+        except aiohttp.InvalidURL as exc:
+            raise errors.PermanentError("the URL is not valid") from exc
+        except aiohttp.TooManyRedirects as exc:
+            raise errors.PermanentError("too many redirects") from exc
+        except TimeoutError as exc:
+            raise errors.TransientError("the source did not answer in time") from exc
+        except aiohttp.ClientError as exc:
+            raise errors.TransientError(f"the download failed ({type(exc).__name__})") from exc
+    raise errors.PermanentError(f"more than {limits.max_redirects} redirects (IMGSVC_MAX_REDIRECTS)")

@@ -1,0 +1,189 @@
+"""CSV bytes -> validated products. Pure: no I/O beyond reading the file given.
+
+The whole file is checked before anything is stored: every problem is collected
+with its line and column (the first ``max_problems`` are reported), and the caller
+gets either all the products or ``CsvInvalid``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+from imgsvc import errors, models
+
+COLUMNS = ("S. No.", "Product Name", "Input Image Urls")
+_HEADER_KEYS = ("sno", "productname", "inputimageurls")
+_SERIAL = re.compile(r"\s*(\d{1,9})\s*\.?\s*")
+_HOST = re.compile(r"[A-Za-z0-9.\-\[\]:_%]+")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """What one CSV may hold."""
+
+    max_rows: int = 100_000
+    max_images: int = 500_000
+    max_urls_per_row: int = 100
+    max_url_length: int = 2048
+    max_problems: int = 50
+
+
+def _header_key(cell: str) -> str:
+    return re.sub(r"[^a-z]", "", cell.lower())
+
+
+def check_url(url: str, max_length: int) -> str | None:
+    """Why ``url`` cannot be fetched, or None when it looks fetchable."""
+    if len(url) > max_length:
+        return f"URL is {len(url)} characters long; the limit is {max_length}"
+    if any(ch.isspace() or ord(ch) < 32 for ch in url):
+        return "URL contains spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "URL is malformed"
+    if parts.scheme.lower() not in ("http", "https"):
+        shown = parts.scheme or "none"
+        return f"URL scheme must be http or https, not {shown}"
+    if not parts.hostname or not _HOST.fullmatch(parts.hostname):
+        return "URL has no valid host name"
+    if port == 0:
+        return "URL has port 0"
+    return None
+
+
+def _decoded_lines(data: Iterable[bytes], problems: _Problems) -> Iterator[str]:
+    for number, raw in enumerate(data, start=1):
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.add(
+                number, None, f"text is not UTF-8 (byte 0x{raw[exc.start]:02x} at character {exc.start + 1})"
+            )
+            yield raw.decode("utf-8", errors="replace")
+
+
+class _Problems:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.items: list[dict[str, Any]] = []
+        self.total = 0
+
+    def add(self, line: int, column: int | None, message: str) -> None:
+        self.total += 1
+        if len(self.items) < self.limit:
+            item: dict[str, Any] = {"line": line}
+            if column is not None:
+                item["column"] = column
+                item["column_name"] = COLUMNS[column - 1]
+            item["message"] = message
+            self.items.append(item)
+
+
+def parse_csv(data: Iterable[bytes], limits: Limits) -> list[models.Product]:
+    """Read a whole CSV (an iterable of byte lines) into products, or raise CsvInvalid."""
+    problems = _Problems(limits.max_problems)
+    reader = csv.reader(_decoded_lines(data, problems), strict=True, skipinitialspace=True)
+    products: list[models.Product] = []
+    seen: dict[int, int] = {}
+    images = 0
+    header_done = False
+    blank_lines: list[int] = []
+    last_line = 0
+    try:
+        for row in reader:
+            line = last_line + 1
+            last_line = reader.line_num
+            if not header_done:
+                header_done = True
+                _check_header(row, line, problems)
+                continue
+            if not row:
+                blank_lines.append(line)
+                continue
+            for blank in blank_lines:
+                problems.add(blank, None, "empty line")
+            blank_lines.clear()
+            if len(products) >= limits.max_rows:
+                problems.add(line, None, f"more than {limits.max_rows} product rows (the limit)")
+                break
+            product = _check_row(row, line, limits, problems, seen)
+            if product is not None:
+                products.append(product)
+                images += len(product.urls)
+                if images > limits.max_images:
+                    problems.add(line, 3, f"more than {limits.max_images} images in the file (the limit)")
+                    break
+    except csv.Error as exc:
+        problems.add(reader.line_num or 1, None, f"malformed CSV: {exc}")
+    if not header_done:
+        problems.add(1, None, "the file is empty; expected the header " + ",".join(COLUMNS))
+    elif not products and problems.total == 0:
+        problems.add(max(last_line, 1), None, "the file has a header but no product rows")
+    if problems.total:
+        raise errors.CsvInvalid(problems.items, problems.total)
+    return products
+
+
+def _check_header(row: list[str], line: int, problems: _Problems) -> None:
+    keys = tuple(_header_key(cell) for cell in row)
+    if keys == _HEADER_KEYS:
+        return
+    expected = ",".join(COLUMNS)
+    found = ",".join(cell.strip() for cell in row)
+    problems.add(line, None, f"the header must be {expected!r}; found {found!r}")
+
+
+def _check_row(
+    row: list[str], line: int, limits: Limits, problems: _Problems, seen: dict[int, int]
+) -> models.Product | None:
+    cells = [cell.strip() for cell in row]
+    if not any(cells):
+        problems.add(line, None, "empty row")
+        return None
+    if len(cells) != len(COLUMNS):
+        problems.add(
+            line,
+            None,
+            f"expected {len(COLUMNS)} columns, found {len(cells)}"
+            " (quote the image URLs cell when it holds commas)",
+        )
+        return None
+    serial, name, url_cell = cells
+    before = problems.total
+    serial_number = None
+    match = _SERIAL.fullmatch(serial)
+    if not serial:
+        problems.add(line, 1, "the serial number is empty")
+    elif match is None:
+        problems.add(line, 1, f"{serial!r} is not a serial number (expected a whole number like 1 or 1.)")
+    else:
+        serial_number = int(match.group(1))
+        if serial_number in seen:
+            problems.add(
+                line, 1, f"serial number {serial_number} is already used on line {seen[serial_number]}"
+            )
+        else:
+            seen[serial_number] = line
+    if not name:
+        problems.add(line, 2, "the product name is empty")
+    urls = tuple(piece.strip() for piece in url_cell.split(",") if piece.strip())
+    if not urls:
+        problems.add(line, 3, "no image URLs")
+    elif len(urls) > limits.max_urls_per_row:
+        problems.add(line, 3, f"{len(urls)} image URLs; the limit is {limits.max_urls_per_row} a row")
+    for position, url in enumerate(urls, start=1):
+        reason = check_url(url, limits.max_url_length)
+        if reason is not None:
+            problems.add(line, 3, f"image {position} ({url[:200]!r}): {reason}")
+    if problems.total != before or serial_number is None:
+        return None
+    return models.Product(line=line, serial=serial, serial_number=serial_number, name=name, urls=urls)

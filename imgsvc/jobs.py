@@ -1,0 +1,128 @@
+"""The procrastinate app and its tasks: thin wrappers over the pipeline.
+
+Workers are `imgsvc worker`, `imgsvc serve` (in-process), or procrastinate's own
+`procrastinate --app=imgsvc.jobs.app worker`; all share one PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import random
+from typing import Any
+
+import procrastinate
+import psycopg_pool
+from procrastinate import exceptions as procrastinate_exceptions
+from procrastinate import retry
+from procrastinate.jobs import Job
+
+from imgsvc import errors, pipeline, resources, settings
+
+logger = logging.getLogger("imgsvc.jobs")
+
+IMAGE_QUEUE = "images"
+PROCESS_IMAGE = "process_image"
+MAINTENANCE_QUEUE = "maintenance"
+
+_state: dict[str, Any] = {}
+
+
+def use(database_url: str, config: settings.Settings, res: resources.Resources | None = None) -> None:
+    """Tell the tasks which database and resources this process uses."""
+    _state["database_url"] = database_url
+    _state["settings"] = config
+    if res is not None:
+        _state["resources"] = res
+
+
+def _config() -> settings.Settings:
+    if "settings" not in _state:
+        _state["settings"] = settings.from_env()
+    config: settings.Settings = _state["settings"]
+    return config
+
+
+def _database_url() -> str:
+    url = _state.get("database_url") or _config().database_url
+    if not url:
+        raise errors.SettingsError("DATABASE_URL", "is required to run workers")
+    return str(url)
+
+
+def _make_pool(**kwargs: Any) -> psycopg_pool.AsyncConnectionPool:
+    return psycopg_pool.AsyncConnectionPool(conninfo=_database_url(), min_size=1, max_size=10, **kwargs)
+
+
+async def _resources() -> resources.Resources:
+    """This process's resources; opened on first use when procrastinate's CLI hosts us."""
+    res: resources.Resources | None = _state.get("resources")
+    if res is None:
+        stack = contextlib.AsyncExitStack()
+        res = await stack.enter_async_context(resources.opened(_config(), _database_url()))
+        _state["resources"] = res
+        _state["stack"] = stack
+    return res
+
+
+class BackoffRetry(retry.BaseRetryStrategy):
+    """Retry transient errors with exponential backoff and full jitter.
+
+    The pipeline decides when to give up (it fails the image on its last attempt
+    instead of raising), so this strategy retries every TransientError it sees.
+    """
+
+    def get_retry_decision(self, *, exception: BaseException, job: Job) -> retry.RetryDecision | None:
+        if not isinstance(exception, errors.TransientError):
+            return None
+        config = _config()
+        ceiling = min(config.retry_max_seconds, config.retry_base_seconds * 2**job.attempts)
+        delay = random.uniform(ceiling / 2, ceiling)
+        return retry.RetryDecision(retry_at=utcnow() + datetime.timedelta(seconds=delay))
+
+
+app = procrastinate.App(
+    connector=procrastinate.PsycopgConnector(pool_factory=_make_pool),
+    import_paths=["imgsvc.jobs"],
+)
+
+
+@app.task(name=PROCESS_IMAGE, queue=IMAGE_QUEUE, retry=BackoffRetry(), pass_context=True)
+async def process_image(context: procrastinate.JobContext, image_id: int) -> str:
+    """Download, compress and store one image."""
+    return await pipeline.process_image(await _resources(), image_id)
+
+
+@app.periodic(cron="* * * * *", periodic_id="retry_stalled_jobs")
+@app.task(
+    name="retry_stalled_jobs", queue=MAINTENANCE_QUEUE, queueing_lock="retry_stalled_jobs", pass_context=True
+)
+async def retry_stalled_jobs(context: procrastinate.JobContext, timestamp: int) -> int:
+    """Requeue the jobs of workers that stopped sending heartbeats (killed, crashed)."""
+    stalled = await context.app.job_manager.get_stalled_jobs(
+        seconds_since_heartbeat=_config().stalled_seconds
+    )
+    count = 0
+    for job in stalled:
+        with contextlib.suppress(procrastinate_exceptions.ProcrastinateException):
+            await context.app.job_manager.retry_job(job)
+            count += 1
+            logger.warning("retried job %s (%s) of a stalled worker", job.id, job.task_name)
+    return count
+
+
+def worker_options(config: settings.Settings) -> dict[str, Any]:
+    """How workers run: concurrency, heartbeats, and what happens to finished jobs."""
+    return {
+        "concurrency": config.worker_concurrency,
+        "update_heartbeat_interval": max(1.0, config.stalled_seconds / 6),
+        "stalled_worker_timeout": config.stalled_seconds,
+        "shutdown_graceful_timeout": 30.0,
+        "delete_jobs": "successful",
+    }
+
+
+def utcnow() -> datetime.datetime:
+    """Now, in UTC."""
+    return datetime.datetime.now(datetime.UTC)

@@ -1,0 +1,106 @@
+"""Plain values shared by every layer: statuses and what a CSV row becomes."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class RequestStatus(enum.StrEnum):
+    """Where a request is; the SQL check constraint lists the same values."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    COMPLETED_WITH_ERRORS = "completed_with_errors"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        """True once the request will not change again."""
+        return self in FINAL_REQUEST_STATUSES
+
+
+FINAL_REQUEST_STATUSES = frozenset(
+    {RequestStatus.COMPLETED, RequestStatus.COMPLETED_WITH_ERRORS, RequestStatus.FAILED}
+)
+
+
+class ImageStatus(enum.StrEnum):
+    """Where one image is; the SQL check constraint lists the same values."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Product:
+    """One valid CSV row: the serial and name as sent, and its image URLs in order."""
+
+    line: int
+    serial: str
+    serial_number: int
+    name: str
+    urls: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ImageTask:
+    """What a worker needs to know about one image it has claimed."""
+
+    image_id: int
+    request_id: str
+    serial_number: int
+    position: int
+    url: str
+    attempts: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Compressed:
+    """The result of compressing one image."""
+
+    data: bytes
+    format_in: str
+    format_out: str
+    width: int
+    height: int
+    quality_in: int | None
+    quality_out: int | None
+    kept_original: bool
+
+    @property
+    def content_type(self) -> str:
+        """The MIME type of ``data``."""
+        return CONTENT_TYPES[self.format_out]
+
+    @property
+    def extension(self) -> str:
+        """The file name extension for ``data``."""
+        return EXTENSIONS[self.format_out]
+
+
+CONTENT_TYPES = {
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "gif": "image/gif",
+    "avif": "image/avif",
+    "tiff": "image/tiff",
+    "bmp": "image/bmp",
+    "heif": "image/heif",
+    "svg": "image/svg+xml",
+}
+EXTENSIONS = {
+    "jpeg": "jpg",
+    "png": "png",
+    "webp": "webp",
+    "gif": "gif",
+    "avif": "avif",
+    "tiff": "tif",
+    "bmp": "bmp",
+    "heif": "heic",
+    "svg": "svg",
+}

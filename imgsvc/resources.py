@@ -1,0 +1,108 @@
+"""The one place that opens and closes what a process shares: the database pool, the
+HTTP session, the S3 client, the thread pool for image work and the semaphores.
+The web app's lifespan and the worker both open it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import aioboto3
+import aiohttp
+from botocore.config import Config
+
+from imgsvc import __version__, compress, db, download, settings, storage
+
+
+@dataclasses.dataclass(slots=True)
+class Resources:
+    """What the stages use, opened once per process."""
+
+    settings: settings.Settings
+    pool: db.Pool
+    http: aiohttp.ClientSession
+    store: storage.Storage
+    images: ThreadPoolExecutor
+    download_slots: asyncio.Semaphore
+    image_slots: asyncio.Semaphore
+    upload_slots: asyncio.Semaphore
+
+    @property
+    def download_limits(self) -> download.Limits:
+        """The download limits from the settings."""
+        s = self.settings
+        return download.Limits(
+            max_bytes=s.max_image_bytes,
+            max_redirects=s.max_redirects,
+            allow_private_networks=s.allow_private_networks,
+        )
+
+    @property
+    def image_limits(self) -> compress.Limits:
+        """The image limits from the settings."""
+        s = self.settings
+        return compress.Limits(
+            max_pixels=s.max_pixels, max_frames=s.max_frames, quality_factor=s.quality_factor
+        )
+
+
+@contextlib.asynccontextmanager
+async def opened(
+    config: settings.Settings, database_url: str, *, pool_size: int = 10
+) -> AsyncIterator[Resources]:
+    """Open everything; close it all on the way out."""
+    compress.configure()
+    async with contextlib.AsyncExitStack() as stack:
+        pool = await db.create_pool(database_url, max_size=pool_size)
+        stack.push_async_callback(pool.close)
+        http = download.create_session(
+            user_agent=f"imgsvc/{__version__} (product image compressor)",
+            connect_timeout=config.connect_timeout,
+            total_timeout=config.download_timeout,
+            concurrency=config.download_concurrency,
+            per_host=config.download_per_host,
+            allow_private_networks=config.allow_private_networks,
+        )
+        stack.push_async_callback(http.close)
+        store: storage.Storage
+        if config.aws_bucket_name:
+            session = aioboto3.Session()
+            client = await stack.enter_async_context(
+                session.client(
+                    "s3",
+                    region_name=config.aws_region,
+                    endpoint_url=config.aws_endpoint_url,
+                    aws_access_key_id=config.aws_access_key,
+                    aws_secret_access_key=config.aws_secret_key,
+                    config=Config(
+                        retries={"max_attempts": 3, "mode": "standard"},
+                        max_pool_connections=config.upload_concurrency,
+                        connect_timeout=config.connect_timeout,
+                        read_timeout=60,
+                    ),
+                )
+            )
+            store = storage.S3Storage(
+                client,
+                config.aws_bucket_name,
+                storage.s3_public_url(config.aws_bucket_name, config.aws_region, config.aws_endpoint_url),
+            )
+        else:
+            config.local_storage_dir.mkdir(parents=True, exist_ok=True)
+            store = storage.LocalStorage(config.local_storage_dir, f"{config.base_url}/files")
+        images = ThreadPoolExecutor(max_workers=config.image_concurrency, thread_name_prefix="imgsvc-image")
+        stack.callback(images.shutdown, wait=True, cancel_futures=True)
+        yield Resources(
+            settings=config,
+            pool=pool,
+            http=http,
+            store=store,
+            images=images,
+            download_slots=asyncio.Semaphore(config.download_concurrency),
+            image_slots=asyncio.Semaphore(config.image_concurrency),
+            upload_slots=asyncio.Semaphore(config.upload_concurrency),
+        )

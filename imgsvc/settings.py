@@ -1,0 +1,230 @@
+"""Settings: one frozen dataclass, read from the environment once at start-up.
+
+Nothing else in the package reads ``os.environ``. A missing or malformed value raises
+``SettingsError`` naming the variable, and the command line turns it into one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from imgsvc import errors
+
+T = TypeVar("T")
+
+MIB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything imgsvc can be told, with its default."""
+
+    port: int = 5000
+    host: str = "127.0.0.1"
+    database_url: str | None = None
+    data_dir: Path = Path(".data")
+    public_base_url: str | None = None
+    log_level: str = "INFO"
+
+    aws_region: str = "us-east-1"
+    aws_bucket_name: str | None = None
+    aws_access_key: str | None = None
+    aws_secret_key: str | None = None
+    aws_endpoint_url: str | None = None
+    s3_prefix: str = ""
+
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+
+    allow_private_networks: bool = False
+    max_csv_bytes: int = 50 * MIB
+    max_rows: int = 100_000
+    max_images: int = 500_000
+    max_urls_per_row: int = 100
+    max_url_length: int = 2048
+    max_problems: int = 50
+
+    max_image_bytes: int = 40 * MIB
+    max_pixels: int = 50_000_000
+    max_frames: int = 300
+    connect_timeout: float = 10.0
+    download_timeout: float = 60.0
+    max_redirects: int = 5
+
+    quality_factor: float = 0.5
+    download_concurrency: int = 32
+    download_per_host: int = 8
+    image_concurrency: int = max(1, os.cpu_count() or 1)
+    upload_concurrency: int = 16
+    worker_concurrency: int = 32
+    max_attempts: int = 5
+    retry_base_seconds: float = 2.0
+    retry_max_seconds: float = 300.0
+    stalled_seconds: float = 60.0
+
+    @property
+    def local_storage_dir(self) -> Path:
+        """Where output images go when no bucket is configured."""
+        return self.data_dir / "output"
+
+    @property
+    def base_url(self) -> str:
+        """The public root of this service, for links in responses."""
+        if self.public_base_url:
+            return self.public_base_url.rstrip("/")
+        host = "localhost" if self.host in ("0.0.0.0", "127.0.0.1", "::") else self.host  # noqa: S104
+        return f"http://{host}:{self.port}"
+
+
+def _text(env: Mapping[str, str], *names: str) -> str | None:
+    for name in names:
+        value = env.get(name, "").strip()
+        if value:
+            return value
+    return None
+
+
+def _parsed(env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T], expected: str) -> T:
+    raw = _text(env, name)
+    if raw is None:
+        return default
+    try:
+        return parse(raw)
+    except ValueError:
+        raise errors.SettingsError(name, f"expected {expected}, got {raw!r}") from None
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw.replace("_", ""))
+    if value < 1:
+        raise ValueError(raw)
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError(raw)
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError(raw)
+    return value
+
+
+def _fraction(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value <= 1:
+        raise ValueError(raw)
+    return value
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 < value < 65536:
+        raise ValueError(raw)
+    return value
+
+
+def _http_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(raw)
+    return raw
+
+
+def _db_url(raw: str) -> str:
+    if urlsplit(raw).scheme not in ("postgres", "postgresql"):
+        raise ValueError(raw)
+    return raw
+
+
+def _level(raw: str) -> str:
+    level = raw.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(raw)
+    return level
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from the environment, or raise SettingsError."""
+    env = os.environ if env is None else env
+    d = Settings()
+    p = "IMGSVC_"
+
+    def num(name: str, default: int) -> int:
+        return _parsed(env, p + name, default, _positive_int, "a whole number above 0")
+
+    def seconds(name: str, default: float) -> float:
+        return _parsed(env, p + name, default, _positive_float, "a number of seconds above 0")
+
+    def url(name: str) -> str | None:
+        return _parsed(env, name, None, _http_url, "an http(s) URL")
+
+    access = _text(env, "AWS_ACCESS_KEY", "AWS_ACCESS_KEY_ID")
+    secret = _text(env, "AWS_SECRET_KEY", "AWS_SECRET_ACCESS_KEY")
+    bucket = _text(env, "AWS_BUCKET_NAME")
+    if (access is None) != (secret is None):
+        missing = "AWS_SECRET_KEY" if secret is None else "AWS_ACCESS_KEY"
+        raise errors.SettingsError(missing, "set both the access key and the secret key, or neither")
+
+    return Settings(
+        port=_parsed(env, "PORT", d.port, _port, "a port number from 1 to 65535"),
+        host=_text(env, p + "HOST") or d.host,
+        database_url=_parsed(env, "DATABASE_URL", None, _db_url, "a postgresql:// URL"),
+        data_dir=Path(_text(env, p + "DATA_DIR") or d.data_dir),
+        public_base_url=url(p + "PUBLIC_BASE_URL"),
+        log_level=_parsed(env, p + "LOG_LEVEL", d.log_level, _level, "DEBUG, INFO, WARNING or ERROR"),
+        aws_region=_text(env, "AWS_REGION", "AWS_DEFAULT_REGION") or d.aws_region,
+        aws_bucket_name=bucket,
+        aws_access_key=access,
+        aws_secret_key=secret,
+        aws_endpoint_url=url("AWS_ENDPOINT_URL"),
+        s3_prefix=(_text(env, p + "S3_PREFIX") or "").strip("/"),
+        webhook_url=url("WEBHOOK_URL"),
+        webhook_secret=_text(env, "WEBHOOK_SECRET"),
+        allow_private_networks=_parsed(env, p + "ALLOW_PRIVATE_NETWORKS", False, _bool, "true or false"),
+        max_csv_bytes=num("MAX_CSV_BYTES", d.max_csv_bytes),
+        max_rows=num("MAX_ROWS", d.max_rows),
+        max_images=num("MAX_IMAGES", d.max_images),
+        max_urls_per_row=num("MAX_URLS_PER_ROW", d.max_urls_per_row),
+        max_url_length=num("MAX_URL_LENGTH", d.max_url_length),
+        max_problems=num("MAX_PROBLEMS", d.max_problems),
+        max_image_bytes=num("MAX_IMAGE_BYTES", d.max_image_bytes),
+        max_pixels=num("MAX_PIXELS", d.max_pixels),
+        max_frames=num("MAX_FRAMES", d.max_frames),
+        connect_timeout=seconds("CONNECT_TIMEOUT", d.connect_timeout),
+        download_timeout=seconds("DOWNLOAD_TIMEOUT", d.download_timeout),
+        max_redirects=_parsed(
+            env, p + "MAX_REDIRECTS", d.max_redirects, _non_negative_int, "a whole number, 0 or more"
+        ),
+        quality_factor=_parsed(
+            env, p + "QUALITY_FACTOR", d.quality_factor, _fraction, "a number above 0 and at most 1"
+        ),
+        download_concurrency=num("DOWNLOAD_CONCURRENCY", d.download_concurrency),
+        download_per_host=num("DOWNLOAD_PER_HOST", d.download_per_host),
+        image_concurrency=num("IMAGE_CONCURRENCY", d.image_concurrency),
+        upload_concurrency=num("UPLOAD_CONCURRENCY", d.upload_concurrency),
+        worker_concurrency=num("WORKER_CONCURRENCY", d.worker_concurrency),
+        max_attempts=num("MAX_ATTEMPTS", d.max_attempts),
+        retry_base_seconds=seconds("RETRY_BASE_SECONDS", d.retry_base_seconds),
+        retry_max_seconds=seconds("RETRY_MAX_SECONDS", d.retry_max_seconds),
+        stalled_seconds=seconds("STALLED_SECONDS", d.stalled_seconds),
+    )

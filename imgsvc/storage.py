@@ -1,0 +1,103 @@
+"""Where output files go: an S3-compatible bucket, or a local folder served by the API.
+
+Keys are made only from the request id (a UUID) and numbers, so no user text ever
+reaches a key, and two images can never share one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import botocore.exceptions
+
+from imgsvc import errors
+
+
+def object_key(prefix: str, request_id: str, serial_number: int, position: int, extension: str) -> str:
+    """The key of one output image: request, product serial, image position."""
+    key = f"{request_id}/{serial_number}-{position}.{extension}"
+    return f"{prefix}/{key}" if prefix else key
+
+
+class Storage(Protocol):
+    """Stores bytes under a key and says where a person can open them."""
+
+    async def put(self, key: str, data: bytes, content_type: str) -> str:
+        """Store ``data`` under ``key``; return its public URL."""
+        ...
+
+    async def check(self) -> None:
+        """Raise TransientError when the store cannot be reached."""
+        ...
+
+
+class S3Storage:
+    """A bucket in S3 or any S3-compatible store, through one aioboto3 client."""
+
+    def __init__(self, client: Any, bucket: str, public_url: str) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.public_url = public_url.rstrip("/")
+
+    async def put(self, key: str, data: bytes, content_type: str) -> str:
+        try:
+            await self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        except botocore.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "error")
+            raise errors.TransientError(f"the S3 store refused the upload ({code})") from exc
+        except (TimeoutError, botocore.exceptions.BotoCoreError, OSError) as exc:
+            raise errors.TransientError(f"the S3 store could not be reached ({type(exc).__name__})") from exc
+        return f"{self.public_url}/{quote(key)}"
+
+    async def check(self) -> None:
+        try:
+            await self.client.head_bucket(Bucket=self.bucket)
+        except botocore.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "error")
+            raise errors.TransientError(f"bucket {self.bucket!r}: {code}") from exc
+        except (botocore.exceptions.BotoCoreError, OSError) as exc:
+            raise errors.TransientError(f"the S3 store could not be reached ({type(exc).__name__})") from exc
+
+
+def s3_public_url(bucket: str, region: str, endpoint_url: str | None) -> str:
+    """The URL prefix under which the bucket's objects are found."""
+    if endpoint_url:
+        return f"{endpoint_url.rstrip('/')}/{bucket}"
+    return f"https://{bucket}.s3.{region}.amazonaws.com"
+
+
+class LocalStorage:
+    """A folder on this machine; the API serves it under /files/."""
+
+    def __init__(self, root: Path, public_url: str) -> None:
+        self.root = root
+        self.public_url = public_url.rstrip("/")
+
+    def _write(self, key: str, data: bytes) -> None:
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    async def put(self, key: str, data: bytes, content_type: str) -> str:
+        try:
+            await asyncio.to_thread(self._write, key, data)
+        except OSError as exc:
+            raise errors.TransientError(f"could not write the output file ({exc.strerror})") from exc
+        return f"{self.public_url}/{quote(key)}"
+
+    async def check(self) -> None:
+        if not os.access(self.root, os.W_OK):
+            raise errors.TransientError(f"the output folder {self.root} is not writable")

@@ -1,0 +1,304 @@
+"""The HTTP API: upload a CSV, read a request's status, fetch local output files.
+
+Errors map to JSON answers in one place (``_ERROR_HANDLERS``); no stack trace or
+library message reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from imgsvc import __version__, db, errors, ingest, jobs, migrate, resources, settings
+
+logger = logging.getLogger("imgsvc.web")
+
+MAX_PER_PAGE = 500
+
+
+def _json(body: dict[str, Any], status_code: int = 200, **kwargs: Any) -> JSONResponse:
+    return JSONResponse(body, status_code=status_code, **kwargs)
+
+
+async def _limited_body(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise errors.UploadError(
+                f"the upload is over the limit of {limit:,} bytes (IMGSVC_MAX_CSV_BYTES)",
+                status_code=413,
+                code="too_large",
+            )
+        yield chunk
+
+
+def _csv_limits(config: settings.Settings) -> ingest.Limits:
+    return ingest.Limits(
+        max_rows=config.max_rows,
+        max_images=config.max_images,
+        max_urls_per_row=config.max_urls_per_row,
+        max_url_length=config.max_url_length,
+        max_problems=config.max_problems,
+    )
+
+
+async def upload(request: Request) -> Response:
+    """POST /upload: validate a CSV, store it, queue its images; answer 202 with the id."""
+    res: resources.Resources = request.app.state.resources
+    config = res.settings
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise errors.UploadError(
+            "send the CSV as multipart/form-data in the field 'file'",
+            status_code=415,
+            code="unsupported_media_type",
+        )
+    # The multipart envelope adds a little to the file; allow for it.
+    limit = config.max_csv_bytes + 64 * 1024
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise errors.UploadError(
+            f"the upload is {int(declared):,} bytes; the limit is "
+            f"{config.max_csv_bytes:,} (IMGSVC_MAX_CSV_BYTES)",
+            status_code=413,
+            code="too_large",
+        )
+    parser = MultiPartParser(
+        request.headers, _limited_body(request, limit), max_files=1, max_fields=8, max_part_size=8 * 1024
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise errors.UploadError(f"the multipart body is malformed: {exc.message}") from exc
+    try:
+        file = form.get("file")
+        if not isinstance(file, UploadFile):
+            raise errors.UploadError("the form has no file in the field 'file'", code="missing_file")
+        if len(form.getlist("file")) > 1:
+            raise errors.UploadError("send one file in the field 'file'", code="too_many_files")
+        webhook_url = form.get("webhook_url")
+        if webhook_url is not None:
+            webhook_url = str(webhook_url).strip() or None
+        if webhook_url is not None:
+            reason = ingest.check_url(webhook_url, config.max_url_length)
+            if reason is not None:
+                raise errors.UploadError(f"webhook_url: {reason}", code="invalid_webhook_url")
+        await file.seek(0)
+        products = await asyncio.to_thread(ingest.parse_csv, file.file, _csv_limits(config))
+        request_id = await db.insert_request(
+            res.pool,
+            file_name=file.filename,
+            webhook_url=webhook_url,
+            products=products,
+            queue=jobs.IMAGE_QUEUE,
+            task=jobs.PROCESS_IMAGE,
+        )
+    finally:
+        await form.close()
+    images = sum(len(p.urls) for p in products)
+    logger.info("request %s accepted: %s products, %s images", request_id, len(products), images)
+    status_url = f"{config.base_url}/status/{request_id}"
+    return _json(
+        {
+            "request_id": request_id,
+            "status": "queued",
+            "products": len(products),
+            "images": images,
+            "status_url": status_url,
+        },
+        202,
+        headers={"Location": status_url},
+    )
+
+
+def _page_params(request: Request) -> tuple[int, int]:
+    def number(name: str, default: int, maximum: int) -> int:
+        raw = request.query_params.get(name, str(default))
+        if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+            raise errors.UploadError(
+                f"{name} must be a whole number from 1 to {maximum}",
+                status_code=422,
+                code="invalid_parameter",
+            )
+        return int(raw)
+
+    return number("page", 1, 10_000_000), number("per_page", 100, MAX_PER_PAGE)
+
+
+def _parse_request_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise errors.UploadError(
+            f"{raw[:64]!r} is not a request id (a UUID)", status_code=422, code="invalid_request_id"
+        ) from None
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+async def status(request: Request) -> Response:
+    """GET /status/{request_id}: progress, counts and a page of products with their images."""
+    res: resources.Resources = request.app.state.resources
+    request_id = _parse_request_id(request.path_params["request_id"])
+    page, per_page = _page_params(request)
+    found = await db.get_status(res.pool, request_id, limit=per_page, offset=(page - 1) * per_page)
+    if found is None:
+        raise HTTPException(404, f"no request with id {request_id}")
+    s, extra = found["summary"], found["extra"]
+    total_products = extra["product_count"]
+    base = f"{res.settings.base_url}/status/{request_id}"
+    products = [
+        {
+            "serial": p["serial"],
+            "name": p["name"],
+            "position": p["position"],
+            "images": [
+                {
+                    "position": i["position"],
+                    "input_url": i["input_url"],
+                    "status": i["status"],
+                    "output_url": i["output_url"],
+                    "error": i["error"],
+                    "bytes_in": i["bytes_in"],
+                    "bytes_out": i["bytes_out"],
+                    "width": i["width"],
+                    "height": i["height"],
+                    "format_in": i["format_in"],
+                    "format_out": i["format_out"],
+                    "quality_in": i["quality_in"],
+                    "quality_out": i["quality_out"],
+                    "kept_original": i["kept_original"],
+                    "attempts": i["attempts"],
+                }
+                for i in p["images"]
+            ],
+        }
+        for p in found["products"]
+    ]
+    finished = s["done"] + s["failed"]
+    return _json(
+        {
+            "request_id": str(request_id),
+            "status": s["status"],
+            "file_name": extra["file_name"],
+            "created_at": _iso(s["created_at"]),
+            "updated_at": _iso(s["updated_at"]),
+            "started_at": _iso(extra["started_at"]),
+            "completed_at": _iso(s["completed_at"]),
+            "counts": {
+                "total": s["total"],
+                "queued": s["queued"],
+                "processing": s["processing"],
+                "done": s["done"],
+                "failed": s["failed"],
+            },
+            "progress": round(finished / s["total"], 4) if s["total"] else 1.0,
+            "bytes_in": int(s["bytes_in"]),
+            "bytes_out": int(s["bytes_out"]),
+            "status_url": base,
+            "products": products,
+            "page": {
+                "page": page,
+                "per_page": per_page,
+                "total_products": total_products,
+                "next": f"{base}?page={page + 1}&per_page={per_page}"
+                if page * per_page < total_products
+                else None,
+            },
+        }
+    )
+
+
+async def index(request: Request) -> Response:
+    """GET /: what this service is and where to start."""
+    base = request.app.state.resources.settings.base_url
+    return _json(
+        {
+            "service": "imgsvc",
+            "version": __version__,
+            "upload": f"{base}/upload",
+            "status": f"{base}/status/{{request_id}}",
+        }
+    )
+
+
+async def _upload_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, errors.UploadError)
+    return _json(exc.to_json(), exc.status_code)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return _json({"error": "http_error", "message": exc.detail}, exc.status_code)
+
+
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    logger.warning("database unavailable: %s", exc)
+    return _json(
+        {"error": "unavailable", "message": "the database is not answering; try again"},
+        503,
+        headers={"Retry-After": "5"},
+    )
+
+
+async def _internal(request: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return _json({"error": "internal", "message": "internal error; it has been logged"}, 500)
+
+
+_ERROR_HANDLERS = {
+    errors.UploadError: _upload_error,
+    HTTPException: _http_error,
+    errors.DatabaseUnavailable: _unavailable,
+    Exception: _internal,
+}
+
+
+def create_app(config: settings.Settings, database_url: str, *, run_worker: bool) -> Starlette:
+    """The Starlette app; with ``run_worker`` it also runs a procrastinate worker."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with resources.opened(config, database_url) as res:
+            await migrate.check(res.pool)
+            jobs.use(database_url, config, res)
+            app.state.resources = res
+            if not run_worker:
+                yield
+                return
+            async with jobs.app.open_async():
+                worker = asyncio.create_task(
+                    jobs.app.run_worker_async(install_signal_handlers=False, **jobs.worker_options(config))
+                )
+                try:
+                    yield
+                finally:
+                    worker.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await worker
+
+    routes: list[BaseRoute] = [
+        Route("/", index),
+        Route("/upload", upload, methods=["POST"]),
+        Route("/status/{request_id}", status),
+    ]
+    if not config.aws_bucket_name:
+        config.local_storage_dir.mkdir(parents=True, exist_ok=True)
+        routes.append(Mount("/files", StaticFiles(directory=config.local_storage_dir), name="files"))
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=_ERROR_HANDLERS)

@@ -1,0 +1,95 @@
+-- Named queries, loaded once by imgsvc.db. A block starts with "-- name --".
+
+-- insert_request --
+INSERT INTO requests (id, file_name, webhook_url, product_count, image_count)
+VALUES ($1, $2, $3, $4, $5);
+
+-- insert_products --
+INSERT INTO products (request_id, position, line, serial, serial_number, name)
+SELECT $1, p.position, p.line, p.serial, p.serial_number, p.name
+FROM unnest($2::integer[], $3::integer[], $4::text[], $5::integer[], $6::text[])
+     AS p (position, line, serial, serial_number, name)
+RETURNING id, position;
+
+-- insert_images --
+INSERT INTO images (request_id, product_id, position, input_url)
+SELECT $1, i.product_id, i.position, i.input_url
+FROM unnest($2::bigint[], $3::integer[], $4::text[]) AS i (product_id, position, input_url);
+
+-- defer_image_jobs --
+-- One procrastinate job per image, through procrastinate's own defer function, in
+-- the caller's transaction: the request and its jobs commit or vanish together.
+SELECT cardinality(procrastinate_defer_jobs_v1(array_agg(
+    ROW($2, $3, 0, NULL, NULL, jsonb_build_object('image_id', i.id), NULL)
+    ::procrastinate_job_to_defer_v1 ORDER BY i.id)))
+FROM images i
+WHERE i.request_id = $1;
+
+-- claim_image --
+-- A worker starts on an image; nothing is returned when it is already finished.
+UPDATE images i
+SET status = 'processing', attempts = i.attempts + 1, started_at = coalesce(i.started_at, now())
+FROM products p
+WHERE i.id = $1 AND p.id = i.product_id AND i.status IN ('queued', 'processing')
+RETURNING i.id, i.request_id::text, p.serial_number, i.position, i.input_url, i.attempts;
+
+-- mark_request_processing --
+UPDATE requests
+SET status = 'processing', started_at = now(), updated_at = now()
+WHERE id = $1 AND status = 'queued';
+
+-- release_image --
+-- A transient failure: back to the queue, with the reason, for the next attempt.
+UPDATE images SET status = 'queued', error = $2 WHERE id = $1 AND status = 'processing';
+
+-- lock_request --
+SELECT status FROM requests WHERE id = $1 FOR UPDATE;
+
+-- finish_image_done --
+UPDATE images
+SET status = 'done', error = NULL, output_key = $2, output_url = $3, bytes_in = $4,
+    bytes_out = $5, width = $6, height = $7, format_in = $8, format_out = $9,
+    quality_in = $10, quality_out = $11, kept_original = $12, finished_at = now()
+WHERE id = $1 AND status IN ('queued', 'processing')
+RETURNING request_id;
+
+-- finish_image_failed --
+UPDATE images
+SET status = 'failed', error = $2, bytes_in = coalesce($3, bytes_in), finished_at = now()
+WHERE id = $1 AND status IN ('queued', 'processing')
+RETURNING request_id;
+
+-- finish_request_if_done --
+-- Run with the request row locked: the statement sees every other image's
+-- committed state, so exactly one caller moves the request to its final status.
+UPDATE requests r
+SET status = CASE WHEN c.failed = 0 THEN 'completed'
+                  WHEN c.done = 0 THEN 'failed'
+                  ELSE 'completed_with_errors' END,
+    completed_at = now(), updated_at = now()
+FROM (SELECT count(*) FILTER (WHERE status = 'done') AS done,
+             count(*) FILTER (WHERE status = 'failed') AS failed,
+             count(*) FILTER (WHERE status NOT IN ('done', 'failed')) AS open
+      FROM images WHERE request_id = $1) c
+WHERE r.id = $1 AND r.status IN ('queued', 'processing') AND c.open = 0
+RETURNING r.status;
+
+-- touch_request --
+UPDATE requests SET updated_at = now() WHERE id = $1;
+
+-- get_request --
+SELECT request_id, status, total, queued, processing, done, failed, percent, bytes_in,
+       bytes_out, created_at, updated_at, completed_at
+FROM request_progress WHERE request_id = $1;
+
+-- get_request_extra --
+SELECT file_name, product_count, started_at FROM requests WHERE id = $1;
+
+-- get_products_page --
+SELECT p.id, p.position, p.serial, p.name
+FROM products p WHERE p.request_id = $1 ORDER BY p.position LIMIT $2 OFFSET $3;
+
+-- get_images_of_products --
+SELECT product_id, position, input_url, status, output_url, error, bytes_in, bytes_out,
+       width, height, format_in, format_out, quality_in, quality_out, kept_original, attempts
+FROM images WHERE product_id = ANY($1::bigint[]) ORDER BY product_id, position;

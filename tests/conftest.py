@@ -1,0 +1,79 @@
+"""Fixtures: a throw-away PostgreSQL with a migrated template database (one database
+per test, made from it), a real S3-compatible server, and a real image server."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imgsvc import localdb, migrate, resources, settings
+from tests import servers
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[localdb.LocalPostgres]:
+    root = Path(tempfile.mkdtemp(prefix="imgsvc-test-pg-"))
+    os.chmod(root, 0o755)  # noqa: S103 - the cluster may run as another user
+    cluster = localdb.LocalPostgres(root / "pg", fast=True)
+    cluster.start()
+    asyncio.run(migrate.apply(cluster.url))
+    yield cluster
+    cluster.remove()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def database_url(postgres: localdb.LocalPostgres) -> Iterator[str]:
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    postgres.execute(f"CREATE DATABASE {name} TEMPLATE {localdb.DATABASE}")
+    yield postgres.url_of(name)
+    postgres.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.S3Server]:
+    server = servers.S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def image_server() -> Iterator[servers.ImageServer]:
+    server = servers.ImageServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def config(s3: servers.S3Server, tmp_path: Path) -> settings.Settings:
+    env = {
+        **s3.env(),
+        "IMGSVC_ALLOW_PRIVATE_NETWORKS": "true",
+        "IMGSVC_DATA_DIR": str(tmp_path),
+        "IMGSVC_RETRY_BASE_SECONDS": "0.05",
+        "IMGSVC_RETRY_MAX_SECONDS": "0.2",
+        "IMGSVC_MAX_ATTEMPTS": "3",
+    }
+    return settings.from_env(env)
+
+
+@pytest.fixture
+async def res(config: settings.Settings, database_url: str) -> AsyncIterator[resources.Resources]:
+    async with resources.opened(config, database_url) as opened:
+        yield opened
+
+
+def with_settings(res: resources.Resources, **changes: Any) -> resources.Resources:
+    """The same resources with some settings changed."""
+    return dataclasses.replace(res, settings=dataclasses.replace(res.settings, **changes))

@@ -1,0 +1,166 @@
+"""The service as a user meets it: `imgsvc serve` in its own process, a CSV over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+import pyvips
+
+from imgsvc import localdb, quality
+from tests.servers import IMAGES, ImageServer, S3Server
+
+PHOTOS = [
+    "mei_Panasonic_DMC-LC70.jpg",
+    "bimg_northern_cardinal_bird.jpg",
+    "jpeg_exif-orientation-6_landscape.jpg",
+    "kodak_kodim23.png",
+    "webp_lossy_alpha_5_webp_a.webp",
+    "gif_animated_loop3.gif",
+]
+
+
+@pytest.fixture
+def service(database_url: str, s3: S3Server, tmp_path: Any) -> Iterator[str]:
+    port = localdb.free_port()
+    env = {
+        **os.environ,
+        **s3.env(),
+        "DATABASE_URL": database_url,
+        "PORT": str(port),
+        "IMGSVC_ALLOW_PRIVATE_NETWORKS": "true",
+        "IMGSVC_DATA_DIR": str(tmp_path),
+        "IMGSVC_MAX_ROWS": "20",
+        "WEBHOOK_SECRET": "not-for-logs",
+    }
+    with (tmp_path / "serve.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "imgsvc", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(base + "/", timeout=1)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, "the service did not start"
+            time.sleep(0.2)
+    yield base
+    process.terminate()
+    assert process.wait(30) == 0
+    output = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in output and "not-for-logs" not in output
+
+
+async def post_csv(
+    session: aiohttp.ClientSession, base: str, body: bytes, field: str = "file"
+) -> tuple[int, dict[str, Any]]:
+    form = aiohttp.FormData()
+    form.add_field(field, body, filename="products.csv", content_type="text/csv")
+    async with session.post(base + "/upload", data=form) as response:
+        return response.status, await response.json()
+
+
+async def wait_for_final(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    for _ in range(300):
+        async with session.get(url) as response:
+            assert response.status == 200
+            body: dict[str, Any] = await response.json()
+        if body["status"] not in ("queued", "processing"):
+            return body
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the request did not finish: {json.dumps(body)[:500]}")
+
+
+async def test_a_csv_becomes_compressed_images_in_the_bucket(
+    service: str, image_server: ImageServer, s3: S3Server
+) -> None:
+    rows = [
+        f'1.,Camera shot,"{image_server.url("/img/" + PHOTOS[0])}, {image_server.url("/img/" + PHOTOS[1])}"',
+        f'2,"Rotated, on its side",{image_server.url("/img/" + PHOTOS[2])}',
+        f'3,Assorted,"{image_server.url("/img/" + PHOTOS[3])},{image_server.url("/img/" + PHOTOS[4])},'
+        f'{image_server.url("/img/" + PHOTOS[5])}"',
+    ]
+    csv_body = ("S. No.,Product Name,Input Image Urls\r\n" + "\r\n".join(rows) + "\r\n").encode()
+    async with aiohttp.ClientSession() as session:
+        status, accepted = await post_csv(session, service, csv_body)
+        assert status == 202, accepted
+        assert (accepted["products"], accepted["images"]) == (3, 6)
+        final = await wait_for_final(session, accepted["status_url"])
+    assert final["status"] == "completed"
+    assert final["counts"] == {"total": 6, "queued": 0, "processing": 0, "done": 6, "failed": 0}
+    assert final["progress"] == 1.0 and final["completed_at"] is not None
+    assert [(p["serial"], p["name"]) for p in final["products"]] == [
+        ("1.", "Camera shot"),
+        ("2", "Rotated, on its side"),
+        ("3", "Assorted"),
+    ]
+    images = [image for p in final["products"] for image in p["images"]]
+    assert [i["input_url"].rsplit("/", 1)[1] for i in images] == PHOTOS
+    for name, image in zip(PHOTOS, images, strict=True):
+        key = image["output_url"].split(f"/{s3.bucket}/", 1)[1]
+        data, content_type = s3.get(key)
+        source = (IMAGES / name).read_bytes()
+        out = pyvips.Image.new_from_buffer(data, "")
+        assert content_type == f"image/{image['format_out']}"
+        assert image["format_out"] == image["format_in"], name
+        assert len(data) == image["bytes_out"] < len(source) == image["bytes_in"], name
+        assert (out.width, out.height) == (image["width"], image["height"])
+        if image["format_out"] == "jpeg":
+            assert quality.estimate_jpeg_quality(data) == image["quality_out"]
+            assert image["quality_out"] == round(image["quality_in"] / 2)
+    rotated = images[2]
+    assert (rotated["width"], rotated["height"]) == (600, 450)  # upright: EXIF orientation 6 applied
+
+
+async def test_bad_uploads_get_clear_errors_and_store_nothing(service: str, database_url: str) -> None:
+    header = "S. No.,Product Name,Input Image Urls\n"
+    async with aiohttp.ClientSession() as session:
+        status, body = await post_csv(session, service, (header + "1,,ftp://x/y.jpg\n1,B,\n").encode())
+        assert status == 422 and body["error"] == "invalid_csv" and body["problem_count"] == 4
+        assert {(p["line"], p.get("column")) for p in body["problems"]} == {(2, 2), (2, 3), (3, 1), (3, 3)}
+        status, body = await post_csv(session, service, header.encode(), field="other")
+        assert (status, body["error"]) == (400, "missing_file")
+        rows = "".join(f"{i},P,http://a.test/{i}.jpg\n" for i in range(1, 23))
+        status, body = await post_csv(session, service, (header + rows).encode())
+        assert status == 422 and "more than 20 product rows" in body["problems"][0]["message"]
+        async with session.post(service + "/upload", data=b"x") as response:
+            assert response.status == 415
+        async with session.get(service + "/status/not-a-uuid") as response:
+            assert response.status == 422 and "not a request id" in (await response.json())["message"]
+        async with session.get(service + "/status/00000000-0000-4000-8000-000000000000") as response:
+            assert response.status == 404
+    conn = await asyncpg.connect(database_url)
+    try:
+        for table in ("requests", "products", "images", "procrastinate_jobs"):
+            assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0, table
+    finally:
+        await conn.close()
+
+
+async def test_status_pages_through_products(service: str, image_server: ImageServer) -> None:
+    url = image_server.url("/img/png_palette_trns.png")
+    rows = "".join(f"{i},P{i},{url}\n" for i in range(1, 6))
+    async with aiohttp.ClientSession() as session:
+        status, accepted = await post_csv(
+            session, service, ("S. No.,Product Name,Input Image Urls\n" + rows).encode()
+        )
+        assert status == 202
+        await wait_for_final(session, accepted["status_url"])
+        async with session.get(accepted["status_url"] + "?page=2&per_page=2") as response:
+            page = await response.json()
+    assert [p["serial"] for p in page["products"]] == ["3", "4"]
+    assert page["page"]["total_products"] == 5 and page["page"]["next"].endswith("page=3&per_page=2")

@@ -1,0 +1,149 @@
+"""The database properties: atomic enqueue, exactly-once finishing, idempotent schema."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import asyncpg
+import pytest
+
+from imgsvc import db, errors, jobs, migrate, models
+
+
+def product(serial: int, images: int) -> models.Product:
+    return models.Product(
+        line=serial + 1,
+        serial=f"{serial}.",
+        serial_number=serial,
+        name=f"Product {serial}",
+        urls=tuple(f"http://img.test/{serial}/{i}.jpg" for i in range(images)),
+    )
+
+
+async def store(pool: db.Pool, *products: models.Product) -> str:
+    return await db.insert_request(
+        pool,
+        file_name="p.csv",
+        webhook_url=None,
+        products=products,
+        queue=jobs.IMAGE_QUEUE,
+        task=jobs.PROCESS_IMAGE,
+    )
+
+
+async def test_a_request_is_stored_with_one_job_per_image(database_url: str) -> None:
+    pool = await db.create_pool(database_url)
+    try:
+        rid = await store(pool, product(1, 2), product(2, 3))
+        images = await pool.fetch(
+            "SELECT id, position FROM images WHERE request_id = $1 ORDER BY id", uuid.UUID(rid)
+        )
+        job_rows = await pool.fetch("SELECT task_name, queue_name, args, status FROM procrastinate_jobs")
+        assert len(images) == 5
+        assert sorted(json.loads(j["args"])["image_id"] for j in job_rows) == [i["id"] for i in images]
+        assert {(j["task_name"], j["queue_name"], j["status"]) for j in job_rows} == {
+            (jobs.PROCESS_IMAGE, jobs.IMAGE_QUEUE, "todo")
+        }
+        names = await pool.fetch("SELECT serial, name, position FROM products ORDER BY position")
+        assert [tuple(r) for r in names] == [("1.", "Product 1", 1), ("2.", "Product 2", 2)]
+    finally:
+        await pool.close()
+
+
+async def test_no_request_without_its_jobs_and_no_job_without_its_request(database_url: str) -> None:
+    pool = await db.create_pool(database_url)
+    try:
+        # Break the enqueue step: the request, products and images inserted before it
+        # must vanish with it.
+        await pool.execute(
+            "ALTER FUNCTION procrastinate_defer_jobs_v1(procrastinate_job_to_defer_v1[]) "
+            "RENAME TO defer_disabled"
+        )
+        with pytest.raises(asyncpg.UndefinedFunctionError):
+            await store(pool, product(1, 3))
+        for table in ("requests", "products", "images", "procrastinate_jobs"):
+            assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0, table
+    finally:
+        await pool.close()
+
+
+async def _finish_concurrently(
+    pool: db.Pool, request_id: str, image_ids: list[int], fail: set[int]
+) -> list[str | None]:
+    barrier = asyncio.Barrier(len(image_ids))
+    stored = db.Stored(key="k", url="http://out.test/k")
+    result = models.Compressed(
+        data=b"x",
+        format_in="jpeg",
+        format_out="jpeg",
+        width=1,
+        height=1,
+        quality_in=80,
+        quality_out=40,
+        kept_original=False,
+    )
+
+    async def finish(image_id: int) -> str | None:
+        async with pool.acquire() as conn:
+            await barrier.wait()
+            async with conn.transaction():
+                if image_id in fail:
+                    return await db.finish_image(conn, image_id, request_id, None, None, "broken", None)
+                return await db.finish_image(conn, image_id, request_id, result, stored, None, 10)
+
+    return await asyncio.gather(*(finish(i) for i in image_ids))
+
+
+async def test_the_last_images_finishing_at_once_finish_the_request_exactly_once(database_url: str) -> None:
+    pool = await db.create_pool(database_url, max_size=8)
+    try:
+        for round_ in range(15):
+            rid = await store(pool, product(1, 2), product(2, 2))
+            ids = [
+                r["id"]
+                for r in await pool.fetch("SELECT id FROM images WHERE request_id = $1", uuid.UUID(rid))
+            ]
+            fail = set(ids[: round_ % 3])  # none, one or two failures
+            outcomes = await _finish_concurrently(pool, rid, ids, fail)
+            finished = [o for o in outcomes if o is not None]
+            expected = "completed" if not fail else "completed_with_errors"
+            assert finished == [expected], outcomes
+            row = await pool.fetchrow(
+                "SELECT status, completed_at FROM requests WHERE id = $1", uuid.UUID(rid)
+            )
+            assert row["status"] == expected and row["completed_at"] is not None
+    finally:
+        await pool.close()
+
+
+async def test_a_finished_image_is_not_finished_again(database_url: str) -> None:
+    pool = await db.create_pool(database_url)
+    try:
+        rid = await store(pool, product(1, 1))
+        (image_id,) = [r["id"] for r in await pool.fetch("SELECT id FROM images")]
+        first = await _finish_concurrently(pool, rid, [image_id], {image_id})
+        again = await _finish_concurrently(pool, rid, [image_id], set())
+        assert first == ["failed"] and again == [None]
+        assert await pool.fetchval("SELECT status FROM images") == "failed"
+        assert await db.claim_image(pool, image_id) is None
+    finally:
+        await pool.close()
+
+
+async def test_migrate_is_idempotent_and_checked(database_url: str, postgres: object) -> None:
+    assert await migrate.apply(database_url) == []
+    pool = await db.create_pool(database_url)
+    try:
+        await migrate.check(pool)
+        await pool.execute("DELETE FROM imgsvc_migrations")
+        with pytest.raises(errors.SchemaError, match="imgsvc migrate"):
+            await migrate.check(pool)
+    finally:
+        await pool.close()
+
+
+async def test_an_unreachable_database_is_a_transient_error() -> None:
+    with pytest.raises(errors.DatabaseUnavailable):
+        await db.create_pool("postgresql://postgres@127.0.0.1:1/none")

@@ -1,0 +1,157 @@
+"""One image through download, compress and store, on real servers; retries and failures."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+import pyvips
+
+from imgsvc import db, errors, jobs, models, pipeline, quality, resources
+from tests.conftest import with_settings
+from tests.servers import IMAGES, ImageServer, S3Server
+
+
+async def enqueue(res: resources.Resources, *urls: str) -> tuple[str, list[int]]:
+    products = [models.Product(line=2, serial="1", serial_number=1, name="P", urls=urls)]
+    rid = await db.insert_request(
+        res.pool,
+        file_name=None,
+        webhook_url=None,
+        products=products,
+        queue=jobs.IMAGE_QUEUE,
+        task=jobs.PROCESS_IMAGE,
+    )
+    ids = [
+        r["id"]
+        for r in await res.pool.fetch(
+            "SELECT id FROM images WHERE request_id = $1 ORDER BY position", uuid.UUID(rid)
+        )
+    ]
+    return rid, ids
+
+
+async def image_row(res: resources.Resources, image_id: int) -> dict[str, Any]:
+    row = await res.pool.fetchrow("SELECT * FROM images WHERE id = $1", image_id)
+    assert row is not None
+    return dict(row)
+
+
+async def test_an_image_is_stored_compressed_in_the_bucket(
+    res: resources.Resources, image_server: ImageServer, s3: S3Server
+) -> None:
+    name = "mei_Panasonic_DMC-LC70.jpg"
+    rid, (image_id,) = await enqueue(res, image_server.url(f"/img/{name}"))
+    assert await pipeline.process_image(res, image_id) == "done"
+    row = await image_row(res, image_id)
+    assert row["status"] == "done" and row["attempts"] == 1
+    assert row["output_key"] == f"{rid}/1-1.jpg"
+    assert row["output_url"] == f"{s3.endpoint}/{s3.bucket}/{rid}/1-1.jpg"
+    data, content_type = s3.get(str(row["output_key"]))
+    assert content_type == "image/jpeg"
+    assert len(data) == row["bytes_out"] < (IMAGES / name).stat().st_size == row["bytes_in"]
+    assert quality.estimate_jpeg_quality(data) == row["quality_out"] == 50
+    assert pyvips.Image.new_from_buffer(data, "").width == 1280
+    assert await res.pool.fetchval("SELECT status FROM requests") == "completed"
+
+
+async def test_a_transient_failure_is_retried_then_succeeds(
+    res: resources.Resources, image_server: ImageServer
+) -> None:
+    key = uuid.uuid4().hex
+    _, (image_id,) = await enqueue(res, image_server.url(f"/flaky/{key}/1/kodak_kodim23.png"))
+    with pytest.raises(errors.TransientError, match="HTTP 503"):
+        await pipeline.process_image(res, image_id)
+    row = await image_row(res, image_id)
+    assert row["status"] == "queued" and "attempt 1: the source answered HTTP 503" in str(row["error"])
+    assert await pipeline.process_image(res, image_id) == "done"
+    row = await image_row(res, image_id)
+    assert (row["status"], row["attempts"], row["error"]) == ("done", 2, None)
+
+
+async def test_transient_failures_give_up_after_the_last_attempt(
+    res: resources.Resources, image_server: ImageServer
+) -> None:
+    _, (image_id,) = await enqueue(res, image_server.url("/status/503"))
+    for _ in range(res.settings.max_attempts - 1):
+        with pytest.raises(errors.TransientError):
+            await pipeline.process_image(res, image_id)
+    assert await pipeline.process_image(res, image_id) == "failed"
+    row = await image_row(res, image_id)
+    assert row["status"] == "failed" and row["attempts"] == 3
+    assert row["error"] == "the source answered HTTP 503 Service Unavailable (gave up after 3 attempts)"
+    assert await res.pool.fetchval("SELECT status FROM requests") == "failed"
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("/status/404", "the source answered HTTP 404 Not Found"),
+        ("/html", "the source is not an image in a supported format"),
+        ("/img/truncated_jpeg_BlueSquare.jpg", "the image could not be decoded"),
+        ("/img/bomb_lottapixel_64250x64250.jpg", "the limit is 50,000,000 (IMGSVC_MAX_PIXELS)"),
+        ("/redirect/9/kodak_kodim23.png", "more than 5 redirects"),
+    ],
+)
+async def test_permanent_failures_fail_at_once_with_a_reason(
+    res: resources.Resources, image_server: ImageServer, path: str, reason: str
+) -> None:
+    _, (image_id,) = await enqueue(res, image_server.url(path))
+    assert await pipeline.process_image(res, image_id) == "failed"
+    row = await image_row(res, image_id)
+    assert row["attempts"] == 1 and reason in str(row["error"])
+
+
+async def test_redirects_within_the_cap_are_followed(
+    res: resources.Resources, image_server: ImageServer
+) -> None:
+    _, (image_id,) = await enqueue(res, image_server.url("/redirect/3/png_palette_trns.png"))
+    assert await pipeline.process_image(res, image_id) == "done"
+
+
+async def test_private_addresses_are_refused_by_default(
+    res: resources.Resources, image_server: ImageServer, database_url: str
+) -> None:
+    guarded = with_settings(res, allow_private_networks=False)
+    before = len(image_server.requests)
+    _, ids = await enqueue(
+        guarded,
+        image_server.url("/img/kodak_kodim23.png"),
+        f"http://localhost:{image_server.port}/img/kodak_kodim23.png",
+    )
+    async with resources.opened(guarded.settings, database_url) as strict:
+        for image_id in ids:
+            assert await pipeline.process_image(strict, image_id) == "failed"
+    errors_ = [str((await image_row(res, i))["error"]) for i in ids]
+    assert "refused to fetch 127.0.0.1" in errors_[0]
+    assert "refused to fetch: localhost resolves to 127.0.0.1" in errors_[1] or "::1" in errors_[1]
+    assert len(image_server.requests) == before  # nothing reached the server
+
+
+async def test_a_worker_runs_the_queue_with_retries(
+    res: resources.Resources, image_server: ImageServer, database_url: str
+) -> None:
+    key = uuid.uuid4().hex
+    rid, ids = await enqueue(
+        res,
+        image_server.url("/img/bimg_northern_cardinal_bird.jpg"),
+        image_server.url(f"/flaky/{key}/2/gif_animated_loop3.gif"),
+        image_server.url("/status/404"),
+    )
+    jobs.use(database_url, res.settings, res)
+    async with jobs.app.open_async():
+        for _ in range(40):  # retries are scheduled a little later: run until settled
+            await jobs.app.run_worker_async(
+                queues=[jobs.IMAGE_QUEUE], wait=False, install_signal_handlers=False, concurrency=4
+            )
+            if await res.pool.fetchval("SELECT status FROM requests") != "processing":
+                break
+            await asyncio.sleep(0.1)
+    rows = [await image_row(res, i) for i in ids]
+    assert [(r["status"], r["attempts"]) for r in rows] == [("done", 1), ("done", 3), ("failed", 1)]
+    assert (
+        await res.pool.fetchval("SELECT status FROM requests WHERE id = $1", uuid.UUID(rid))
+        == "completed_with_errors"
+    )

@@ -1,0 +1,97 @@
+"""Compression of real files: format kept, upright, sRGB, smaller, limits refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pyvips
+
+from imgsvc import compress, errors, models, quality
+
+IMAGES = Path(__file__).parents[1] / "images"
+LIMITS = compress.Limits()
+
+
+def run(name: str, limits: compress.Limits = LIMITS) -> models.Compressed:
+    compress.configure()
+    return compress.compress((IMAGES / name).read_bytes(), limits)
+
+
+def test_jpeg_is_reencoded_at_half_its_estimated_quality() -> None:
+    source = (IMAGES / "mei_Panasonic_DMC-LC70.jpg").read_bytes()
+    result = run("mei_Panasonic_DMC-LC70.jpg")
+    assert (result.format_in, result.format_out, result.quality_in, result.quality_out) == (
+        "jpeg",
+        "jpeg",
+        99,
+        50,
+    )
+    assert len(result.data) < len(source) / 3
+    assert quality.estimate_jpeg_quality(result.data) == 50
+    out = pyvips.Image.new_from_buffer(result.data, "")
+    assert (out.width, out.height) == (1280, 960)
+    assert out.get_typeof("exif-data") == 0 and out.get_typeof("icc-profile-data") == 0
+
+
+def test_exif_orientation_is_applied() -> None:
+    before = pyvips.Image.new_from_file(str(IMAGES / "jpeg_exif-orientation-6_landscape.jpg"))
+    assert (before.width, before.height, before.get("orientation")) == (450, 600, 6)
+    result = run("jpeg_exif-orientation-6_landscape.jpg")
+    out = pyvips.Image.new_from_buffer(result.data, "")
+    assert (out.width, out.height) == (600, 450)
+    assert out.get_typeof("orientation") == 0 or out.get("orientation") == 1
+
+
+def test_cmyk_becomes_srgb() -> None:
+    result = run("jpeg_cmyk_adobe_no-icc.jpg")
+    out = pyvips.Image.new_from_buffer(result.data, "")
+    assert (out.interpretation, out.bands) == ("srgb", 3)
+
+
+def test_png_is_palette_quantised_and_keeps_transparency() -> None:
+    result = run("png_palette_trns.png")
+    out = pyvips.Image.new_from_buffer(result.data, "")
+    assert result.format_out == "png" and out.hasalpha()
+    assert out.get("palette") == 1 or out.get("bits-per-sample") <= 8
+
+
+def test_photo_png_gets_much_smaller() -> None:
+    source = (IMAGES / "kodak_kodim23.png").stat().st_size
+    result = run("kodak_kodim23.png")
+    assert result.format_out == "png" and len(result.data) < source / 2
+
+
+def test_webp_and_gif_keep_their_format() -> None:
+    webp = run("webp_lossy_alpha_5_webp_a.webp")
+    assert (webp.format_out, webp.quality_in, webp.quality_out) == ("webp", 75, 38)
+    gif = run("gif_animated_loop3.gif")
+    assert gif.format_out == "gif"
+    assert pyvips.Image.new_from_buffer(gif.data, "", n=-1).get_n_pages() == 10
+
+
+def test_pixel_limit_is_checked_from_the_header() -> None:
+    with pytest.raises(errors.SourceTooLarge, match="4,128,062,500 pixels"):
+        run("bomb_lottapixel_64250x64250.jpg")
+    with pytest.raises(errors.SourceTooLarge, match="IMGSVC_MAX_PIXELS"):
+        run("kodak_kodim23.png", compress.Limits(max_pixels=100_000))
+
+
+def test_frame_limit() -> None:
+    with pytest.raises(errors.SourceTooLarge, match="10 frames"):
+        run("gif_animated_loop3.gif", compress.Limits(max_frames=5))
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (b"", "empty"),
+        (b"<!doctype html><p>not found</p>", "not an image"),
+        ((IMAGES / "truncated_jpeg_BlueSquare.jpg").read_bytes(), "could not be decoded"),
+        (b"<svg xmlns='http://www.w3.org/2000/svg' width='9' height='9'/>", "SVG"),
+    ],
+)
+def test_bad_bytes_fail_with_a_reason(data: bytes, words: str) -> None:
+    compress.configure()
+    with pytest.raises(errors.NotAnImage, match=words):
+        compress.compress(data, LIMITS)

@@ -1,0 +1,134 @@
+"""The CSV validation table: what users send, and what they are told."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from imgsvc import errors, ingest, models
+
+HEADER = "S. No.,Product Name,Input Image Urls\n"
+LIMITS = ingest.Limits(max_rows=5, max_images=8, max_urls_per_row=4, max_url_length=100, max_problems=10)
+
+
+def parse(text: str | bytes, limits: ingest.Limits = LIMITS) -> list[models.Product]:
+    data = text.encode() if isinstance(text, str) else text
+    return ingest.parse_csv(io.BytesIO(data), limits)
+
+
+def problems(text: str | bytes, limits: ingest.Limits = LIMITS) -> list[dict[str, object]]:
+    with pytest.raises(errors.CsvInvalid) as caught:
+        parse(text, limits)
+    return caught.value.problems
+
+
+def test_a_valid_file_gives_products_in_order() -> None:
+    products = parse(
+        HEADER + '1.,Shirt,"http://a.test/1.jpg, https://a.test/2.png"\n2,Socks,http://a.test/3.webp\n'
+    )
+    assert [(p.serial, p.serial_number, p.name, p.urls, p.line) for p in products] == [
+        ("1.", 1, "Shirt", ("http://a.test/1.jpg", "https://a.test/2.png"), 2),
+        ("2", 2, "Socks", ("http://a.test/3.webp",), 3),
+    ]
+
+
+def test_bom_crlf_spaces_and_header_spelling_are_accepted() -> None:
+    text = (
+        "\ufeffs.no , PRODUCT  name,input_image_urls\r\n"
+        ' 7 ,  Hat  , " http://a.test/h.jpg ,http://a.test/i.jpg "\r\n'
+    )
+    (product,) = parse(text.encode("utf-8"))
+    assert (product.serial, product.name, product.urls) == (
+        "7",
+        "Hat",
+        ("http://a.test/h.jpg", "http://a.test/i.jpg"),
+    )
+
+
+def test_quoted_names_with_commas_quotes_and_newlines() -> None:
+    (product,) = parse(HEADER + '1,"Mug, ""large""\nblue",http://a.test/m.jpg\n')
+    assert product.name == 'Mug, "large"\nblue'
+
+
+@pytest.mark.parametrize(
+    ("body", "line", "column", "words"),
+    [
+        ("1,Shirt\n", 2, None, "expected 3 columns, found 2"),
+        ("1,Shirt,http://a.test/1.jpg,extra\n", 2, None, "expected 3 columns, found 4"),
+        (",,\n", 2, None, "empty row"),
+        ("1,,http://a.test/1.jpg\n", 2, 2, "product name is empty"),
+        ("1,Shirt,\n", 2, 3, "no image URLs"),
+        ("one,Shirt,http://a.test/1.jpg\n", 2, 1, "not a serial number"),
+        (",Shirt,http://a.test/1.jpg\n", 2, 1, "serial number is empty"),
+        ("1,Shirt,ftp://a.test/1.jpg\n", 2, 3, "scheme must be http or https, not ftp"),
+        ("1,Shirt,http://a.test/a b.jpg\n", 2, 3, "spaces"),
+        ("1,Shirt,not-a-url\n", 2, 3, "scheme must be http or https"),
+        ("1,Shirt,http:///nohost.jpg\n", 2, 3, "no valid host"),
+        ("1,Shirt,http://a.test:99999/x.jpg\n", 2, 3, "malformed"),
+        ("1,Shirt,http://a.test/" + "x" * 100 + "\n", 2, 3, "the limit is 100"),
+        (
+            '1,Shirt,"http://a.test/1,http://a.test/2,http://a.test/3,http://a.test/4,http://a.test/5"\n',
+            2,
+            3,
+            "5 image URLs; the limit is 4",
+        ),
+    ],
+)
+def test_each_row_problem_names_line_and_column(body: str, line: int, column: int | None, words: str) -> None:
+    (problem,) = problems(HEADER + body)
+    assert problem["line"] == line
+    assert problem.get("column") == column
+    assert words in str(problem["message"])
+
+
+def test_duplicate_serials_point_at_the_first_use() -> None:
+    (problem,) = problems(HEADER + "1,A,http://a.test/1\n2,B,http://a.test/2\n1.,C,http://a.test/3\n")
+    assert problem["line"] == 4 and "already used on line 2" in str(problem["message"])
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("", "the file is empty"),
+        (HEADER, "no product rows"),
+        ("Serial,Name\n1,A\n", "the header must be"),
+        ("S. No.,Product Name,Input Image Urls,Notes\n", "the header must be"),
+    ],
+)
+def test_file_level_problems(text: str, words: str) -> None:
+    assert any(words in str(p["message"]) for p in problems(text))
+
+
+def test_text_that_is_not_utf8_is_reported_by_line() -> None:
+    found = problems(HEADER.encode() + b"1,Caf\xe9,http://a.test/1.jpg\n")
+    assert found[0]["line"] == 2 and "not UTF-8" in str(found[0]["message"])
+
+
+def test_blank_lines_inside_are_errors_but_trailing_ones_are_not() -> None:
+    assert len(parse(HEADER + "1,A,http://a.test/1\n\n\n")) == 1
+    (problem,) = problems(HEADER + "1,A,http://a.test/1\n\n2,B,http://a.test/2\n")
+    assert problem["line"] == 3 and problem["message"] == "empty line"
+
+
+def test_row_and_image_limits() -> None:
+    rows = "".join(f"{i},P{i},http://a.test/{i}\n" for i in range(1, 8))
+    assert "more than 5 product rows" in str(problems(HEADER + rows)[-1]["message"])
+    many = "".join(
+        f'{i},P{i},"http://a.test/{i}a,http://a.test/{i}b,http://a.test/{i}c"\n' for i in range(1, 4)
+    )
+    assert "more than 8 images" in str(problems(HEADER + many)[-1]["message"])
+
+
+def test_every_problem_is_counted_but_only_the_first_are_listed() -> None:
+    rows = "".join(f"x{i},,\n" for i in range(40))
+    with pytest.raises(errors.CsvInvalid) as caught:
+        parse(HEADER + rows, ingest.Limits(max_rows=100, max_problems=10))
+    assert len(caught.value.problems) == 10
+    assert caught.value.total == 120  # serial, name and URLs on each of 40 rows
+    assert caught.value.to_json()["problem_count"] == 120
+
+
+def test_unbalanced_quote_is_a_clear_problem() -> None:
+    found = problems(HEADER + '1,"Shirt,http://a.test/1\n')
+    assert any("malformed" in str(p["message"]) or "columns" in str(p["message"]) for p in found)

@@ -1,0 +1,104 @@
+"""Key naming, settings parsing, and the private-address rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from imgsvc import download, errors, settings, storage
+
+
+def test_keys_are_unique_per_image_and_carry_no_user_text() -> None:
+    rid = "0b7e4a8e-0000-4000-8000-000000000001"
+    keys = {
+        storage.object_key("", rid, serial, position, "jpg")
+        for serial in (1, 2, 12)
+        for position in (1, 2, 21)
+    }
+    assert len(keys) == 9
+    assert storage.object_key("", rid, 12, 3, "png") == f"{rid}/12-3.png"
+    assert storage.object_key("out", rid, 1, 1, "jpg") == f"out/{rid}/1-1.jpg"
+
+
+def test_s3_public_url() -> None:
+    assert storage.s3_public_url("b", "eu-west-1", None) == "https://b.s3.eu-west-1.amazonaws.com"
+    assert storage.s3_public_url("b", "x", "http://minio:9000/") == "http://minio:9000/b"
+
+
+def test_settings_defaults_and_user_names() -> None:
+    config = settings.from_env(
+        {
+            "PORT": "8080",
+            "AWS_ACCESS_KEY_ID": "a",
+            "AWS_SECRET_ACCESS_KEY": "b",
+            "AWS_BUCKET_NAME": "bk",
+            "IMGSVC_MAX_PIXELS": "1_000",
+        }
+    )
+    assert (config.port, config.aws_access_key, config.aws_secret_key) == (8080, "a", "b")
+    assert config.max_pixels == 1000 and config.quality_factor == 0.5
+    assert settings.from_env({}).aws_bucket_name is None
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"PORT": "http"}, "PORT"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
+        ({"IMGSVC_QUALITY_FACTOR": "1.5"}, "IMGSVC_QUALITY_FACTOR"),
+        ({"IMGSVC_ALLOW_PRIVATE_NETWORKS": "maybe"}, "IMGSVC_ALLOW_PRIVATE_NETWORKS"),
+        ({"WEBHOOK_URL": "ftp://x"}, "WEBHOOK_URL"),
+        ({"AWS_ACCESS_KEY": "only-one"}, "AWS_SECRET_KEY"),
+        ({"IMGSVC_MAX_REDIRECTS": "-1"}, "IMGSVC_MAX_REDIRECTS"),
+    ],
+)
+def test_a_bad_setting_names_its_variable(env: dict[str, str], name: str) -> None:
+    with pytest.raises(errors.SettingsError) as caught:
+        settings.from_env(env)
+    assert caught.value.name == name and caught.value.message.startswith(name)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",  # noqa: S104
+        "::1",
+        "fe80::1",
+        "fc00::1",
+        "::ffff:127.0.0.1",
+        "::ffff:10.0.0.1",
+        "2002:7f00:1::",
+        "224.0.0.1",
+        "255.255.255.255",
+    ],
+)
+def test_private_and_reserved_addresses_are_blocked(address: str) -> None:
+    assert download.blocked_reason(address) is not None
+
+
+@pytest.mark.parametrize("address", ["93.184.215.14", "2606:4700::6810:84e5", "::ffff:8.8.8.8"])
+def test_public_addresses_pass(address: str) -> None:
+    assert download.blocked_reason(address) is None
+
+
+@pytest.mark.parametrize(
+    ("url", "error"),
+    [
+        ("http://127.0.0.1/x.jpg", errors.BlockedAddress),
+        ("http://[::1]:8080/x.jpg", errors.BlockedAddress),
+        ("http://[::ffff:169.254.169.254]/", errors.BlockedAddress),
+        ("file:///etc/passwd", errors.PermanentError),
+        ("gopher://example.com/", errors.PermanentError),
+    ],
+)
+def test_literal_hosts_and_schemes_are_checked_before_connecting(url: str, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        download.check_address(url, download.Limits())
+    if error is errors.BlockedAddress:
+        download.check_address(url, download.Limits(allow_private_networks=True))
