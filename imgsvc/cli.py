@@ -79,7 +79,6 @@ async def _worker(config: settings.Settings, url: str) -> None:
     from imgsvc import jobs, resources
 
     async with resources.opened(config, url) as res:
-        await migrate.check(res.pool)
         jobs.use(url, config, res)
         async with jobs.app.open_async():
             logger.info("worker started (concurrency %s)", config.worker_concurrency)
@@ -111,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     f"migrate: applied {', '.join(applied)}" if applied else "migrate: the schema is current",
                     flush=True,
                 )
+            if args.command in ("serve", "worker"):
+                asyncio.run(migrate.require_current(url))
             if args.command == "serve":
                 _serve(config, url, run_worker=not args.no_worker)
             elif args.command == "worker":

@@ -74,6 +74,15 @@ async def apply(url: str) -> list[str]:
     return applied
 
 
+async def require_current(url: str) -> None:
+    """Raise SchemaError unless the database at ``url`` is fully migrated."""
+    pool = await db.create_pool(url, max_size=1)
+    try:
+        await check(pool)
+    finally:
+        await pool.close()
+
+
 async def check(pool: db.Pool) -> None:
     """Raise SchemaError unless every schema file has been applied."""
     async with db.translated(), pool.acquire() as conn:

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from imgsvc import __version__, db, errors, ingest, jobs, migrate, resources, settings
+from imgsvc import __version__, db, errors, ingest, jobs, resources, settings
 
 logger = logging.getLogger("imgsvc.web")
 
@@ -276,7 +276,6 @@ def create_app(config: settings.Settings, database_url: str, *, run_worker: bool
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with resources.opened(config, database_url) as res:
-            await migrate.check(res.pool)
             jobs.use(database_url, config, res)
             app.state.resources = res
             if not run_worker:

@@ -76,9 +76,9 @@ SELECT r.id AS request_id,
        count(*) FILTER (WHERE i.status = 'done') AS done,
        count(*) FILTER (WHERE i.status = 'failed') AS failed,
        round(100.0 * count(*) FILTER (WHERE i.status IN ('done', 'failed'))
-             / r.image_count, 1) AS percent,
-       coalesce(sum(i.bytes_in) FILTER (WHERE i.status = 'done'), 0) AS bytes_in,
-       coalesce(sum(i.bytes_out) FILTER (WHERE i.status = 'done'), 0) AS bytes_out,
+             / r.image_count, 1)::float8 AS percent,
+       coalesce(sum(i.bytes_in) FILTER (WHERE i.status = 'done'), 0)::bigint AS bytes_in,
+       coalesce(sum(i.bytes_out) FILTER (WHERE i.status = 'done'), 0)::bigint AS bytes_out,
        r.created_at,
        r.updated_at,
        r.completed_at

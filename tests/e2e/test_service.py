@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -31,10 +32,24 @@ PHOTOS = [
 ]
 
 
-@pytest.fixture
-def service(database_url: str, s3: S3Server, tmp_path: Any) -> Iterator[str]:
-    port = localdb.free_port()
-    env = {
+class Process:
+    """An imgsvc (or procrastinate) command running as its own process, with its log."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with log.open("wb") as out:
+            self.popen = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> int:
+        self.popen.terminate()
+        return self.popen.wait(30)
+
+
+def service_env(database_url: str, s3: S3Server, tmp_path: Path, port: int) -> dict[str, str]:
+    return {
         **os.environ,
         **s3.env(),
         "DATABASE_URL": database_url,
@@ -44,25 +59,34 @@ def service(database_url: str, s3: S3Server, tmp_path: Any) -> Iterator[str]:
         "IMGSVC_MAX_ROWS": "20",
         "WEBHOOK_SECRET": "not-for-logs",
     }
-    with (tmp_path / "serve.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "imgsvc", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    base = f"http://127.0.0.1:{port}"
+
+
+def wait_until_up(base: str, process: Process) -> None:
     deadline = time.monotonic() + 30
     while True:
         try:
             urllib.request.urlopen(base + "/", timeout=1)
-            break
+            return
         except (urllib.error.URLError, ConnectionError):
-            assert process.poll() is None, (tmp_path / "serve.log").read_text()
+            assert process.popen.poll() is None, process.output()
             assert time.monotonic() < deadline, "the service did not start"
             time.sleep(0.2)
+
+
+def assert_clean_exit(process: Process) -> None:
+    assert process.stop() == 0, process.output()
+    assert "Traceback" not in process.output() and "not-for-logs" not in process.output()
+
+
+@pytest.fixture
+def service(database_url: str, s3: S3Server, tmp_path: Path) -> Iterator[str]:
+    port = localdb.free_port()
+    env = service_env(database_url, s3, tmp_path, port)
+    process = Process([sys.executable, "-m", "imgsvc", "serve"], env, tmp_path / "serve.log")
+    base = f"http://127.0.0.1:{port}"
+    wait_until_up(base, process)
     yield base
-    process.terminate()
-    assert process.wait(30) == 0
-    output = (tmp_path / "serve.log").read_text()
-    assert "Traceback" not in output and "not-for-logs" not in output
+    assert_clean_exit(process)
 
 
 async def post_csv(
@@ -164,3 +188,59 @@ async def test_status_pages_through_products(service: str, image_server: ImageSe
             page = await response.json()
     assert [p["serial"] for p in page["products"]] == ["3", "4"]
     assert page["page"]["total_products"] == 5 and page["page"]["next"].endswith("page=3&per_page=2")
+
+
+async def test_api_and_separate_workers_share_the_queue(
+    database_url: str, s3: S3Server, tmp_path: Path, image_server: ImageServer
+) -> None:
+    """Production layout: an API without a worker, an imgsvc worker and a procrastinate one."""
+    port = localdb.free_port()
+    env = service_env(database_url, s3, tmp_path, port)
+    api = Process([sys.executable, "-m", "imgsvc", "serve", "--no-worker"], env, tmp_path / "api.log")
+    base = f"http://127.0.0.1:{port}"
+    wait_until_up(base, api)
+    procrastinate = str(Path(sys.executable).parent / "procrastinate")
+    workers = [
+        Process([sys.executable, "-m", "imgsvc", "worker"], env, tmp_path / "worker1.log"),
+        Process([procrastinate, "--app=imgsvc.jobs.app", "worker"], env, tmp_path / "worker2.log"),
+    ]
+    try:
+        urls = [image_server.url(f"/img/{name}") for name in PHOTOS[:4]] * 3
+        rows = "".join(f"{i},P{i},{url}\n" for i, url in enumerate(urls, start=1))
+        async with aiohttp.ClientSession() as session:
+            status, accepted = await post_csv(
+                session, base, ("S. No.,Product Name,Input Image Urls\n" + rows).encode()
+            )
+            assert status == 202
+            final = await wait_for_final(session, accepted["status_url"])
+        assert final["status"] == "completed" and final["counts"]["done"] == 12
+        conn = await asyncpg.connect(database_url)
+        try:
+            per_worker = await conn.fetch(
+                "SELECT count(*) FROM images WHERE status = 'done' AND attempts = 1"
+            )
+        finally:
+            await conn.close()
+        assert per_worker[0][0] == 12  # every image done once
+        for worker in workers:
+            assert "process_image" in worker.output(), worker.output()[-2000:]
+    finally:
+        for worker in workers:
+            worker.stop()
+        assert_clean_exit(api)
+
+
+def test_serve_refuses_an_unmigrated_database(
+    postgres: localdb.LocalPostgres, s3: S3Server, tmp_path: Path
+) -> None:
+    postgres.execute("CREATE DATABASE unmigrated")
+    try:
+        env = service_env(postgres.url_of("unmigrated"), s3, tmp_path, localdb.free_port())
+        done = subprocess.run(
+            [sys.executable, "-m", "imgsvc", "serve"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode != 0
+        assert "run `imgsvc migrate`" in done.stdout + done.stderr
+        assert "Traceback" not in done.stdout + done.stderr
+    finally:
+        postgres.execute("DROP DATABASE unmigrated WITH (FORCE)")
