@@ -85,6 +85,24 @@ async def _worker(config: settings.Settings, url: str) -> None:
             await jobs.app.run_worker_async(install_signal_handlers=True, **jobs.worker_options(config))
 
 
+class _ExpectedErrorsWithoutTraceback(logging.Filter):
+    """procrastinate logs a job that raised with its traceback; for our own errors (a
+    transient failure that will be retried) the message says all, so drop the trace."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], errors.ImgsvcError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pyvips").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_ExpectedErrorsWithoutTraceback())
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     # uvicorn re-raises the SIGTERM it handled once it has shut down; ending through
     # SystemExit, rather than the default handler, lets the local cluster stop too.
@@ -100,8 +118,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except errors.SettingsError as exc:
         print(f"imgsvc: configuration error: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from None
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pyvips").setLevel(logging.WARNING)
+    _configure_logging(config.log_level)
     try:
         with _database(config) as url:
             if args.command == "migrate" or getattr(args, "migrate", False):

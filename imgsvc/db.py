@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import functools
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -17,7 +19,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
-from imgsvc import errors, models
+from imgsvc import errors, models, report
 
 Pool: TypeAlias = asyncpg.Pool
 Connection: TypeAlias = asyncpg.Connection
@@ -202,6 +204,77 @@ async def finish_image(
     return status
 
 
+async def defer_job(
+    conn: Connection, queue: str, task: str, args: dict[str, Any], queueing_lock: str | None = None
+) -> int:
+    """Queue one procrastinate job inside the caller's transaction."""
+    job_id: int = await conn.fetchval(queries()["defer_job"], queue, task, json.dumps(args), queueing_lock)
+    return job_id
+
+
+async def get_request_for_finish(pool: Pool, request_id: uuid.UUID) -> dict[str, Any] | None:
+    """A request's final status, counts, finish time and webhook URL."""
+    async with translated():
+        row = await pool.fetchrow(queries()["get_request_for_finish"], request_id)
+    return dict(row) if row is not None else None
+
+
+async def get_output_rows(pool: Pool, request_id: uuid.UUID) -> list[report.Row]:
+    """The products of a request, in order, with input and output URLs in order."""
+    async with translated():
+        rows = await pool.fetch(queries()["get_output_rows"], request_id)
+    return [
+        report.Row(
+            serial=r["serial"],
+            name=r["name"],
+            input_urls=tuple(r["input_urls"]),
+            output_urls=tuple(r["output_urls"]),
+        )
+        for r in rows
+    ]
+
+
+async def set_output_csv(conn: Connection, request_id: uuid.UUID, key: str, url: str) -> None:
+    """Record where the output CSV was stored."""
+    await conn.execute(queries()["set_output_csv"], request_id, key, url)
+
+
+async def insert_delivery(
+    conn: Connection, request_id: uuid.UUID, event_id: str, url: str, payload: str
+) -> int | None:
+    """Create the request's webhook delivery; None when it already has one."""
+    delivery_id: int | None = await conn.fetchval(
+        queries()["insert_delivery"], request_id, event_id, url, payload
+    )
+    return delivery_id
+
+
+async def claim_delivery(pool: Pool, delivery_id: int) -> dict[str, Any] | None:
+    """Count one more attempt; None when the delivery is already settled."""
+    async with translated():
+        row = await pool.fetchrow(queries()["claim_delivery"], delivery_id)
+    return dict(row) if row is not None else None
+
+
+async def record_attempt(
+    pool: Pool,
+    delivery_id: int,
+    attempt: int,
+    started_at: datetime.datetime,
+    duration_ms: int,
+    http_status: int | None,
+    error: str | None,
+    state: str,
+) -> None:
+    """Store one attempt and the delivery's new state together."""
+    q = queries()
+    async with translated(), pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            q["record_attempt"], delivery_id, attempt, started_at, duration_ms, http_status, error
+        )
+        await conn.execute(q["update_delivery"], delivery_id, state, http_status, error)
+
+
 async def get_status(pool: Pool, request_id: uuid.UUID, *, limit: int, offset: int) -> dict[str, Any] | None:
     """A request's progress and one page of its products with their images."""
     q = queries()
@@ -212,6 +285,7 @@ async def get_status(pool: Pool, request_id: uuid.UUID, *, limit: int, offset: i
         extra = await conn.fetchrow(q["get_request_extra"], request_id)
         products = await conn.fetch(q["get_products_page"], request_id, limit, offset)
         images = await conn.fetch(q["get_images_of_products"], [p["id"] for p in products])
+        delivery = await conn.fetchrow(q["get_delivery_of_request"], request_id)
     by_product: dict[int, list[dict[str, Any]]] = {}
     for image in images:
         fields = dict(image)
@@ -220,4 +294,5 @@ async def get_status(pool: Pool, request_id: uuid.UUID, *, limit: int, offset: i
         "summary": dict(summary),
         "extra": dict(extra) if extra else {},
         "products": [dict(p) | {"images": by_product.get(p["id"], [])} for p in products],
+        "webhook": dict(delivery) if delivery is not None else None,
     }

@@ -8,6 +8,7 @@ time, so every hop is checked again.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
 import socket
@@ -50,7 +51,7 @@ def blocked_reason(address: str) -> str | None:
     return None
 
 
-class _Refused(OSError):
+class RefusedAddress(OSError):
     """Raised by the resolver; aiohttp wraps it in ClientConnectorDNSError."""
 
 
@@ -67,7 +68,7 @@ class GuardedResolver(AbstractResolver):
         for result in results:
             reason = blocked_reason(result["host"])
             if reason is not None:
-                raise _Refused(f"{host} resolves to {reason}")
+                raise RefusedAddress(f"{host} resolves to {reason}")
         return results
 
     async def close(self) -> None:
@@ -110,15 +111,37 @@ def check_address(url: str, limits: Limits) -> None:
     if parts.scheme not in ("http", "https"):
         raise errors.PermanentError(f"only http and https URLs are fetched, not {parts.scheme or 'none'}")
     host = parts.hostname or ""
-    if limits.allow_private_networks:
-        return
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
+    if limits.allow_private_networks or not _is_ip(host):
         return  # a name: the resolver checks what it resolves to
     reason = blocked_reason(host)
     if reason is not None:
         raise errors.BlockedAddress(f"refused to fetch {host}: {reason}")
+
+
+async def check_destination(url: str, limits: Limits) -> None:
+    """Refuse a URL whose host is, or resolves to, a non-public address (for webhook URLs
+    given at upload; the delivery itself is checked again at connect time)."""
+    check_address(url, limits)
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if limits.allow_private_networks or _is_ip(host):
+        return
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise errors.PermanentError(f"the host {host} does not resolve") from None
+    for info in infos:
+        reason = blocked_reason(str(info[4][0]))
+        if reason is not None:
+            raise errors.BlockedAddress(f"{host} resolves to {reason}")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
 
 
 async def _read_body(response: aiohttp.ClientResponse, limits: Limits) -> bytes:
@@ -171,7 +194,7 @@ async def fetch(session: aiohttp.ClientSession, url: str, limits: Limits) -> byt
                     )
                 return await _read_body(response, limits)
         except aiohttp.ClientConnectorError as exc:
-            if isinstance(exc.os_error, _Refused):
+            if isinstance(exc.os_error, RefusedAddress):
                 raise errors.BlockedAddress(f"refused to fetch: {exc.os_error}") from exc
             raise errors.TransientError(f"could not connect to {exc.host}:{exc.port}") from exc
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:

@@ -22,8 +22,6 @@ from imgsvc import errors, pipeline, resources, settings
 
 logger = logging.getLogger("imgsvc.jobs")
 
-IMAGE_QUEUE = "images"
-PROCESS_IMAGE = "process_image"
 MAINTENANCE_QUEUE = "maintenance"
 
 _state: dict[str, Any] = {}
@@ -67,19 +65,30 @@ async def _resources() -> resources.Resources:
 
 
 class BackoffRetry(retry.BaseRetryStrategy):
-    """Retry transient errors with exponential backoff and full jitter.
+    """Retry transient errors with exponential backoff and jitter.
 
-    The pipeline decides when to give up (it fails the image on its last attempt
-    instead of raising), so this strategy retries every TransientError it sees.
+    The pipeline decides when to give up (it fails the image, or the webhook, on its
+    last attempt instead of raising), so this strategy retries every TransientError.
     """
+
+    webhook = False
 
     def get_retry_decision(self, *, exception: BaseException, job: Job) -> retry.RetryDecision | None:
         if not isinstance(exception, errors.TransientError):
             return None
         config = _config()
-        ceiling = min(config.retry_max_seconds, config.retry_base_seconds * 2**job.attempts)
+        base, most = config.retry_base_seconds, config.retry_max_seconds
+        if self.webhook:
+            base, most = config.webhook_retry_base_seconds, config.webhook_retry_max_seconds
+        ceiling = min(most, base * 2 ** min(job.attempts, 30))
         delay = random.uniform(ceiling / 2, ceiling)
         return retry.RetryDecision(retry_at=utcnow() + datetime.timedelta(seconds=delay))
+
+
+class WebhookBackoffRetry(BackoffRetry):
+    """The same, with the webhook delays (IMGSVC_WEBHOOK_RETRY_*)."""
+
+    webhook = True
 
 
 app = procrastinate.App(
@@ -88,10 +97,27 @@ app = procrastinate.App(
 )
 
 
-@app.task(name=PROCESS_IMAGE, queue=IMAGE_QUEUE, retry=BackoffRetry(), pass_context=True)
+@app.task(name=pipeline.PROCESS_IMAGE, queue=pipeline.IMAGE_QUEUE, retry=BackoffRetry(), pass_context=True)
 async def process_image(context: procrastinate.JobContext, image_id: int) -> str:
     """Download, compress and store one image."""
     return await pipeline.process_image(await _resources(), image_id)
+
+
+@app.task(name=pipeline.FINISH_REQUEST, queue=pipeline.REQUEST_QUEUE, retry=BackoffRetry(), pass_context=True)
+async def finish_request(context: procrastinate.JobContext, request_id: str) -> str:
+    """Write a finished request's output CSV and queue its webhook."""
+    return await pipeline.complete_request(await _resources(), request_id)
+
+
+@app.task(
+    name=pipeline.DELIVER_WEBHOOK,
+    queue=pipeline.REQUEST_QUEUE,
+    retry=WebhookBackoffRetry(),
+    pass_context=True,
+)
+async def deliver_webhook(context: procrastinate.JobContext, delivery_id: int) -> str:
+    """Send a request's webhook; retried with backoff while the receiver is failing."""
+    return await pipeline.deliver_webhook(await _resources(), delivery_id)
 
 
 @app.periodic(cron="* * * * *", periodic_id="retry_stalled_jobs")

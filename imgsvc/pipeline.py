@@ -1,20 +1,30 @@
-"""One image through the stages (download, compress, store, record), and the single
-place where a request is finished.
+"""One image through the stages (download, compress, store, record); the single
+place where a request is finished; and what follows: the output CSV and the webhook.
 
 Every image ends ``done`` or ``failed`` with a reason in words. A transient failure
 puts the image back in the queue and re-raises, so the job layer retries it later;
-on the last attempt it fails the image instead.
+on the last attempt it fails the image instead. Webhook deliveries follow the same
+rule with their own attempt limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
+import uuid
 
-from imgsvc import db, download, errors, models, resources, storage
+from imgsvc import db, download, errors, models, notify, report, resources, storage
 from imgsvc.compress import compress
 
 logger = logging.getLogger("imgsvc.pipeline")
+
+# Queues and task names, shared by the job definitions and by the SQL that defers jobs.
+IMAGE_QUEUE = "images"
+PROCESS_IMAGE = "process_image"
+REQUEST_QUEUE = "requests"
+FINISH_REQUEST = "finish_request"
+DELIVER_WEBHOOK = "deliver_webhook"
 
 
 async def process_image(res: resources.Resources, image_id: int) -> str:
@@ -81,5 +91,91 @@ async def record(
 
 async def finish_request(conn: db.Connection, request_id: str, status: models.RequestStatus) -> None:
     """The moment a request reaches its final state: called exactly once per request,
-    inside the transaction that records its last image."""
+    inside the transaction that records its last image. What follows runs as a job,
+    queued in that same transaction, so it cannot be lost or queued twice."""
     logger.info("request %s finished: %s", request_id, status)
+    await db.defer_job(
+        conn, REQUEST_QUEUE, FINISH_REQUEST, {"request_id": request_id}, queueing_lock=f"finish:{request_id}"
+    )
+
+
+async def complete_request(res: resources.Resources, request_id: str) -> str:
+    """Write the output CSV beside the images, then queue the webhook, once.
+
+    Safe to run again after a crash: the CSV is rewritten under the same key, and a
+    request gets at most one webhook event.
+    """
+    rid = uuid.UUID(request_id)
+    info = await db.get_request_for_finish(res.pool, rid)
+    if info is None or not models.RequestStatus(info["status"]).is_final:
+        return "not finished"
+    data = report.render_csv(await db.get_output_rows(res.pool, rid))
+    key = storage.csv_key(res.settings.s3_prefix, request_id)
+    async with res.upload_slots:
+        url = await res.store.put(key, data, "text/csv; charset=utf-8")
+    webhook_url = info["webhook_url"] or res.settings.webhook_url
+    async with db.translated(), res.pool.acquire() as conn, conn.transaction():
+        await db.set_output_csv(conn, rid, key, url)
+        if webhook_url is None:
+            return "no webhook"
+        payload = notify.event_payload(
+            request_id=request_id,
+            status=info["status"],
+            output_csv_url=url,
+            counts={k: info[k] for k in ("total", "queued", "processing", "done", "failed")},
+            status_url=f"{res.settings.base_url}/status/{request_id}",
+            completed_at=info["completed_at"].isoformat(),
+        )
+        delivery_id = await db.insert_delivery(conn, rid, notify.new_event_id(), webhook_url, payload)
+        if delivery_id is not None:
+            await db.defer_job(conn, REQUEST_QUEUE, DELIVER_WEBHOOK, {"delivery_id": delivery_id})
+    return "webhook queued"
+
+
+async def deliver_webhook(res: resources.Resources, delivery_id: int) -> str:
+    """One attempt at a webhook; raise TransientError when another should follow."""
+    claimed = await db.claim_delivery(res.pool, delivery_id)
+    if claimed is None:
+        return "already settled"
+    config = res.settings
+    attempt_no: int = claimed["attempts"]
+    if not config.webhook_secret:
+        attempt = notify.Attempt(
+            started_at=datetime.datetime.now(datetime.UTC).timestamp(),
+            duration_ms=0,
+            http_status=None,
+            verdict="give_up",
+            error="no WEBHOOK_SECRET is configured to sign the event",
+        )
+    else:
+        attempt = await notify.post(
+            res.http,
+            claimed["url"],
+            key=notify.secret_key(config.webhook_secret),
+            event_id=claimed["event_id"],
+            body=claimed["payload"].encode(),
+            time_limit=config.webhook_timeout,
+        )
+    if attempt.verdict == "delivered":
+        state = "delivered"
+    elif attempt.verdict == "retry" and attempt_no < config.webhook_max_attempts:
+        state = "retrying"
+    else:
+        state = "failed"
+    error = attempt.error
+    if state == "failed" and attempt.verdict == "retry":
+        error = f"{attempt.error} (gave up after {attempt_no} attempts)"
+    await db.record_attempt(
+        res.pool,
+        delivery_id,
+        attempt_no,
+        datetime.datetime.fromtimestamp(attempt.started_at, datetime.UTC),
+        attempt.duration_ms,
+        attempt.http_status,
+        error,
+        state,
+    )
+    logger.info("webhook %s attempt %s: %s", claimed["event_id"], attempt_no, error or state)
+    if state == "retrying":
+        raise errors.TransientError(error)
+    return state

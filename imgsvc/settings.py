@@ -6,6 +6,7 @@ Nothing else in the package reads ``os.environ``. A missing or malformed value r
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
@@ -40,6 +41,10 @@ class Settings:
 
     webhook_url: str | None = None
     webhook_secret: str | None = None
+    webhook_timeout: float = 10.0
+    webhook_max_attempts: int = 12
+    webhook_retry_base_seconds: float = 10.0
+    webhook_retry_max_seconds: float = 3600.0
 
     allow_private_networks: bool = False
     max_csv_bytes: int = 50 * MIB
@@ -89,14 +94,23 @@ def _text(env: Mapping[str, str], *names: str) -> str | None:
     return None
 
 
-def _parsed(env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T], expected: str) -> T:
+def _parsed(
+    env: Mapping[str, str],
+    name: str,
+    default: T,
+    parse: Callable[[str], T],
+    expected: str,
+    *,
+    secret: bool = False,
+) -> T:
     raw = _text(env, name)
     if raw is None:
         return default
     try:
         return parse(raw)
     except ValueError:
-        raise errors.SettingsError(name, f"expected {expected}, got {raw!r}") from None
+        shown = "a value that is not" if secret else f"{raw!r}"
+        raise errors.SettingsError(name, f"expected {expected}, got {shown}") from None
 
 
 def _positive_int(raw: str) -> int:
@@ -156,6 +170,12 @@ def _db_url(raw: str) -> str:
     return raw
 
 
+def _webhook_secret(raw: str) -> str:
+    if raw.startswith("whsec_"):
+        base64.b64decode(raw.removeprefix("whsec_"), validate=True)  # binascii.Error is a ValueError
+    return raw
+
+
 def _level(raw: str) -> str:
     level = raw.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -181,6 +201,19 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     access = _text(env, "AWS_ACCESS_KEY", "AWS_ACCESS_KEY_ID")
     secret = _text(env, "AWS_SECRET_KEY", "AWS_SECRET_ACCESS_KEY")
     bucket = _text(env, "AWS_BUCKET_NAME")
+    webhook_url = url("WEBHOOK_URL")
+    webhook_secret = _parsed(
+        env,
+        "WEBHOOK_SECRET",
+        None,
+        _webhook_secret,
+        "whsec_ followed by base64, or any other text",
+        secret=True,
+    )
+    if webhook_url and not webhook_secret:
+        raise errors.SettingsError(
+            "WEBHOOK_SECRET", "is required when WEBHOOK_URL is set: webhooks are signed"
+        )
     if (access is None) != (secret is None):
         missing = "AWS_SECRET_KEY" if secret is None else "AWS_ACCESS_KEY"
         raise errors.SettingsError(missing, "set both the access key and the secret key, or neither")
@@ -198,8 +231,12 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         aws_secret_key=secret,
         aws_endpoint_url=url("AWS_ENDPOINT_URL"),
         s3_prefix=(_text(env, p + "S3_PREFIX") or "").strip("/"),
-        webhook_url=url("WEBHOOK_URL"),
-        webhook_secret=_text(env, "WEBHOOK_SECRET"),
+        webhook_url=webhook_url,
+        webhook_secret=webhook_secret,
+        webhook_timeout=seconds("WEBHOOK_TIMEOUT", d.webhook_timeout),
+        webhook_max_attempts=num("WEBHOOK_MAX_ATTEMPTS", d.webhook_max_attempts),
+        webhook_retry_base_seconds=seconds("WEBHOOK_RETRY_BASE_SECONDS", d.webhook_retry_base_seconds),
+        webhook_retry_max_seconds=seconds("WEBHOOK_RETRY_MAX_SECONDS", d.webhook_retry_max_seconds),
         allow_private_networks=_parsed(env, p + "ALLOW_PRIVATE_NETWORKS", False, _bool, "true or false"),
         max_csv_bytes=num("MAX_CSV_BYTES", d.max_csv_bytes),
         max_rows=num("MAX_ROWS", d.max_rows),

@@ -24,6 +24,12 @@ def object_key(prefix: str, request_id: str, serial_number: int, position: int, 
     return f"{prefix}/{key}" if prefix else key
 
 
+def csv_key(prefix: str, request_id: str) -> str:
+    """The key of a request's output CSV, beside its images."""
+    key = f"{request_id}/output.csv"
+    return f"{prefix}/{key}" if prefix else key
+
+
 class Storage(Protocol):
     """Stores bytes under a key and says where a person can open them."""
 

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from imgsvc import __version__, db, errors, ingest, jobs, resources, settings
+from imgsvc import __version__, db, download, errors, ingest, jobs, pipeline, report, resources, settings
 
 logger = logging.getLogger("imgsvc.web")
 
@@ -90,13 +90,7 @@ async def upload(request: Request) -> Response:
             raise errors.UploadError("the form has no file in the field 'file'", code="missing_file")
         if len(form.getlist("file")) > 1:
             raise errors.UploadError("send one file in the field 'file'", code="too_many_files")
-        webhook_url = form.get("webhook_url")
-        if webhook_url is not None:
-            webhook_url = str(webhook_url).strip() or None
-        if webhook_url is not None:
-            reason = ingest.check_url(webhook_url, config.max_url_length)
-            if reason is not None:
-                raise errors.UploadError(f"webhook_url: {reason}", code="invalid_webhook_url")
+        webhook_url = await _checked_webhook_url(form.get("webhook_url"), res)
         await file.seek(0)
         products = await asyncio.to_thread(ingest.parse_csv, file.file, _csv_limits(config))
         request_id = await db.insert_request(
@@ -104,8 +98,8 @@ async def upload(request: Request) -> Response:
             file_name=file.filename,
             webhook_url=webhook_url,
             products=products,
-            queue=jobs.IMAGE_QUEUE,
-            task=jobs.PROCESS_IMAGE,
+            queue=pipeline.IMAGE_QUEUE,
+            task=pipeline.PROCESS_IMAGE,
         )
     finally:
         await form.close()
@@ -123,6 +117,25 @@ async def upload(request: Request) -> Response:
         202,
         headers={"Location": status_url},
     )
+
+
+async def _checked_webhook_url(value: object, res: resources.Resources) -> str | None:
+    """The form's webhook_url, checked as the server will use it, or None."""
+    text = str(value).strip() if value is not None else ""
+    if not text:
+        return None
+    config = res.settings
+    reason = ingest.check_url(text, config.max_url_length)
+    if reason is None and not config.webhook_secret:
+        reason = "this server has no WEBHOOK_SECRET to sign webhooks with; ask its operator to set one"
+    if reason is None:
+        try:
+            await download.check_destination(text, res.download_limits)
+        except errors.PermanentError as exc:
+            reason = exc.message
+    if reason is not None:
+        raise errors.UploadError(f"webhook_url: {reason}", status_code=422, code="invalid_webhook_url")
+    return text
 
 
 def _page_params(request: Request) -> tuple[int, int]:
@@ -192,6 +205,16 @@ async def status(request: Request) -> Response:
         for p in found["products"]
     ]
     finished = s["done"] + s["failed"]
+    webhook = found["webhook"]
+    if webhook is not None:
+        webhook = {
+            "event_id": webhook["event_id"],
+            "state": webhook["state"],
+            "attempts": webhook["attempts"],
+            "last_status": webhook["last_status"],
+            "last_error": webhook["last_error"],
+            "delivered_at": _iso(webhook["delivered_at"]),
+        }
     return _json(
         {
             "request_id": str(request_id),
@@ -212,6 +235,9 @@ async def status(request: Request) -> Response:
             "bytes_in": int(s["bytes_in"]),
             "bytes_out": int(s["bytes_out"]),
             "status_url": base,
+            "output_csv_url": extra["output_csv_url"],
+            "output_csv_download_url": f"{res.settings.base_url}/requests/{request_id}/output.csv",
+            "webhook": webhook,
             "products": products,
             "page": {
                 "page": page,
@@ -222,6 +248,28 @@ async def status(request: Request) -> Response:
                 else None,
             },
         }
+    )
+
+
+async def output_csv(request: Request) -> Response:
+    """GET /requests/{request_id}/output.csv: the output CSV, once the request is finished."""
+    res: resources.Resources = request.app.state.resources
+    request_id = _parse_request_id(request.path_params["request_id"])
+    info = await db.get_request_for_finish(res.pool, request_id)
+    if info is None:
+        raise HTTPException(404, f"no request with id {request_id}")
+    if info["status"] in ("queued", "processing"):
+        finished = info["done"] + info["failed"]
+        raise HTTPException(
+            409,
+            f"the request is still {info['status']} ({finished} of {info['total']} "
+            "images finished); the output CSV exists once all are",
+        )
+    data = report.render_csv(await db.get_output_rows(res.pool, request_id))
+    return Response(
+        data,
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{request_id}-output.csv"'},
     )
 
 
@@ -296,6 +344,7 @@ def create_app(config: settings.Settings, database_url: str, *, run_worker: bool
         Route("/", index),
         Route("/upload", upload, methods=["POST"]),
         Route("/status/{request_id}", status),
+        Route("/requests/{request_id}/output.csv", output_csv),
     ]
     if not config.aws_bucket_name:
         config.local_storage_dir.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,7 @@ SELECT request_id, status, total, queued, processing, done, failed, percent, byt
 FROM request_progress WHERE request_id = $1;
 
 -- get_request_extra --
-SELECT file_name, product_count, started_at FROM requests WHERE id = $1;
+SELECT file_name, product_count, started_at, output_csv_url FROM requests WHERE id = $1;
 
 -- get_products_page --
 SELECT p.id, p.position, p.serial, p.name
@@ -93,3 +93,53 @@ FROM products p WHERE p.request_id = $1 ORDER BY p.position LIMIT $2 OFFSET $3;
 SELECT product_id, position, input_url, status, output_url, error, bytes_in, bytes_out,
        width, height, format_in, format_out, quality_in, quality_out, kept_original, attempts
 FROM images WHERE product_id = ANY($1::bigint[]) ORDER BY product_id, position;
+
+-- defer_job --
+-- One procrastinate job, in the caller's transaction.
+SELECT (procrastinate_defer_jobs_v1(ARRAY[
+    ROW($1, $2, 0, NULL, $4, $3::jsonb, NULL)::procrastinate_job_to_defer_v1]))[1];
+
+-- get_output_rows --
+-- The output CSV's rows: input order, URLs in input order, empty slots for failures.
+SELECT p.serial, p.name,
+       array_agg(i.input_url ORDER BY i.position) AS input_urls,
+       array_agg(CASE WHEN i.status = 'done' THEN i.output_url END ORDER BY i.position) AS output_urls
+FROM products p JOIN images i ON i.product_id = p.id
+WHERE p.request_id = $1
+GROUP BY p.id, p.position, p.serial, p.name
+ORDER BY p.position;
+
+-- get_request_for_finish --
+SELECT r.status, r.webhook_url, r.completed_at, pr.total, pr.queued, pr.processing, pr.done,
+       pr.failed
+FROM requests r JOIN request_progress pr ON pr.request_id = r.id
+WHERE r.id = $1;
+
+-- set_output_csv --
+UPDATE requests SET output_csv_key = $2, output_csv_url = $3, updated_at = now() WHERE id = $1;
+
+-- insert_delivery --
+-- At most one event a request: a second finishing run finds it there and adds nothing.
+INSERT INTO webhook_deliveries (request_id, event_id, url, payload)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (request_id) DO NOTHING
+RETURNING id;
+
+-- claim_delivery --
+UPDATE webhook_deliveries SET attempts = attempts + 1, updated_at = now()
+WHERE id = $1 AND state IN ('pending', 'retrying')
+RETURNING event_id, url, payload, attempts;
+
+-- record_attempt --
+INSERT INTO webhook_attempts (delivery_id, attempt, started_at, duration_ms, http_status, error)
+VALUES ($1, $2, $3, $4, $5, $6);
+
+-- update_delivery --
+UPDATE webhook_deliveries
+SET state = $2, last_status = $3, last_error = $4, updated_at = now(),
+    delivered_at = CASE WHEN $2 = 'delivered' THEN now() END
+WHERE id = $1;
+
+-- get_delivery_of_request --
+SELECT event_id, state, attempts, last_status, last_error, delivered_at
+FROM webhook_deliveries WHERE request_id = $1;

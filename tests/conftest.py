@@ -4,6 +4,7 @@ per test, made from it), a real S3-compatible server, and a real image server.""
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import os
 import shutil
@@ -55,17 +56,37 @@ def image_server() -> Iterator[servers.ImageServer]:
     server.stop()
 
 
-@pytest.fixture
-def config(s3: servers.S3Server, tmp_path: Path) -> settings.Settings:
-    env = {
+@pytest.fixture(scope="session")
+def receiver() -> Iterator[servers.WebhookReceiver]:
+    server = servers.WebhookReceiver()
+    server.start()
+    yield server
+    server.stop()
+
+
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"imgsvc-test-webhook-secret-32byte").decode()
+
+
+def test_env(s3: servers.S3Server, data_dir: Path) -> dict[str, str]:
+    """The environment the tests run imgsvc with: fast retries, short timeouts, test servers."""
+    return {
         **s3.env(),
         "IMGSVC_ALLOW_PRIVATE_NETWORKS": "true",
-        "IMGSVC_DATA_DIR": str(tmp_path),
+        "IMGSVC_DATA_DIR": str(data_dir),
         "IMGSVC_RETRY_BASE_SECONDS": "0.05",
         "IMGSVC_RETRY_MAX_SECONDS": "0.2",
         "IMGSVC_MAX_ATTEMPTS": "3",
+        "WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "IMGSVC_WEBHOOK_TIMEOUT": "0.5",
+        "IMGSVC_WEBHOOK_MAX_ATTEMPTS": "3",
+        "IMGSVC_WEBHOOK_RETRY_BASE_SECONDS": "0.05",
+        "IMGSVC_WEBHOOK_RETRY_MAX_SECONDS": "0.2",
     }
-    return settings.from_env(env)
+
+
+@pytest.fixture
+def config(s3: servers.S3Server, tmp_path: Path) -> settings.Settings:
+    return settings.from_env(test_env(s3, tmp_path))
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,11 @@ class ImageServer:
     def __init__(self) -> None:
         self.hits: collections.Counter[str] = collections.Counter()
         self.requests: list[str] = []
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.port = 0
+        self._server = _ThreadServer(self._routes)
+
+    @property
+    def port(self) -> int:
+        return self._server.port
 
     def url(self, path: str) -> str:
         """The full URL of a path on this server."""
@@ -74,31 +76,55 @@ class ImageServer:
         target = f"/redirect/{left - 1}/{name}" if left > 1 else f"/img/{name}"
         raise web.HTTPFound(target)
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
+    def _routes(self, app: web.Application) -> None:
         app.router.add_get("/img/{name}", self._file)
         app.router.add_get("/flaky/{key}/{fails}/{name}", self._flaky)
         app.router.add_get("/status/{code}", self._status)
         app.router.add_get("/html", self._html)
         app.router.add_get("/redirect/{n}/{name}", self._redirect)
-        runner = web.AppRunner(app, access_log=None)
+
+    def start(self) -> None:
+        """Start serving; return once the port is known."""
+        self._server.start()
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self._server.stop()
+
+
+class _ThreadServer:
+    """An aiohttp application on 127.0.0.1, served from its own thread and event loop."""
+
+    def __init__(self, routes: Callable[[web.Application], None]) -> None:
+        self.routes = routes
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        self.routes(app)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
         self._loop.run_until_complete(runner.setup())
         site = web.TCPSite(runner, "127.0.0.1", 0)
         self._loop.run_until_complete(site.start())
         self.port = runner.addresses[0][1]
         self._ready.set()
         self._loop.run_forever()
+        pending = asyncio.all_tasks(self._loop)
+        for task in pending:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self._loop.run_until_complete(runner.cleanup())
         self._loop.close()
 
     def start(self) -> None:
-        """Start serving; return once the port is known."""
         self._thread.start()
-        self._ready.wait(10)
+        assert self._ready.wait(10), "the test server did not start"
 
     def stop(self) -> None:
-        """Stop serving."""
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
@@ -182,3 +208,67 @@ class S3Server:
         if self._process is not None:
             self._process.terminate()
             self._process.wait(10)
+
+
+class WebhookReceiver:
+    """A real HTTP receiver on loopback, on its own thread, that records every POST.
+
+    /ok                 200
+    /flaky/KEY/N        500 for the first N posts of KEY, then 200
+    /status/CODE        that status, always
+    /hang               never answers (until the server stops)
+    """
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, dict[str, str], bytes]] = []
+        self.hits: collections.Counter[str] = collections.Counter()
+        self._server = _ThreadServer(self._routes)
+
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    def url(self, path: str) -> str:
+        """The full URL of a path on this receiver."""
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def posts(self, path: str) -> list[tuple[dict[str, str], bytes]]:
+        """What was posted to a path, in order."""
+        return [(headers, body) for p, headers, body in self.received if p == path]
+
+    async def _record(self, request: web.Request) -> None:
+        self.received.append((request.path, dict(request.headers), await request.read()))
+
+    async def _ok(self, request: web.Request) -> web.StreamResponse:
+        await self._record(request)
+        return web.Response(text="thanks")
+
+    async def _flaky(self, request: web.Request) -> web.StreamResponse:
+        await self._record(request)
+        key = request.match_info["key"]
+        self.hits[key] += 1
+        failing = self.hits[key] <= int(request.match_info["fails"])
+        return web.Response(status=500 if failing else 200)
+
+    async def _status(self, request: web.Request) -> web.StreamResponse:
+        await self._record(request)
+        return web.Response(status=int(request.match_info["code"]))
+
+    async def _hang(self, request: web.Request) -> web.StreamResponse:
+        await self._record(request)
+        await asyncio.sleep(60)  # longer than any webhook timeout a test sets
+        return web.Response()
+
+    def _routes(self, app: web.Application) -> None:
+        app.router.add_post("/ok", self._ok)
+        app.router.add_post("/flaky/{key}/{fails}", self._flaky)
+        app.router.add_post("/status/{code}", self._status)
+        app.router.add_post("/hang", self._hang)
+
+    def start(self) -> None:
+        """Start receiving."""
+        self._server.start()
+
+    def stop(self) -> None:
+        """Stop receiving."""
+        self._server.stop()

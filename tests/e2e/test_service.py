@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import asyncpg
@@ -20,6 +13,14 @@ import pytest
 import pyvips
 
 from imgsvc import localdb, quality
+from tests.e2e.processes import (
+    Process,
+    assert_clean_exit,
+    post_csv,
+    service_env,
+    wait_for_final,
+    wait_until_up,
+)
 from tests.servers import IMAGES, ImageServer, S3Server
 
 PHOTOS = [
@@ -32,52 +33,6 @@ PHOTOS = [
 ]
 
 
-class Process:
-    """An imgsvc (or procrastinate) command running as its own process, with its log."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        with log.open("wb") as out:
-            self.popen = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def stop(self) -> int:
-        self.popen.terminate()
-        return self.popen.wait(30)
-
-
-def service_env(database_url: str, s3: S3Server, tmp_path: Path, port: int) -> dict[str, str]:
-    return {
-        **os.environ,
-        **s3.env(),
-        "DATABASE_URL": database_url,
-        "PORT": str(port),
-        "IMGSVC_ALLOW_PRIVATE_NETWORKS": "true",
-        "IMGSVC_DATA_DIR": str(tmp_path),
-        "IMGSVC_MAX_ROWS": "20",
-        "WEBHOOK_SECRET": "not-for-logs",
-    }
-
-
-def wait_until_up(base: str, process: Process) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(base + "/", timeout=1)
-            return
-        except (urllib.error.URLError, ConnectionError):
-            assert process.popen.poll() is None, process.output()
-            assert time.monotonic() < deadline, "the service did not start"
-            time.sleep(0.2)
-
-
-def assert_clean_exit(process: Process) -> None:
-    assert process.stop() == 0, process.output()
-    assert "Traceback" not in process.output() and "not-for-logs" not in process.output()
-
-
 @pytest.fixture
 def service(database_url: str, s3: S3Server, tmp_path: Path) -> Iterator[str]:
     port = localdb.free_port()
@@ -87,26 +42,6 @@ def service(database_url: str, s3: S3Server, tmp_path: Path) -> Iterator[str]:
     wait_until_up(base, process)
     yield base
     assert_clean_exit(process)
-
-
-async def post_csv(
-    session: aiohttp.ClientSession, base: str, body: bytes, field: str = "file"
-) -> tuple[int, dict[str, Any]]:
-    form = aiohttp.FormData()
-    form.add_field(field, body, filename="products.csv", content_type="text/csv")
-    async with session.post(base + "/upload", data=form) as response:
-        return response.status, await response.json()
-
-
-async def wait_for_final(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
-    for _ in range(300):
-        async with session.get(url) as response:
-            assert response.status == 200
-            body: dict[str, Any] = await response.json()
-        if body["status"] not in ("queued", "processing"):
-            return body
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"the request did not finish: {json.dumps(body)[:500]}")
 
 
 async def test_a_csv_becomes_compressed_images_in_the_bucket(
@@ -225,9 +160,7 @@ async def test_api_and_separate_workers_share_the_queue(
         for worker in workers:
             assert "process_image" in worker.output(), worker.output()[-2000:]
     finally:
-        for worker in workers:
-            worker.stop()
-        assert_clean_exit(api)
+        assert_clean_exit(*workers, api)
 
 
 def test_serve_refuses_an_unmigrated_database(

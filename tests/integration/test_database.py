@@ -9,7 +9,7 @@ import uuid
 import asyncpg
 import pytest
 
-from imgsvc import db, errors, jobs, migrate, models
+from imgsvc import db, errors, migrate, models, pipeline
 
 
 def product(serial: int, images: int) -> models.Product:
@@ -28,8 +28,8 @@ async def store(pool: db.Pool, *products: models.Product) -> str:
         file_name="p.csv",
         webhook_url=None,
         products=products,
-        queue=jobs.IMAGE_QUEUE,
-        task=jobs.PROCESS_IMAGE,
+        queue=pipeline.IMAGE_QUEUE,
+        task=pipeline.PROCESS_IMAGE,
     )
 
 
@@ -44,7 +44,7 @@ async def test_a_request_is_stored_with_one_job_per_image(database_url: str) -> 
         assert len(images) == 5
         assert sorted(json.loads(j["args"])["image_id"] for j in job_rows) == [i["id"] for i in images]
         assert {(j["task_name"], j["queue_name"], j["status"]) for j in job_rows} == {
-            (jobs.PROCESS_IMAGE, jobs.IMAGE_QUEUE, "todo")
+            (pipeline.PROCESS_IMAGE, pipeline.IMAGE_QUEUE, "todo")
         }
         names = await pool.fetch("SELECT serial, name, position FROM products ORDER BY position")
         assert [tuple(r) for r in names] == [("1.", "Product 1", 1), ("2.", "Product 2", 2)]

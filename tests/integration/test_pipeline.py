@@ -21,8 +21,8 @@ async def enqueue(res: resources.Resources, *urls: str) -> tuple[str, list[int]]
         file_name=None,
         webhook_url=None,
         products=products,
-        queue=jobs.IMAGE_QUEUE,
-        task=jobs.PROCESS_IMAGE,
+        queue=pipeline.IMAGE_QUEUE,
+        task=pipeline.PROCESS_IMAGE,
     )
     ids = [
         r["id"]
@@ -144,7 +144,7 @@ async def test_a_worker_runs_the_queue_with_retries(
     async with jobs.app.open_async():
         for _ in range(40):  # retries are scheduled a little later: run until settled
             await jobs.app.run_worker_async(
-                queues=[jobs.IMAGE_QUEUE], wait=False, install_signal_handlers=False, concurrency=4
+                queues=[pipeline.IMAGE_QUEUE], wait=False, install_signal_handlers=False, concurrency=4
             )
             if await res.pool.fetchval("SELECT status FROM requests") != "processing":
                 break

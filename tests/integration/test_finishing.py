@@ -1,0 +1,199 @@
+"""Finishing a request: the output CSV in the bucket, and the signed, retried webhook."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import uuid
+from typing import Any
+
+from standardwebhooks.webhooks import Webhook
+
+from imgsvc import db, jobs, models, pipeline, resources
+from tests.conftest import WEBHOOK_SECRET
+from tests.servers import ImageServer, S3Server, WebhookReceiver
+
+NAMES = ['Mug, "large"', "Two\nlines", "Crème brûlée 🍮"]
+
+
+async def submit(
+    res: resources.Resources, products: list[tuple[str, str, tuple[str, ...]]], webhook_url: str | None = None
+) -> str:
+    rows = [
+        models.Product(line=n + 2, serial=serial, serial_number=n + 1, name=name, urls=urls)
+        for n, (serial, name, urls) in enumerate(products)
+    ]
+    return await db.insert_request(
+        res.pool,
+        file_name="p.csv",
+        webhook_url=webhook_url,
+        products=rows,
+        queue=pipeline.IMAGE_QUEUE,
+        task=pipeline.PROCESS_IMAGE,
+    )
+
+
+async def run_until(res: resources.Resources, database_url: str, sql: str, *args: Any) -> None:
+    """Run the worker until a query answers true (retries are scheduled a little later)."""
+    jobs.use(database_url, res.settings, res)
+    async with jobs.app.open_async():
+        for _ in range(100):
+            await jobs.app.run_worker_async(wait=False, install_signal_handlers=False, concurrency=4)
+            if await res.pool.fetchval(sql, *args):
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"never true: {sql}")
+
+
+async def delivery(res: resources.Resources, rid: str) -> dict[str, Any]:
+    row = await res.pool.fetchrow("SELECT * FROM webhook_deliveries WHERE request_id = $1", uuid.UUID(rid))
+    assert row is not None
+    return dict(row)
+
+
+async def attempts(res: resources.Resources, delivery_id: int) -> list[tuple[int, int | None, str | None]]:
+    rows = await res.pool.fetch(
+        "SELECT attempt, http_status, error FROM webhook_attempts WHERE delivery_id = $1 ORDER BY attempt",
+        delivery_id,
+    )
+    return [(r["attempt"], r["http_status"], r["error"]) for r in rows]
+
+
+SETTLED = (
+    "SELECT EXISTS (SELECT 1 FROM webhook_deliveries WHERE request_id = $1 "
+    "AND state IN ('delivered', 'failed'))"
+)
+
+
+async def test_output_csv_has_every_row_and_an_empty_slot_for_a_failure(
+    res: resources.Resources, database_url: str, image_server: ImageServer, s3: S3Server
+) -> None:
+    good = image_server.url("/img/png_palette_trns.png")
+    missing = image_server.url("/status/404")
+    products = [
+        ("1.", NAMES[0], (good, missing, good)),
+        ("2", NAMES[1], (good,)),
+        ("3", NAMES[2], (missing,)),
+    ]
+    rid = await submit(res, products)
+    await run_until(
+        res, database_url, "SELECT output_csv_url IS NOT NULL FROM requests WHERE id = $1", uuid.UUID(rid)
+    )
+    url = await res.pool.fetchval("SELECT output_csv_url FROM requests")
+    assert url == f"{s3.endpoint}/{s3.bucket}/{rid}/output.csv"
+    data, content_type = s3.get(f"{rid}/output.csv")
+    assert content_type.startswith("text/csv")
+    read = list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
+    assert read[0] == ["S. No.", "Product Name", "Input Image Urls", "Output Image Urls"]
+    assert [row[:3] for row in read[1:]] == [[s, n, ",".join(u)] for s, n, u in products]
+    outputs = [row[3].split(",") for row in read[1:]]
+    base = f"{s3.endpoint}/{s3.bucket}/{rid}"
+    assert outputs == [[f"{base}/1-1.png", "", f"{base}/1-3.png"], [f"{base}/2-1.png"], [""]]
+    assert await res.pool.fetchval("SELECT count(*) FROM webhook_deliveries") == 0  # none configured
+
+
+async def test_webhook_is_retried_until_the_receiver_accepts(
+    res: resources.Resources, database_url: str, image_server: ImageServer, receiver: WebhookReceiver
+) -> None:
+    path = f"/flaky/{uuid.uuid4().hex}/2"
+    rid = await submit(
+        res, [("1", "P", (image_server.url("/img/png_palette_trns.png"),))], webhook_url=receiver.url(path)
+    )
+    await run_until(res, database_url, SETTLED, uuid.UUID(rid))
+    found = await delivery(res, rid)
+    assert (found["state"], found["attempts"], found["last_status"]) == ("delivered", 3, 200)
+    assert await attempts(res, found["id"]) == [
+        (1, 500, "the receiver answered HTTP 500"),
+        (2, 500, "the receiver answered HTTP 500"),
+        (3, 200, None),
+    ]
+    posts = receiver.posts(path)
+    assert len(posts) == 3
+    assert {headers["webhook-id"] for headers, _ in posts} == {found["event_id"]}
+    for headers, body in posts:
+        event = Webhook(WEBHOOK_SECRET).verify(body, headers)
+        assert event["type"] == "request.completed" and event["request_id"] == rid
+    event = json.loads(posts[-1][1])
+    assert event["status"] == "completed" and event["counts"]["done"] == 1
+    assert event["output_csv_url"].endswith(f"/{rid}/output.csv")
+    assert event["status_url"].endswith(f"/status/{rid}") and event["completed_at"]
+
+
+async def test_a_receiver_that_always_fails_ends_failed_with_its_reason(
+    res: resources.Resources, database_url: str, image_server: ImageServer, receiver: WebhookReceiver
+) -> None:
+    rid = await submit(
+        res, [("1", "P", (image_server.url("/status/404"),))], webhook_url=receiver.url("/status/500")
+    )
+    await run_until(res, database_url, SETTLED, uuid.UUID(rid))
+    found = await delivery(res, rid)
+    assert (found["state"], found["attempts"]) == ("failed", 3)
+    assert found["last_error"] == "the receiver answered HTTP 500 (gave up after 3 attempts)"
+    assert [a[1] for a in await attempts(res, found["id"])] == [500, 500, 500]
+    # the request itself finished normally
+    assert await res.pool.fetchval("SELECT status FROM requests") == "failed"
+
+
+async def test_410_gone_stops_at_once(
+    res: resources.Resources, database_url: str, image_server: ImageServer, receiver: WebhookReceiver
+) -> None:
+    rid = await submit(
+        res,
+        [("1", "P", (image_server.url("/img/png_palette_trns.png"),))],
+        webhook_url=receiver.url("/status/410"),
+    )
+    await run_until(res, database_url, SETTLED, uuid.UUID(rid))
+    found = await delivery(res, rid)
+    assert (found["state"], found["attempts"], found["last_status"]) == ("failed", 1, 410)
+    assert "410 Gone" in found["last_error"]
+
+
+async def test_a_hanging_receiver_is_cut_off_and_does_not_hold_up_images(
+    res: resources.Resources, database_url: str, image_server: ImageServer, receiver: WebhookReceiver
+) -> None:
+    slow = await submit(
+        res, [("1", "P", (image_server.url("/img/png_palette_trns.png"),))], webhook_url=receiver.url("/hang")
+    )
+    await run_until(res, database_url, SETTLED, uuid.UUID(slow))
+    found = await delivery(res, slow)
+    assert found["state"] == "failed" and found["attempts"] == 3
+    assert found["last_error"] == "the receiver did not answer within 0.5 s (gave up after 3 attempts)"
+    durations = await res.pool.fetch("SELECT duration_ms FROM webhook_attempts")
+    assert all(400 <= d["duration_ms"] < 2000 for d in durations)
+
+
+async def test_the_default_webhook_url_is_used_when_the_request_gives_none(
+    res: resources.Resources, database_url: str, image_server: ImageServer, receiver: WebhookReceiver
+) -> None:
+    from tests.conftest import with_settings
+
+    path = f"/flaky/{uuid.uuid4().hex}/0"
+    configured = with_settings(res, webhook_url=receiver.url(path))
+    rid = await submit(configured, [("1", "P", (image_server.url("/img/png_palette_trns.png"),))])
+    await run_until(configured, database_url, SETTLED, uuid.UUID(rid))
+    assert (await delivery(res, rid))["state"] == "delivered"
+    assert len(receiver.posts(path)) == 1
+
+
+async def test_finishing_twice_writes_no_second_event(
+    res: resources.Resources, database_url: str, image_server: ImageServer, receiver: WebhookReceiver
+) -> None:
+    path = f"/flaky/{uuid.uuid4().hex}/0"
+    rid = await submit(
+        res, [("1", "P", (image_server.url("/img/png_palette_trns.png"),))], webhook_url=receiver.url(path)
+    )
+    await run_until(res, database_url, SETTLED, uuid.UUID(rid))
+    # A crashed worker's finishing job runs again: same CSV key, no new event.
+    assert await pipeline.complete_request(res, rid) == "webhook queued"
+    assert await res.pool.fetchval("SELECT count(*) FROM webhook_deliveries") == 1
+    assert (
+        await res.pool.fetchval(
+            "SELECT count(*) FROM procrastinate_jobs WHERE task_name = $1 AND status = 'todo'",
+            pipeline.DELIVER_WEBHOOK,
+        )
+        == 0
+    )
+    assert await pipeline.deliver_webhook(res, (await delivery(res, rid))["id"]) == "already settled"
+    assert len(receiver.posts(path)) == 1
