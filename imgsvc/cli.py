@@ -81,8 +81,12 @@ async def _worker(config: settings.Settings, url: str) -> None:
     async with resources.opened(config, url) as res:
         jobs.use(url, config, res)
         async with jobs.app.open_async():
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, stop.set)
             logger.info("worker started (concurrency %s)", config.worker_concurrency)
-            await jobs.app.run_worker_async(install_signal_handlers=True, **jobs.worker_options(config))
+            await jobs.run_worker(config, stop)
 
 
 class _ExpectedErrorsWithoutTraceback(logging.Filter):

@@ -10,9 +10,13 @@ transparency), is upright, in sRGB, and carries no metadata.
 from __future__ import annotations
 
 import dataclasses
+import io
+import re
+import warnings
 from typing import Any
 
 import pyvips
+from PIL import Image as PillowImage
 
 from imgsvc import errors, models, quality
 
@@ -28,7 +32,10 @@ _FORMATS = {
     "svgload_buffer": "svg",
 }
 _ANIMATED = {"gif", "webp"}
-SUPPORTED = "JPEG, PNG, WebP, GIF, AVIF, HEIC, TIFF"
+# libvips (as bundled) has no BMP or ICO loader; Pillow reads those two, and nothing
+# else, into pixels that libvips then takes over.
+_PILLOW_FORMATS = {"BMP": "bmp", "DIB": "bmp", "ICO": "ico"}
+SUPPORTED = "JPEG, PNG, WebP, GIF, AVIF, HEIC, TIFF, BMP, ICO"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -41,10 +48,12 @@ class Limits:
     allow_svg: bool = False
 
 
-def configure() -> None:
-    """Process-wide libvips settings: no operation cache, untrusted loaders blocked."""
+def configure(*, allow_svg: bool = False) -> None:
+    """Process-wide libvips settings: no operation cache, untrusted loaders blocked
+    (SVG's too, unless allowed)."""
     pyvips.cache_set_max(0)
     pyvips.block_untrusted_set(True)
+    pyvips.operation_block_set("VipsForeignLoadSvg", not allow_svg)
 
 
 def _first_line(exc: pyvips.Error) -> str:
@@ -58,14 +67,52 @@ def _header(data: bytes, **options: Any) -> pyvips.Image:
         return pyvips.Image.new_from_buffer(data, "", **options)
     except pyvips.Error:
         if b"<svg" in data[:4096].lower():
-            raise errors.NotAnImage("SVG images are not accepted") from None
+            raise errors.NotAnImage("SVG images are not accepted (IMGSVC_ALLOW_SVG)") from None
         raise errors.NotAnImage(f"the source is not an image in a supported format ({SUPPORTED})") from None
+
+
+def _open_with_pillow(data: bytes, limits: Limits) -> tuple[pyvips.Image, str] | None:
+    """A BMP or ICO image as libvips pixels, the limit checked before decoding; None for
+    anything else."""
+    if not data.startswith((b"BM", b"\x00\x00\x01\x00")):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PillowImage.DecompressionBombWarning)
+            source = PillowImage.open(io.BytesIO(data), formats=("BMP", "DIB", "ICO"))
+    except (PillowImage.DecompressionBombError, PillowImage.DecompressionBombWarning) as exc:
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(declared.group(1)):,} pixels" if declared else "more pixels than Pillow allows"
+        raise errors.SourceTooLarge(
+            f"the image declares {size}; the limit is {limits.max_pixels:,} (IMGSVC_MAX_PIXELS)"
+        ) from None
+    except (OSError, ValueError, SyntaxError):
+        return None
+    with source:
+        width, height = source.size
+        if width * height > limits.max_pixels:
+            raise errors.SourceTooLarge(
+                f"the image is {width}x{height} = {width * height:,} pixels; "
+                f"the limit is {limits.max_pixels:,} (IMGSVC_MAX_PIXELS)"
+            )
+        try:
+            pixels = source.convert(
+                "RGBA" if "A" in source.getbands() or "transparency" in source.info else "RGB"
+            )
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise errors.NotAnImage(f"the image could not be decoded: {str(exc)[:200]}") from None
+        fmt = _PILLOW_FORMATS.get(str(source.format), "bmp")
+    image = pyvips.Image.new_from_memory(pixels.tobytes(), width, height, len(pixels.getbands()), "uchar")
+    return image.copy(interpretation="srgb"), fmt
 
 
 def _open(data: bytes, limits: Limits) -> tuple[pyvips.Image, str]:
     """Read the header only, identify the format and apply the limits."""
     if not data:
         raise errors.NotAnImage("the source is empty (0 bytes)")
+    opened = _open_with_pillow(data, limits)
+    if opened is not None:
+        return opened
     header = _header(data)
     loader = str(header.get("vips-loader"))
     fmt = _FORMATS.get(loader)
@@ -154,7 +201,7 @@ def _plan(fmt: str, data: bytes, image: pyvips.Image, factor: float) -> tuple[st
         return "png", quality.LOSSLESS_QUALITY, quality.PNG_PALETTE_QUALITY
     if fmt == "gif":
         return "gif", None, None
-    # TIFF, HEIC and SVG: JPEG, or PNG where there is transparency to keep.
+    # TIFF, HEIC, BMP, ICO and SVG: JPEG, or PNG where there is transparency to keep.
     q_in = quality.NOMINAL_QUALITY.get(fmt, quality.LOSSLESS_QUALITY)
     if image.hasalpha():
         return "png", q_in, quality.PNG_PALETTE_QUALITY

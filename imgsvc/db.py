@@ -86,6 +86,17 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> Poo
     return pool
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Inserted:
+    """A stored request; ``replayed`` when an earlier upload with the same key made it."""
+
+    request_id: str
+    products: int
+    images: int
+    replayed: bool = False
+    csv_sha256: str | None = None
+
+
 async def insert_request(
     pool: Pool,
     *,
@@ -94,15 +105,37 @@ async def insert_request(
     products: Sequence[models.Product],
     queue: str,
     task: str,
-) -> str:
-    """Store a request, its products and images, and queue a job per image, atomically."""
+    idempotency_key: str | None = None,
+    csv_sha256: str | None = None,
+) -> Inserted:
+    """Store a request, its products and images, and queue a job per image, atomically.
+
+    With an ``idempotency_key`` that an earlier request has, nothing is stored and that
+    request is returned (``replayed``).
+    """
     request_id = uuid.uuid4()
     image_count = sum(len(p.urls) for p in products)
     q = queries()
     async with translated(), pool.acquire() as conn, conn.transaction():
-        await conn.execute(
-            q["insert_request"], request_id, file_name, webhook_url, len(products), image_count
+        created = await conn.fetchval(
+            q["insert_request"],
+            request_id,
+            file_name,
+            webhook_url,
+            len(products),
+            image_count,
+            idempotency_key,
+            csv_sha256,
         )
+        if created is None:
+            earlier = await conn.fetchrow(q["get_request_by_idempotency_key"], idempotency_key)
+            return Inserted(
+                request_id=earlier["id"],
+                products=earlier["product_count"],
+                images=earlier["image_count"],
+                replayed=True,
+                csv_sha256=earlier["csv_sha256"],
+            )
         rows = await conn.fetch(
             q["insert_products"],
             request_id,
@@ -125,7 +158,9 @@ async def insert_request(
         queued = await conn.fetchval(q["defer_image_jobs"], request_id, queue, task)
         if queued != image_count:
             raise errors.ImgsvcError(f"queued {queued} jobs for {image_count} images")
-    return str(request_id)
+    return Inserted(
+        request_id=str(request_id), products=len(products), images=image_count, csv_sha256=csv_sha256
+    )
 
 
 async def claim_image(pool: Pool, image_id: int) -> models.ImageTask | None:
@@ -144,6 +179,23 @@ async def claim_image(pool: Pool, image_id: int) -> models.ImageTask | None:
         url=row["input_url"],
         attempts=row["attempts"],
     )
+
+
+async def requeue_image(pool: Pool, image_id: int, reason: str, queue: str, task: str) -> bool:
+    """Put an interrupted image back in the queue with a new job; False if it was finished."""
+    q = queries()
+    async with translated(), pool.acquire() as conn, conn.transaction():
+        if await conn.fetchval(q["requeue_image"], image_id, reason) is None:
+            return False
+        await defer_job(conn, queue, task, {"image_id": image_id})
+    return True
+
+
+async def orphans(pool: Pool, query: str, task: str, limit: int) -> list[Any]:
+    """Unfinished rows with no live job (query: orphaned_images, _requests or _deliveries)."""
+    async with translated():
+        rows = await pool.fetch(queries()[query], task, limit)
+    return [row[0] for row in rows]
 
 
 async def release_image(pool: Pool, image_id: int, reason: str) -> None:

@@ -26,25 +26,36 @@ _RETRY_STATUSES = frozenset({408, 425, 429})
 _CHUNK = 64 * 1024
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Limits:
-    """How a download is bounded."""
+    """How a download is bounded, and where it may go."""
 
     max_bytes: int = 40 * 1024 * 1024
     max_redirects: int = 5
     allow_private_networks: bool = False
+    allowed_networks: tuple[Network, ...] = ()
 
 
-def blocked_reason(address: str) -> str | None:
-    """Why an IP address may not be fetched from, or None if it is public."""
+def networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
+    """Parsed networks (IMGSVC_ALLOWED_SOURCE_NETWORKS)."""
+    return tuple(ipaddress.ip_network(cidr) for cidr in cidrs)
+
+
+def blocked_reason(address: str, allowed: tuple[Network, ...] = ()) -> str | None:
+    """Why an IP address may not be fetched from, or None if it is public or allowed."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return f"{address} is not an IP address"
+    if any(ip in network for network in allowed):
+        return None
     if isinstance(ip, ipaddress.IPv6Address):
         embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
         if embedded is not None:
-            reason = blocked_reason(str(embedded))
+            reason = blocked_reason(str(embedded), allowed)
             return f"{ip} embeds {embedded}: {reason}" if reason else None
     if not ip.is_global or ip.is_multicast:
         return f"{ip} is in a private, loopback, link-local or reserved network"
@@ -56,17 +67,19 @@ class RefusedAddress(OSError):
 
 
 class GuardedResolver(AbstractResolver):
-    """Resolves like the system, but refuses names with any non-public address."""
+    """Resolves with ``inner`` (the system's resolver by default), but refuses a name
+    with any address that is neither public nor allowed."""
 
-    def __init__(self) -> None:
-        self._inner = aiohttp.ThreadedResolver()
+    def __init__(self, allowed: tuple[Network, ...] = (), inner: AbstractResolver | None = None) -> None:
+        self._allowed = allowed
+        self._inner = inner or aiohttp.ThreadedResolver()
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
         for result in results:
-            reason = blocked_reason(result["host"])
+            reason = blocked_reason(result["host"], self._allowed)
             if reason is not None:
                 raise RefusedAddress(f"{host} resolves to {reason}")
         return results
@@ -82,10 +95,12 @@ def create_session(
     total_timeout: float,
     concurrency: int,
     per_host: int,
-    allow_private_networks: bool,
+    limits: Limits,
+    resolver: AbstractResolver | None = None,
 ) -> aiohttp.ClientSession:
-    """One HTTP client session for the whole process."""
-    resolver = None if allow_private_networks else GuardedResolver()
+    """One HTTP client session for the whole process; ``resolver`` replaces the system's."""
+    if not limits.allow_private_networks:
+        resolver = GuardedResolver(limits.allowed_networks, resolver)
     connector = aiohttp.TCPConnector(
         limit=concurrency, limit_per_host=per_host, resolver=resolver, ttl_dns_cache=60
     )
@@ -113,7 +128,7 @@ def check_address(url: str, limits: Limits) -> None:
     host = parts.hostname or ""
     if limits.allow_private_networks or not _is_ip(host):
         return  # a name: the resolver checks what it resolves to
-    reason = blocked_reason(host)
+    reason = blocked_reason(host, limits.allowed_networks)
     if reason is not None:
         raise errors.BlockedAddress(f"refused to fetch {host}: {reason}")
 
@@ -131,7 +146,7 @@ async def check_destination(url: str, limits: Limits) -> None:
     except (socket.gaierror, UnicodeError):
         raise errors.PermanentError(f"the host {host} does not resolve") from None
     for info in infos:
-        reason = blocked_reason(str(info[4][0]))
+        reason = blocked_reason(str(info[4][0]), limits.allowed_networks)
         if reason is not None:
             raise errors.BlockedAddress(f"{host} resolves to {reason}")
 

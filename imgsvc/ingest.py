@@ -58,6 +58,15 @@ def check_url(url: str, max_length: int) -> str | None:
     return None
 
 
+def redact_url(url: str) -> str:
+    """The URL with any user name and password hidden, for responses and logs."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"***@{host}").geturl()
+
+
 def _decoded_lines(data: Iterable[bytes], problems: _Problems) -> Iterator[str]:
     for number, raw in enumerate(data, start=1):
         if number == 1 and raw.startswith(b"\xef\xbb\xbf"):

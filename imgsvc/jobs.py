@@ -6,6 +6,7 @@ Workers are `imgsvc worker`, `imgsvc serve` (in-process), or procrastinate's own
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import logging
@@ -120,12 +121,11 @@ async def deliver_webhook(context: procrastinate.JobContext, delivery_id: int) -
     return await pipeline.deliver_webhook(await _resources(), delivery_id)
 
 
-@app.periodic(cron="* * * * *", periodic_id="retry_stalled_jobs")
-@app.task(
-    name="retry_stalled_jobs", queue=MAINTENANCE_QUEUE, queueing_lock="retry_stalled_jobs", pass_context=True
-)
-async def retry_stalled_jobs(context: procrastinate.JobContext, timestamp: int) -> int:
-    """Requeue the jobs of workers that stopped sending heartbeats (killed, crashed)."""
+@app.periodic(cron="* * * * * */15", periodic_id="maintenance")
+@app.task(name="maintenance", queue=MAINTENANCE_QUEUE, queueing_lock="maintenance", pass_context=True)
+async def maintenance(context: procrastinate.JobContext, timestamp: int) -> int:
+    """Every 15 s, on one worker: requeue the jobs of workers that stopped sending
+    heartbeats (killed, machine lost), then give a job to unfinished work that has none."""
     stalled = await context.app.job_manager.get_stalled_jobs(
         seconds_since_heartbeat=_config().stalled_seconds
     )
@@ -135,7 +135,40 @@ async def retry_stalled_jobs(context: procrastinate.JobContext, timestamp: int) 
             await context.app.job_manager.retry_job(job)
             count += 1
             logger.warning("retried job %s (%s) of a stalled worker", job.id, job.task_name)
-    return count
+    return count + await pipeline.requeue_orphans(await _resources())
+
+
+async def run_worker(config: settings.Settings, stop: asyncio.Event) -> None:
+    """Run a worker until ``stop`` is set, starting it again whenever it ends by itself.
+
+    procrastinate stops a worker whose side task fails, as its heartbeat does while
+    the database is down; this brings it back once the database answers again.
+    """
+    delay = 1.0
+    while not stop.is_set():
+        started = asyncio.get_running_loop().time()
+        worker = asyncio.create_task(
+            app.run_worker_async(install_signal_handlers=False, **worker_options(config))
+        )
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({worker, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if stop.is_set():
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await worker
+            return
+        failure = worker.exception() if not worker.cancelled() else None
+        if asyncio.get_running_loop().time() - started > 60:
+            delay = 1.0
+        logger.warning(
+            "the worker stopped (%s); starting it again in %.0f s",
+            type(failure).__name__ if failure else "its database connection failed",
+            delay,
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, 30.0)
 
 
 def worker_options(config: settings.Settings) -> dict[str, Any]:
@@ -144,7 +177,7 @@ def worker_options(config: settings.Settings) -> dict[str, Any]:
         "concurrency": config.worker_concurrency,
         "update_heartbeat_interval": max(1.0, config.stalled_seconds / 6),
         "stalled_worker_timeout": config.stalled_seconds,
-        "shutdown_graceful_timeout": 30.0,
+        "shutdown_graceful_timeout": config.shutdown_seconds,
         "delete_jobs": "successful",
     }
 

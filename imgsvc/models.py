@@ -92,6 +92,7 @@ CONTENT_TYPES = {
     "bmp": "image/bmp",
     "heif": "image/heif",
     "svg": "image/svg+xml",
+    "ico": "image/vnd.microsoft.icon",
 }
 EXTENSIONS = {
     "jpeg": "jpg",
@@ -103,4 +104,5 @@ EXTENSIONS = {
     "bmp": "bmp",
     "heif": "heic",
     "svg": "svg",
+    "ico": "ico",
 }

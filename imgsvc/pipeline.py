@@ -29,6 +29,19 @@ DELIVER_WEBHOOK = "deliver_webhook"
 
 async def process_image(res: resources.Resources, image_id: int) -> str:
     """Take one image through the stages; return its final status, or raise TransientError."""
+    try:
+        return await _process_claimed(res, image_id)
+    except asyncio.CancelledError:
+        # The worker is stopping and its graceful time is up: procrastinate ends this
+        # job as aborted and will not retry it, so the image gets a job of its own.
+        await asyncio.shield(db.requeue_image(res.pool, image_id, INTERRUPTED, IMAGE_QUEUE, PROCESS_IMAGE))
+        raise
+
+
+INTERRUPTED = "interrupted: the worker stopped before this image was finished; queued again"
+
+
+async def _process_claimed(res: resources.Resources, image_id: int) -> str:
     task = await db.claim_image(res.pool, image_id)
     if task is None:
         return "already finished"
@@ -62,6 +75,33 @@ async def process_image(res: resources.Resources, image_id: int) -> str:
         return await record_failure(res, task, f"internal error ({type(exc).__name__})", bytes_in)
     await record(res, task, result=result, stored=db.Stored(key=key, url=url), bytes_in=bytes_in)
     return models.ImageStatus.DONE
+
+
+async def requeue_orphans(res: resources.Resources, limit: int = 1000) -> int:
+    """Queue a job for every unfinished image, request or webhook that has none.
+
+    The safety net behind "nothing lost": a job can end without finishing its row
+    (aborted at shutdown while the database was down, deleted by hand, a crash
+    between two commits). Images and requests are made so that running them twice
+    shows nothing twice.
+    """
+    count = 0
+    async with db.translated():
+        for image_id in await db.orphans(res.pool, "orphaned_images", PROCESS_IMAGE, limit):
+            count += await db.requeue_image(
+                res.pool, image_id, "queued again: its job had ended", IMAGE_QUEUE, PROCESS_IMAGE
+            )
+        for task, query, key in (
+            (FINISH_REQUEST, "orphaned_requests", "request_id"),
+            (DELIVER_WEBHOOK, "orphaned_deliveries", "delivery_id"),
+        ):
+            for row_id in await db.orphans(res.pool, query, task, limit):
+                async with res.pool.acquire() as conn:
+                    await db.defer_job(conn, REQUEST_QUEUE, task, {key: row_id})
+                count += 1
+    if count:
+        logger.warning("queued %s unfinished items again that had no job", count)
+    return count
 
 
 async def record_failure(

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import aioboto3
 import aiohttp
+from aiohttp.abc import AbstractResolver
 from botocore.config import Config
 
 from imgsvc import __version__, compress, db, download, settings, storage
@@ -31,31 +32,40 @@ class Resources:
     image_slots: asyncio.Semaphore
     upload_slots: asyncio.Semaphore
 
-    @property
-    def download_limits(self) -> download.Limits:
-        """The download limits from the settings."""
-        s = self.settings
-        return download.Limits(
-            max_bytes=s.max_image_bytes,
-            max_redirects=s.max_redirects,
-            allow_private_networks=s.allow_private_networks,
-        )
+    download_limits: download.Limits
+    image_limits: compress.Limits
 
-    @property
-    def image_limits(self) -> compress.Limits:
-        """The image limits from the settings."""
-        s = self.settings
-        return compress.Limits(
-            max_pixels=s.max_pixels, max_frames=s.max_frames, quality_factor=s.quality_factor
-        )
+
+def download_limits(config: settings.Settings) -> download.Limits:
+    """The download limits and address rules from the settings."""
+    return download.Limits(
+        max_bytes=config.max_image_bytes,
+        max_redirects=config.max_redirects,
+        allow_private_networks=config.allow_private_networks,
+        allowed_networks=download.networks(config.allowed_source_networks),
+    )
+
+
+def image_limits(config: settings.Settings) -> compress.Limits:
+    """The image limits from the settings."""
+    return compress.Limits(
+        max_pixels=config.max_pixels,
+        max_frames=config.max_frames,
+        quality_factor=config.quality_factor,
+        allow_svg=config.allow_svg,
+    )
 
 
 @contextlib.asynccontextmanager
 async def opened(
-    config: settings.Settings, database_url: str, *, pool_size: int = 10
+    config: settings.Settings,
+    database_url: str,
+    *,
+    pool_size: int = 10,
+    resolver: AbstractResolver | None = None,
 ) -> AsyncIterator[Resources]:
     """Open everything; close it all on the way out."""
-    compress.configure()
+    compress.configure(allow_svg=config.allow_svg)
     async with contextlib.AsyncExitStack() as stack:
         pool = await db.create_pool(database_url, max_size=pool_size)
         stack.push_async_callback(pool.close)
@@ -65,7 +75,8 @@ async def opened(
             total_timeout=config.download_timeout,
             concurrency=config.download_concurrency,
             per_host=config.download_per_host,
-            allow_private_networks=config.allow_private_networks,
+            limits=download_limits(config),
+            resolver=resolver,
         )
         stack.push_async_callback(http.close)
         store: storage.Storage
@@ -105,4 +116,6 @@ async def opened(
             download_slots=asyncio.Semaphore(config.download_concurrency),
             image_slots=asyncio.Semaphore(config.image_concurrency),
             upload_slots=asyncio.Semaphore(config.upload_concurrency),
+            download_limits=download_limits(config),
+            image_limits=image_limits(config),
         )

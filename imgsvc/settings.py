@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -47,6 +48,9 @@ class Settings:
     webhook_retry_max_seconds: float = 3600.0
 
     allow_private_networks: bool = False
+    allowed_source_networks: tuple[str, ...] = ()
+    allow_svg: bool = False
+    api_keys: tuple[str, ...] = ()
     max_csv_bytes: int = 50 * MIB
     max_rows: int = 100_000
     max_images: int = 500_000
@@ -71,6 +75,7 @@ class Settings:
     retry_base_seconds: float = 2.0
     retry_max_seconds: float = 300.0
     stalled_seconds: float = 60.0
+    shutdown_seconds: float = 20.0
 
     @property
     def local_storage_dir(self) -> Path:
@@ -176,6 +181,19 @@ def _webhook_secret(raw: str) -> str:
     return raw
 
 
+def _networks(raw: str) -> tuple[str, ...]:
+    return tuple(
+        str(ipaddress.ip_network(part.strip(), strict=False)) for part in raw.split(",") if part.strip()
+    )
+
+
+def _keys(raw: str) -> tuple[str, ...]:
+    keys = tuple(part.strip() for part in raw.split(",") if part.strip())
+    if any(len(key) < 16 for key in keys):
+        raise ValueError("short key")
+    return keys
+
+
 def _level(raw: str) -> str:
     level = raw.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -238,6 +256,13 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         webhook_retry_base_seconds=seconds("WEBHOOK_RETRY_BASE_SECONDS", d.webhook_retry_base_seconds),
         webhook_retry_max_seconds=seconds("WEBHOOK_RETRY_MAX_SECONDS", d.webhook_retry_max_seconds),
         allow_private_networks=_parsed(env, p + "ALLOW_PRIVATE_NETWORKS", False, _bool, "true or false"),
+        allowed_source_networks=_parsed(
+            env, p + "ALLOWED_SOURCE_NETWORKS", (), _networks, "comma-separated networks like 10.1.0.0/16"
+        ),
+        allow_svg=_parsed(env, p + "ALLOW_SVG", False, _bool, "true or false"),
+        api_keys=_parsed(
+            env, p + "API_KEYS", (), _keys, "comma-separated keys of 16 characters or more", secret=True
+        ),
         max_csv_bytes=num("MAX_CSV_BYTES", d.max_csv_bytes),
         max_rows=num("MAX_ROWS", d.max_rows),
         max_images=num("MAX_IMAGES", d.max_images),
@@ -264,4 +289,5 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         retry_base_seconds=seconds("RETRY_BASE_SECONDS", d.retry_base_seconds),
         retry_max_seconds=seconds("RETRY_MAX_SECONDS", d.retry_max_seconds),
         stalled_seconds=seconds("STALLED_SECONDS", d.stalled_seconds),
+        shutdown_seconds=seconds("SHUTDOWN_SECONDS", d.shutdown_seconds),
     )

@@ -8,21 +8,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from typing import Any, BinaryIO
 
 from starlette.applications import Starlette
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from imgsvc import __version__, db, download, errors, ingest, jobs, pipeline, report, resources, settings
+from imgsvc import (
+    __version__,
+    db,
+    download,
+    errors,
+    ingest,
+    jobs,
+    models,
+    pipeline,
+    report,
+    resources,
+    settings,
+)
 
 logger = logging.getLogger("imgsvc.web")
 
@@ -83,40 +99,75 @@ async def upload(request: Request) -> Response:
     try:
         form = await parser.parse()
     except MultiPartException as exc:
+        if "Too many files" in exc.message:
+            raise errors.UploadError("send one file in the field 'file'", code="too_many_files") from exc
         raise errors.UploadError(f"the multipart body is malformed: {exc.message}") from exc
+    key = _idempotency_key(request)
     try:
         file = form.get("file")
         if not isinstance(file, UploadFile):
             raise errors.UploadError("the form has no file in the field 'file'", code="missing_file")
-        if len(form.getlist("file")) > 1:
-            raise errors.UploadError("send one file in the field 'file'", code="too_many_files")
         webhook_url = await _checked_webhook_url(form.get("webhook_url"), res)
-        await file.seek(0)
-        products = await asyncio.to_thread(ingest.parse_csv, file.file, _csv_limits(config))
-        request_id = await db.insert_request(
+        digest, products = await asyncio.to_thread(_digest_and_parse, file.file, _csv_limits(config))
+        stored = await db.insert_request(
             res.pool,
             file_name=file.filename,
             webhook_url=webhook_url,
             products=products,
             queue=pipeline.IMAGE_QUEUE,
             task=pipeline.PROCESS_IMAGE,
+            idempotency_key=key,
+            csv_sha256=digest,
         )
     finally:
         await form.close()
-    images = sum(len(p.urls) for p in products)
-    logger.info("request %s accepted: %s products, %s images", request_id, len(products), images)
-    status_url = f"{config.base_url}/status/{request_id}"
+    if stored.replayed and stored.csv_sha256 != digest:
+        raise errors.UploadError(
+            "this Idempotency-Key was already used for a different file; use a new key",
+            status_code=422,
+            code="idempotency_key_reused",
+        )
+    if not stored.replayed:
+        logger.info(
+            "request %s accepted: %s products, %s images", stored.request_id, stored.products, stored.images
+        )
+    status_url = f"{config.base_url}/status/{stored.request_id}"
+    headers = {"Location": status_url}
+    if stored.replayed:
+        headers["Idempotent-Replayed"] = "true"
     return _json(
         {
-            "request_id": request_id,
+            "request_id": stored.request_id,
             "status": "queued",
-            "products": len(products),
-            "images": images,
+            "products": stored.products,
+            "images": stored.images,
             "status_url": status_url,
         },
         202,
-        headers={"Location": status_url},
+        headers=headers,
     )
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    key = key.strip()
+    if not 1 <= len(key) <= 255 or not key.isprintable():
+        raise errors.UploadError(
+            "the Idempotency-Key header must be 1 to 255 printable characters", code="invalid_idempotency_key"
+        )
+    return key
+
+
+def _digest_and_parse(file: BinaryIO, limits: ingest.Limits) -> tuple[str, list[models.Product]]:
+    """The file's SHA-256 and its products (or CsvInvalid); blocking, so run in a thread."""
+    file.seek(0)
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: file.read(1024 * 1024), b""):
+        digest.update(chunk)
+    file.seek(0)
+    return digest.hexdigest(), ingest.parse_csv(file, limits)
 
 
 async def _checked_webhook_url(value: object, res: resources.Resources) -> str | None:
@@ -184,7 +235,7 @@ async def status(request: Request) -> Response:
             "images": [
                 {
                     "position": i["position"],
-                    "input_url": i["input_url"],
+                    "input_url": ingest.redact_url(i["input_url"]),
                     "status": i["status"],
                     "output_url": i["output_url"],
                     "error": i["error"],
@@ -286,6 +337,46 @@ async def index(request: Request) -> Response:
     )
 
 
+async def healthz(request: Request) -> Response:
+    """GET /healthz: the process is alive (no key needed)."""
+    return _json({"status": "ok"})
+
+
+class ApiKeyAuth:
+    """Every endpoint but health needs ``Authorization: Bearer <key>`` with one of the
+    configured keys. Keys are compared in constant time, all of them every time."""
+
+    OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+        self.app = app
+        self.keys = [hashlib.sha256(key.encode()).digest() for key in keys]
+
+    def _allowed(self, header: str) -> bool:
+        scheme, _, token = header.partition(" ")
+        offered = hashlib.sha256(token.strip().encode()).digest()
+        matches = [hmac.compare_digest(offered, key) for key in self.keys]
+        return scheme.lower() == "bearer" and any(matches)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        header = Headers(scope=scope).get("authorization", "")
+        if self._allowed(header):
+            await self.app(scope, receive, send)
+            return
+        message = "this endpoint needs an API key: Authorization: Bearer <key>"
+        if header:
+            message = "the API key is not valid"
+        response = _json(
+            {"error": "unauthorized", "message": message},
+            401,
+            headers={"WWW-Authenticate": 'Bearer realm="imgsvc"'},
+        )
+        await response(scope, receive, send)
+
+
 async def _upload_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.UploadError)
     return _json(exc.to_json(), exc.status_code)
@@ -330,18 +421,17 @@ def create_app(config: settings.Settings, database_url: str, *, run_worker: bool
                 yield
                 return
             async with jobs.app.open_async():
-                worker = asyncio.create_task(
-                    jobs.app.run_worker_async(install_signal_handlers=False, **jobs.worker_options(config))
-                )
+                stop = asyncio.Event()
+                worker = asyncio.create_task(jobs.run_worker(config, stop))
                 try:
                     yield
                 finally:
-                    worker.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await worker
+                    stop.set()
+                    await worker
 
     routes: list[BaseRoute] = [
         Route("/", index),
+        Route("/healthz", healthz),
         Route("/upload", upload, methods=["POST"]),
         Route("/status/{request_id}", status),
         Route("/requests/{request_id}/output.csv", output_csv),
@@ -349,4 +439,7 @@ def create_app(config: settings.Settings, database_url: str, *, run_worker: bool
     if not config.aws_bucket_name:
         config.local_storage_dir.mkdir(parents=True, exist_ok=True)
         routes.append(Mount("/files", StaticFiles(directory=config.local_storage_dir), name="files"))
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=_ERROR_HANDLERS)
+    middleware = [Middleware(ApiKeyAuth, keys=config.api_keys)] if config.api_keys else []
+    return Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers=_ERROR_HANDLERS, middleware=middleware
+    )

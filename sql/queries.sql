@@ -1,8 +1,15 @@
 -- Named queries, loaded once by imgsvc.db. A block starts with "-- name --".
 
 -- insert_request --
-INSERT INTO requests (id, file_name, webhook_url, product_count, image_count)
-VALUES ($1, $2, $3, $4, $5);
+-- Nothing is inserted when another request already has this Idempotency-Key.
+INSERT INTO requests (id, file_name, webhook_url, product_count, image_count, idempotency_key,
+                      csv_sha256)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING id;
+
+-- get_request_by_idempotency_key --
+SELECT id::text, csv_sha256, product_count, image_count FROM requests WHERE idempotency_key = $1;
 
 -- insert_products --
 INSERT INTO products (request_id, position, line, serial, serial_number, name)
@@ -143,3 +150,36 @@ WHERE id = $1;
 -- get_delivery_of_request --
 SELECT event_id, state, attempts, last_status, last_error, delivered_at
 FROM webhook_deliveries WHERE request_id = $1;
+
+-- requeue_image --
+-- An interrupted image goes back to the queue with a job of its own (the job that
+-- was running it ends aborted and is not retried).
+UPDATE images SET status = 'queued', error = $2
+WHERE id = $1 AND status IN ('queued', 'processing')
+RETURNING id;
+
+-- orphaned_images --
+-- Unfinished images with no live job: re-queued by the maintenance task.
+SELECT i.id FROM images i
+WHERE i.status IN ('queued', 'processing')
+  AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs j
+                  WHERE j.status IN ('todo', 'doing') AND j.task_name = $1
+                    AND j.args->>'image_id' = i.id::text)
+LIMIT $2;
+
+-- orphaned_requests --
+-- Final requests whose output CSV was never written, with no live finishing job.
+SELECT r.id::text FROM requests r
+WHERE r.completed_at IS NOT NULL AND r.output_csv_url IS NULL
+  AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs j
+                  WHERE j.status IN ('todo', 'doing') AND j.task_name = $1
+                    AND j.args->>'request_id' = r.id::text)
+LIMIT $2;
+
+-- orphaned_deliveries --
+SELECT d.id FROM webhook_deliveries d
+WHERE d.state IN ('pending', 'retrying')
+  AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs j
+                  WHERE j.status IN ('todo', 'doing') AND j.task_name = $1
+                    AND j.args->>'delivery_id' = d.id::text)
+LIMIT $2;

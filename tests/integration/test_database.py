@@ -23,14 +23,16 @@ def product(serial: int, images: int) -> models.Product:
 
 
 async def store(pool: db.Pool, *products: models.Product) -> str:
-    return await db.insert_request(
-        pool,
-        file_name="p.csv",
-        webhook_url=None,
-        products=products,
-        queue=pipeline.IMAGE_QUEUE,
-        task=pipeline.PROCESS_IMAGE,
-    )
+    return (
+        await db.insert_request(
+            pool,
+            file_name="p.csv",
+            webhook_url=None,
+            products=products,
+            queue=pipeline.IMAGE_QUEUE,
+            task=pipeline.PROCESS_IMAGE,
+        )
+    ).request_id
 
 
 async def test_a_request_is_stored_with_one_job_per_image(database_url: str) -> None:

@@ -25,14 +25,16 @@ async def submit(
         models.Product(line=n + 2, serial=serial, serial_number=n + 1, name=name, urls=urls)
         for n, (serial, name, urls) in enumerate(products)
     ]
-    return await db.insert_request(
-        res.pool,
-        file_name="p.csv",
-        webhook_url=webhook_url,
-        products=rows,
-        queue=pipeline.IMAGE_QUEUE,
-        task=pipeline.PROCESS_IMAGE,
-    )
+    return (
+        await db.insert_request(
+            res.pool,
+            file_name="p.csv",
+            webhook_url=webhook_url,
+            products=rows,
+            queue=pipeline.IMAGE_QUEUE,
+            task=pipeline.PROCESS_IMAGE,
+        )
+    ).request_id
 
 
 async def run_until(res: resources.Resources, database_url: str, sql: str, *args: Any) -> None:

@@ -16,14 +16,16 @@ from tests.servers import IMAGES, ImageServer, S3Server
 
 async def enqueue(res: resources.Resources, *urls: str) -> tuple[str, list[int]]:
     products = [models.Product(line=2, serial="1", serial_number=1, name="P", urls=urls)]
-    rid = await db.insert_request(
-        res.pool,
-        file_name=None,
-        webhook_url=None,
-        products=products,
-        queue=pipeline.IMAGE_QUEUE,
-        task=pipeline.PROCESS_IMAGE,
-    )
+    rid = (
+        await db.insert_request(
+            res.pool,
+            file_name=None,
+            webhook_url=None,
+            products=products,
+            queue=pipeline.IMAGE_QUEUE,
+            task=pipeline.PROCESS_IMAGE,
+        )
+    ).request_id
     ids = [
         r["id"]
         for r in await res.pool.fetch(

@@ -1,0 +1,3 @@
+from bench import cli
+
+cli.main()

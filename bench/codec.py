@@ -1,0 +1,219 @@
+"""The ceiling: the same images through libvips alone, in this process.
+
+``service`` is the service's own ``imgsvc.compress.compress`` (so every setting is the
+service's), run in a thread pool as wide as the service's image concurrency. The
+other variants call pyvips directly and add one encode setting at a time, so the
+difference between two neighbours is what that setting costs:
+
+    plain        decode (sequential access) + jpegsave_buffer(Q=50), no options
+    +optimize    ... optimize_coding=True (Huffman tables computed per image)
+    +autorot     ... autorot() (random access when the EXIF orientation is not 1)
+    +icc         ... icc_transform("srgb", embedded=True) where there is an ICC profile
+
+They run on the JPEG sources only: the settings in question are JPEG's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pyvips
+
+from bench import imageset, procstat
+from imgsvc import compress
+
+LIMITS = compress.Limits()
+
+
+def _service(data: bytes) -> int:
+    return len(compress.compress(data, LIMITS).data)
+
+
+def _variant(*, optimize: bool, autorot: bool, icc: bool) -> Callable[[bytes], int]:
+    def run(data: bytes) -> int:
+        access = "sequential"
+        if autorot:
+            header = pyvips.Image.new_from_buffer(data, "")
+            orientation = header.get("orientation") if header.get_typeof("orientation") else 1
+            if orientation not in (0, 1):
+                access = "random"  # rotating needs random access, as in the service
+        image = pyvips.Image.new_from_buffer(data, "", access=access)
+        if autorot:
+            image = image.autorot()
+        if icc and image.get_typeof("icc-profile-data"):
+            image = image.icc_transform("srgb", embedded=True, intent="perceptual")
+        options: dict[str, Any] = {"Q": 50}
+        if optimize:
+            options["optimize_coding"] = True
+        return len(image.jpegsave_buffer(**options))
+
+    return run
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Variant:
+    """One way of encoding, with its label for the report."""
+
+    key: str
+    label: str
+    run: Callable[[bytes], int]
+    jpeg_only: bool
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("plain", "decode + jpegsave Q=50", _variant(optimize=False, autorot=False, icc=False), True),
+    Variant("optimize", "+ optimize_coding", _variant(optimize=True, autorot=False, icc=False), True),
+    Variant("autorot", "+ autorot", _variant(optimize=True, autorot=True, icc=False), True),
+    Variant("icc", "+ icc_transform to sRGB", _variant(optimize=True, autorot=True, icc=True), True),
+    Variant("service_jpeg", "service compress()", _service, True),
+)
+CEILING = Variant("service", "service compress()", _service, False)
+
+
+@dataclasses.dataclass
+class PoolRun:
+    """One pass of a variant over some images."""
+
+    seconds: float
+    cpu_seconds: float
+    out_bytes: int
+    failures: int
+
+
+@dataclasses.dataclass
+class Measured:
+    """A variant on one group of images: the median of its passes."""
+
+    variant: str
+    label: str
+    group: str
+    images: int
+    megapixels: float
+    source_bytes: int
+    runs: list[PoolRun]
+
+    @property
+    def median(self) -> PoolRun:
+        """The pass with the median wall time."""
+        ordered = sorted(self.runs, key=lambda r: r.seconds)
+        return ordered[(len(ordered) - 1) // 2]
+
+    def as_json(self) -> dict[str, Any]:
+        """Figures for the report."""
+        m = self.median
+        ok = self.images - m.failures
+        return {
+            "variant": self.variant,
+            "label": self.label,
+            "group": self.group,
+            "images": self.images,
+            "failures": m.failures,
+            "megapixels": round(self.megapixels, 3),
+            "source_bytes": self.source_bytes,
+            "seconds": round(m.seconds, 4),
+            "images_per_s": round(self.images / m.seconds, 3) if m.seconds else None,
+            "megapixels_per_s": round(self.megapixels / m.seconds, 3) if m.seconds else None,
+            "cpu_seconds": round(m.cpu_seconds, 4),
+            "cpu_ms_per_image": round(1000 * m.cpu_seconds / self.images, 2) if self.images else None,
+            "cpu_ms_per_megapixel": round(1000 * m.cpu_seconds / self.megapixels, 2)
+            if self.megapixels
+            else None,
+            "out_bytes_per_image": round(m.out_bytes / ok) if ok else None,
+            "passes_seconds": [round(r.seconds, 4) for r in self.runs],
+        }
+
+
+def _one_pass(pool: ThreadPoolExecutor, run: Callable[[bytes], int], datas: Sequence[bytes]) -> PoolRun:
+    def safe(data: bytes) -> int | None:
+        try:
+            return run(data)
+        except Exception:
+            return None
+
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    sizes = list(pool.map(safe, datas))
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    return PoolRun(
+        seconds=wall,
+        cpu_seconds=cpu,
+        out_bytes=sum(s for s in sizes if s is not None),
+        failures=sum(1 for s in sizes if s is None),
+    )
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's VmHWM (Linux: write 5 to clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+@dataclasses.dataclass
+class CodecResults:
+    """The ceiling per size class, and the setting variants per size class."""
+
+    threads: int
+    rounds: int
+    ceiling: dict[str, Measured]
+    variants: dict[str, list[Measured]]
+    peak_rss_kib: int | None
+
+    def as_json(self) -> dict[str, Any]:
+        """Figures for the report."""
+        return {
+            "threads": self.threads,
+            "rounds": self.rounds,
+            "peak_rss_kib": self.peak_rss_kib,
+            "ceiling": {group: m.as_json() for group, m in self.ceiling.items()},
+            "variants": {group: [m.as_json() for m in ms] for group, ms in self.variants.items()},
+        }
+
+
+def measure(groups: dict[str, list[imageset.Item]], *, threads: int, rounds: int) -> CodecResults:
+    """The ceiling and the variants on every group, ``rounds`` passes each, interleaved."""
+    compress.configure()
+    plan: list[tuple[Variant, str, list[imageset.Item]]] = []
+    for group, items in groups.items():
+        plan.append((CEILING, group, items))
+        jpegs = [item for item in items if item.file.format == "jpeg"]
+        if jpegs:
+            plan += [(variant, group, jpegs) for variant in VARIANTS]
+    measured = {
+        (v.key, group): Measured(
+            variant=v.key,
+            label=v.label,
+            group=group,
+            images=len(items),
+            megapixels=imageset.megapixels(items),
+            source_bytes=imageset.source_bytes(items),
+            runs=[],
+        )
+        for v, group, items in plan
+    }
+    reset = _reset_peak_rss()
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bench-codec") as pool:
+        list(pool.map(lambda _: None, range(threads)))  # start the threads before timing
+        for _ in range(rounds):
+            for variant, group, items in plan:
+                datas = [item.file.data for item in items]
+                measured[(variant.key, group)].runs.append(_one_pass(pool, variant.run, datas))
+    peak = procstat.status_kib(os.getpid(), "VmHWM") if reset else None
+    return CodecResults(
+        threads=threads,
+        rounds=rounds,
+        ceiling={group: measured[("service", group)] for group in groups},
+        variants={
+            group: [measured[(v.key, group)] for v in VARIANTS if (v.key, group) in measured]
+            for group in groups
+        },
+        peak_rss_kib=peak,
+    )
+
