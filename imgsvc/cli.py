@@ -14,6 +14,10 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 
+import asyncpg
+import psycopg
+from procrastinate import exceptions as procrastinate_exceptions
+
 from imgsvc import __version__, errors, localdb, migrate, settings
 
 logger = logging.getLogger("imgsvc")
@@ -89,12 +93,27 @@ async def _worker(config: settings.Settings, url: str) -> None:
             await jobs.run_worker(config, stop)
 
 
+# Failures the service expects and recovers from: our own errors (a transient failure
+# that will be retried), jobs cancelled at shutdown (the image is queued again), and
+# lost database connections (the pools reconnect, the worker is started again).
+_EXPECTED = (
+    errors.ImgsvcError,
+    asyncio.CancelledError,
+    OSError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InterfaceError,
+    psycopg.OperationalError,
+    procrastinate_exceptions.ConnectorException,
+)
+
+
 class _ExpectedErrorsWithoutTraceback(logging.Filter):
-    """procrastinate logs a job that raised with its traceback; for our own errors (a
-    transient failure that will be retried) the message says all, so drop the trace."""
+    """Libraries log the failures above with a traceback; for these the message says
+    all an operator needs, so the trace is dropped (anything else keeps it)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], errors.ImgsvcError):
+        if record.exc_info and isinstance(record.exc_info[1], _EXPECTED):
             record.exc_info = None
             record.exc_text = None
         return True

@@ -218,6 +218,10 @@ async def fetch(session: aiohttp.ClientSession, url: str, limits: Limits) -> byt
             raise errors.PermanentError("the URL is not valid") from exc
         except aiohttp.TooManyRedirects as exc:
             raise errors.PermanentError("too many redirects") from exc
+        except aiohttp.ClientResponseError as exc:
+            raise errors.TransientError(
+                "the source sent a malformed HTTP response (its length or framing does not match its body)"
+            ) from exc
         except TimeoutError as exc:
             raise errors.TransientError("the source did not answer in time") from exc
         except aiohttp.ClientError as exc:

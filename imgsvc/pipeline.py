@@ -35,6 +35,7 @@ async def process_image(res: resources.Resources, image_id: int) -> str:
         # The worker is stopping and its graceful time is up: procrastinate ends this
         # job as aborted and will not retry it, so the image gets a job of its own.
         await asyncio.shield(db.requeue_image(res.pool, image_id, INTERRUPTED, IMAGE_QUEUE, PROCESS_IMAGE))
+        logger.info("image %s: interrupted by shutdown, queued again", image_id)
         raise
 
 

@@ -98,3 +98,11 @@ async def res(config: settings.Settings, database_url: str) -> AsyncIterator[res
 def with_settings(res: resources.Resources, **changes: Any) -> resources.Resources:
     """The same resources with some settings changed."""
     return dataclasses.replace(res, settings=dataclasses.replace(res.settings, **changes))
+
+
+@pytest.fixture(scope="session")
+def hostile() -> Iterator[servers.HostileServer]:
+    server = servers.HostileServer()
+    server.start()
+    yield server
+    server.stop()

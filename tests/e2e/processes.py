@@ -75,16 +75,22 @@ def assert_clean_exit(*processes: Process) -> None:
 
 
 async def post_csv(
-    session: aiohttp.ClientSession, base: str, body: bytes, field: str = "file"
+    session: aiohttp.ClientSession,
+    base: str,
+    body: bytes,
+    field: str = "file",
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any]]:
+    """Upload a CSV as a browser or curl would."""
     form = aiohttp.FormData()
     form.add_field(field, body, filename="products.csv", content_type="text/csv")
-    async with session.post(base + "/upload", data=form) as response:
+    async with session.post(base + "/upload", data=form, headers=headers) as response:
         return response.status, await response.json()
 
 
-async def wait_for_final(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
-    for _ in range(300):
+async def wait_for_final(session: aiohttp.ClientSession, url: str, seconds: float = 30) -> dict[str, Any]:
+    """Poll a request's status until it is final."""
+    for _ in range(int(seconds * 10)):
         async with session.get(url) as response:
             assert response.status == 200
             body: dict[str, Any] = await response.json()
