@@ -40,7 +40,8 @@ class ImageServer:
     /slow/MS/NAME             the file, after MS milliseconds
     """
 
-    def __init__(self) -> None:
+    def __init__(self, root: Path = IMAGES) -> None:
+        self.root = root
         self.hits: collections.Counter[str] = collections.Counter()
         self.requests: list[str] = []
         self._server = _ThreadServer(self._routes)
@@ -55,8 +56,8 @@ class ImageServer:
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(request.path)
-        path = IMAGES / request.match_info["name"]
-        if not path.is_file():
+        path = self.root / request.match_info["name"]
+        if path.parent != self.root or not path.is_file():
             return web.Response(status=404, text="not found")
         return web.Response(body=path.read_bytes(), content_type="application/octet-stream")
 
