@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,7 +113,7 @@ async def test_bad_uploads_get_clear_errors_and_store_nothing(service: str, data
 
 
 async def test_status_pages_through_products(service: str, image_server: ImageServer) -> None:
-    url = image_server.url("/img/png_palette_trns.png")
+    url = image_server.url("/img/png_palette_trns.png").replace("http://", "http://buyer:hunter2@")
     rows = "".join(f"{i},P{i},{url}\n" for i in range(1, 6))
     async with aiohttp.ClientSession() as session:
         status, accepted = await post_csv(
@@ -122,6 +124,9 @@ async def test_status_pages_through_products(service: str, image_server: ImageSe
         async with session.get(accepted["status_url"] + "?page=2&per_page=2") as response:
             page = await response.json()
     assert [p["serial"] for p in page["products"]] == ["3", "4"]
+    assert uuid.UUID(accepted["request_id"]).version == 4  # random, not guessable
+    shown = page["products"][0]["images"][0]["input_url"]
+    assert "hunter2" not in json.dumps(page) and shown.startswith("http://***@127.0.0.1:")
     assert page["page"]["total_products"] == 5 and page["page"]["next"].endswith("page=3&per_page=2")
 
 

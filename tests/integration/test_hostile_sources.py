@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from imgsvc import db, models, pipeline, resources, settings
+from imgsvc import db, download, errors, models, pipeline, resources, settings
 from tests.servers import HostileServer, ImageServer, StubResolver
 
 # Names that resolve, through the stub, to addresses that must never be fetched from.
@@ -126,3 +126,17 @@ async def test_the_allowed_network_still_works(
 ) -> None:
     status, error, _ = await outcome(guarded, image_server.url("/img/png_palette_trns.png"))
     assert (status, error) == ("done", None)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://169.254.169.254/hook", "http://[::1]/hook", "http://localhost:9/hook", "https://10.0.0.8/hook"],
+)
+async def test_webhook_urls_on_private_addresses_are_refused_at_upload(url: str) -> None:
+    with pytest.raises(errors.BlockedAddress):
+        await download.check_destination(url, download.Limits())
+
+
+async def test_webhook_urls_that_do_not_resolve_are_refused_at_upload() -> None:
+    with pytest.raises(errors.PermanentError, match="does not resolve"):
+        await download.check_destination("https://no-such-host.invalid/hook", download.Limits())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imgsvc import download, errors, settings, storage
+from imgsvc import download, errors, ingest, settings, storage
 
 
 def test_keys_are_unique_per_image_and_carry_no_user_text() -> None:
@@ -102,3 +102,15 @@ def test_literal_hosts_and_schemes_are_checked_before_connecting(url: str, error
         download.check_address(url, download.Limits())
     if error is errors.BlockedAddress:
         download.check_address(url, download.Limits(allow_private_networks=True))
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://user:secret@cdn.test/a.jpg", "https://***@cdn.test/a.jpg"),
+        ("https://token@cdn.test:8443/a.jpg?x=1", "https://***@cdn.test:8443/a.jpg?x=1"),
+        ("https://cdn.test/a.jpg?sig=abc", "https://cdn.test/a.jpg?sig=abc"),
+    ],
+)
+def test_credentials_in_urls_are_hidden(url: str, shown: str) -> None:
+    assert ingest.redact_url(url) == shown

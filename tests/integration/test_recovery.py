@@ -1,0 +1,54 @@
+"""The safety net: unfinished work whose job is gone gets a job again, and completes."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from imgsvc import db, jobs, models, pipeline, resources
+from tests.servers import ImageServer, WebhookReceiver
+
+
+async def test_images_requests_and_webhooks_without_jobs_are_queued_again(
+    res: resources.Resources, database_url: str, image_server: ImageServer, receiver: WebhookReceiver
+) -> None:
+    url = image_server.url("/img/png_palette_trns.png")
+    products = [models.Product(line=2, serial="1", serial_number=1, name="P", urls=(url, url))]
+    rid = (
+        await db.insert_request(
+            res.pool,
+            file_name=None,
+            webhook_url=receiver.url("/ok"),
+            products=products,
+            queue=pipeline.IMAGE_QUEUE,
+            task=pipeline.PROCESS_IMAGE,
+        )
+    ).request_id
+    # Lose every job, as an abort during a database outage or a manual delete would.
+    await res.pool.execute("DELETE FROM procrastinate_jobs")
+    assert await pipeline.requeue_orphans(res) == 2
+    assert await pipeline.requeue_orphans(res) == 0  # each has a job now
+    jobs.use(database_url, res.settings, res)
+    async with jobs.app.open_async():
+        await jobs.app.run_worker_async(
+            queues=[pipeline.IMAGE_QUEUE], wait=False, install_signal_handlers=False
+        )
+    assert await res.pool.fetchval("SELECT status FROM requests") == "completed"
+    # The request is final; lose its finishing job: it is queued again.
+    await res.pool.execute("DELETE FROM procrastinate_jobs")
+    assert await pipeline.requeue_orphans(res) == 1
+    assert await res.pool.fetchval("SELECT task_name FROM procrastinate_jobs") == pipeline.FINISH_REQUEST
+    # Finish it here, then lose the webhook's job: it is queued again, and delivered.
+    await res.pool.execute("DELETE FROM procrastinate_jobs")
+    assert await pipeline.complete_request(res, rid) == "webhook queued"
+    await res.pool.execute("DELETE FROM procrastinate_jobs")
+    assert await res.pool.fetchval("SELECT state FROM webhook_deliveries") == "pending"
+    assert await pipeline.requeue_orphans(res) == 1
+    async with jobs.app.open_async():
+        for _ in range(50):
+            await jobs.app.run_worker_async(wait=False, install_signal_handlers=False)
+            if await res.pool.fetchval("SELECT state FROM webhook_deliveries") == "delivered":
+                break
+            await asyncio.sleep(0.05)
+    assert await res.pool.fetchval("SELECT output_csv_url FROM requests WHERE id = $1", uuid.UUID(rid))
+    assert await res.pool.fetchval("SELECT state FROM webhook_deliveries") == "delivered"
