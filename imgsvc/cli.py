@@ -14,11 +14,9 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 
-import asyncpg
-import psycopg
-from procrastinate import exceptions as procrastinate_exceptions
+import prometheus_client
 
-from imgsvc import __version__, errors, localdb, migrate, settings
+from imgsvc import __version__, errors, localdb, logs, migrate, settings
 
 logger = logging.getLogger("imgsvc")
 
@@ -69,6 +67,7 @@ def _serve(config: settings.Settings, url: str, run_worker: bool) -> None:
             host=config.host,
             port=config.port,
             log_level=config.log_level.lower(),
+            log_config=None,
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=30,
@@ -89,41 +88,11 @@ async def _worker(config: settings.Settings, url: str) -> None:
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, stop.set)
+            if config.metrics_port:
+                prometheus_client.start_http_server(config.metrics_port, addr=config.host)
+                logger.info("metrics on http://%s:%s/metrics", config.host, config.metrics_port)
             logger.info("worker started (concurrency %s)", config.worker_concurrency)
             await jobs.run_worker(config, stop)
-
-
-# Failures the service expects and recovers from: our own errors (a transient failure
-# that will be retried), jobs cancelled at shutdown (the image is queued again), and
-# lost database connections (the pools reconnect, the worker is started again).
-_EXPECTED = (
-    errors.ImgsvcError,
-    asyncio.CancelledError,
-    OSError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InterfaceError,
-    psycopg.OperationalError,
-    procrastinate_exceptions.ConnectorException,
-)
-
-
-class _ExpectedErrorsWithoutTraceback(logging.Filter):
-    """Libraries log the failures above with a traceback; for these the message says
-    all an operator needs, so the trace is dropped (anything else keeps it)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], _EXPECTED):
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pyvips").setLevel(logging.WARNING)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_ExpectedErrorsWithoutTraceback())
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -141,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except errors.SettingsError as exc:
         print(f"imgsvc: configuration error: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from None
-    _configure_logging(config.log_level)
+    logs.configure(config.log_level, config.log_format)
     try:
         with _database(config) as url:
             if args.command == "migrate" or getattr(args, "migrate", False):

@@ -24,7 +24,7 @@ from imgsvc import errors, models, report
 Pool: TypeAlias = asyncpg.Pool
 Connection: TypeAlias = asyncpg.Connection
 
-_UNAVAILABLE = (
+UNAVAILABLE = (  # what asyncpg raises when the database is away
     OSError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.exceptions.InterfaceError,
@@ -72,7 +72,7 @@ async def translated() -> AsyncIterator[None]:
     """Turn asyncpg's connection failures into DatabaseUnavailable."""
     try:
         yield
-    except _UNAVAILABLE as exc:
+    except UNAVAILABLE as exc:
         raise errors.DatabaseUnavailable(f"the database is not answering ({type(exc).__name__})") from exc
 
 
@@ -323,6 +323,37 @@ async def record_attempt(
             q["record_attempt"], delivery_id, attempt, started_at, duration_ms, http_status, error
         )
         await conn.execute(q["update_delivery"], delivery_id, state, http_status, error)
+
+
+async def list_requests(
+    pool: Pool, *, status: str | None, limit: int, offset: int
+) -> tuple[list[dict[str, Any]], int]:
+    """A page of requests, newest first, and how many match in all."""
+    async with translated():
+        rows = await pool.fetch(queries()["list_requests"], status, limit, offset)
+    total = rows[0]["matching"] if rows else 0
+    return [dict(row) for row in rows], total
+
+
+async def cancel_request(conn: Connection, request_id: uuid.UUID) -> tuple[str | None, int, str | None]:
+    """Cancel a request's queued images, in the caller's transaction. Returns its status
+    before (None if unknown), how many images were cancelled, and its final status if
+    nothing is left running."""
+    q = queries()
+    before: str | None = await conn.fetchval(q["lock_request"], request_id)
+    if before is None or models.RequestStatus(before).is_final:
+        return before, 0, None
+    await conn.execute(q["mark_cancel_requested"], request_id)
+    cancelled = int((await conn.execute(q["cancel_images"], request_id)).split()[-1])
+    final: str | None = await conn.fetchval(q["finish_request_if_done"], request_id)
+    return before, cancelled, final
+
+
+async def job_counts(pool: Pool) -> list[tuple[str, str, int]]:
+    """Jobs by queue and state."""
+    async with translated():
+        rows = await pool.fetch(queries()["job_counts"])
+    return [(row[0], row[1], row[2]) for row in rows]
 
 
 async def get_status(pool: Pool, request_id: uuid.UUID, *, limit: int, offset: int) -> dict[str, Any] | None:

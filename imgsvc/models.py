@@ -14,6 +14,7 @@ class RequestStatus(enum.StrEnum):
     COMPLETED = "completed"
     COMPLETED_WITH_ERRORS = "completed_with_errors"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
     @property
     def is_final(self) -> bool:
@@ -22,7 +23,12 @@ class RequestStatus(enum.StrEnum):
 
 
 FINAL_REQUEST_STATUSES = frozenset(
-    {RequestStatus.COMPLETED, RequestStatus.COMPLETED_WITH_ERRORS, RequestStatus.FAILED}
+    {
+        RequestStatus.COMPLETED,
+        RequestStatus.COMPLETED_WITH_ERRORS,
+        RequestStatus.FAILED,
+        RequestStatus.CANCELLED,
+    }
 )
 
 
@@ -33,6 +39,7 @@ class ImageStatus(enum.StrEnum):
     PROCESSING = "processing"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ import datetime
 import logging
 import uuid
 
-from imgsvc import db, download, errors, models, notify, report, resources, storage
+from imgsvc import db, download, errors, logs, metrics, models, notify, report, resources, storage
 from imgsvc.compress import compress
 
 logger = logging.getLogger("imgsvc.pipeline")
@@ -43,24 +43,30 @@ INTERRUPTED = "interrupted: the worker stopped before this image was finished; q
 
 
 async def _process_claimed(res: resources.Resources, image_id: int) -> str:
+    logs.image_id.set(image_id)
     task = await db.claim_image(res.pool, image_id)
     if task is None:
         return "already finished"
+    logs.request_id.set(task.request_id)
     final_attempt = task.attempts >= res.settings.max_attempts
     bytes_in: int | None = None
     try:
-        async with res.download_slots:
-            data = await download.fetch(res.http, task.url, res.download_limits)
+        with metrics.stage_duration.labels("download").time():
+            async with res.download_slots:
+                data = await download.fetch(res.http, task.url, res.download_limits)
         bytes_in = len(data)
-        async with res.image_slots:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(res.images, compress, data, res.image_limits)
+        metrics.image_bytes.labels("in").inc(bytes_in)
+        with metrics.stage_duration.labels("compress").time():
+            async with res.image_slots:
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(res.images, compress, data, res.image_limits)
         del data
         key = storage.object_key(
             res.settings.s3_prefix, task.request_id, task.serial_number, task.position, result.extension
         )
-        async with res.upload_slots:
-            url = await res.store.put(key, result.data, result.content_type)
+        with metrics.stage_duration.labels("upload").time():
+            async with res.upload_slots:
+                url = await res.store.put(key, result.data, result.content_type)
     except errors.PermanentError as exc:
         return await record_failure(res, task, exc.message, bytes_in)
     except errors.TransientError as exc:
@@ -69,12 +75,15 @@ async def _process_claimed(res: resources.Resources, image_id: int) -> str:
                 res, task, f"{exc.message} (gave up after {task.attempts} attempts)", bytes_in
             )
         await db.release_image(res.pool, image_id, f"attempt {task.attempts}: {exc.message}")
+        metrics.images.labels("retry").inc()
         logger.info("image %s: attempt %s failed, will retry: %s", image_id, task.attempts, exc.message)
         raise
     except Exception as exc:  # a bug must not leave the image unfinished
         logger.exception("image %s: unexpected error", image_id)
         return await record_failure(res, task, f"internal error ({type(exc).__name__})", bytes_in)
     await record(res, task, result=result, stored=db.Stored(key=key, url=url), bytes_in=bytes_in)
+    metrics.images.labels("done").inc()
+    metrics.image_bytes.labels("out").inc(len(result.data))
     return models.ImageStatus.DONE
 
 
@@ -110,6 +119,7 @@ async def record_failure(
 ) -> str:
     """Fail an image with a reason a person can read."""
     logger.info("image %s failed: %s", task.image_id, reason)
+    metrics.images.labels("failed").inc()
     await record(res, task, error=reason, bytes_in=bytes_in)
     return models.ImageStatus.FAILED
 
@@ -135,9 +145,24 @@ async def finish_request(conn: db.Connection, request_id: str, status: models.Re
     inside the transaction that records its last image. What follows runs as a job,
     queued in that same transaction, so it cannot be lost or queued twice."""
     logger.info("request %s finished: %s", request_id, status)
+    metrics.requests_finished.labels(str(status)).inc()
     await db.defer_job(
         conn, REQUEST_QUEUE, FINISH_REQUEST, {"request_id": request_id}, queueing_lock=f"finish:{request_id}"
     )
+
+
+async def cancel_request(res: resources.Resources, request_id: str) -> tuple[str | None, int, str]:
+    """Cancel the queued images of a request. Returns the status it had (None if it is
+    unknown), how many images were cancelled, and its status now: 'cancelled' at once
+    when nothing was running, else 'processing' until the running images finish."""
+    rid = uuid.UUID(request_id)
+    async with db.translated(), res.pool.acquire() as conn, conn.transaction():
+        before, cancelled, final = await db.cancel_request(conn, rid)
+        if final is not None:
+            await finish_request(conn, request_id, models.RequestStatus(final))
+    if before is not None and not models.RequestStatus(before).is_final:
+        logger.info("request %s cancelled: %s queued images", request_id, cancelled)
+    return before, cancelled, final or before or ""
 
 
 async def complete_request(res: resources.Resources, request_id: str) -> str:
@@ -163,7 +188,7 @@ async def complete_request(res: resources.Resources, request_id: str) -> str:
             request_id=request_id,
             status=info["status"],
             output_csv_url=url,
-            counts={k: info[k] for k in ("total", "queued", "processing", "done", "failed")},
+            counts={k: info[k] for k in ("total", "queued", "processing", "done", "failed", "cancelled")},
             status_url=f"{res.settings.base_url}/status/{request_id}",
             completed_at=info["completed_at"].isoformat(),
         )
@@ -217,6 +242,7 @@ async def deliver_webhook(res: resources.Resources, delivery_id: int) -> str:
         state,
     )
     logger.info("webhook %s attempt %s: %s", claimed["event_id"], attempt_no, error or state)
+    metrics.webhooks.labels(state).inc()
     if state == "retrying":
         raise errors.TransientError(error)
     return state

@@ -32,6 +32,8 @@ class Settings:
     data_dir: Path = Path(".data")
     public_base_url: str | None = None
     log_level: str = "INFO"
+    log_format: str = "text"
+    metrics_port: int | None = None
 
     aws_region: str = "us-east-1"
     aws_bucket_name: str | None = None
@@ -194,6 +196,12 @@ def _keys(raw: str) -> tuple[str, ...]:
     return keys
 
 
+def _log_format(raw: str) -> str:
+    if raw.lower() not in ("text", "json"):
+        raise ValueError(raw)
+    return raw.lower()
+
+
 def _level(raw: str) -> str:
     level = raw.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -243,6 +251,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         data_dir=Path(_text(env, p + "DATA_DIR") or d.data_dir),
         public_base_url=url(p + "PUBLIC_BASE_URL"),
         log_level=_parsed(env, p + "LOG_LEVEL", d.log_level, _level, "DEBUG, INFO, WARNING or ERROR"),
+        log_format=_parsed(env, p + "LOG_FORMAT", d.log_format, _log_format, "text or json"),
+        metrics_port=_parsed(env, p + "METRICS_PORT", None, _port, "a port number from 1 to 65535"),
         aws_region=_text(env, "AWS_REGION", "AWS_DEFAULT_REGION") or d.aws_region,
         aws_bucket_name=bucket,
         aws_access_key=access,

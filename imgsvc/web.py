@@ -11,10 +11,12 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, BinaryIO
 
+import prometheus_client
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
@@ -24,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imgsvc import (
     __version__,
@@ -33,6 +35,8 @@ from imgsvc import (
     errors,
     ingest,
     jobs,
+    metrics,
+    migrate,
     models,
     pipeline,
     report,
@@ -255,7 +259,7 @@ async def status(request: Request) -> Response:
         }
         for p in found["products"]
     ]
-    finished = s["done"] + s["failed"]
+    finished = s["done"] + s["failed"] + s["cancelled"]
     webhook = found["webhook"]
     if webhook is not None:
         webhook = {
@@ -281,6 +285,7 @@ async def status(request: Request) -> Response:
                 "processing": s["processing"],
                 "done": s["done"],
                 "failed": s["failed"],
+                "cancelled": s["cancelled"],
             },
             "progress": round(finished / s["total"], 4) if s["total"] else 1.0,
             "bytes_in": int(s["bytes_in"]),
@@ -340,6 +345,130 @@ async def index(request: Request) -> Response:
 async def healthz(request: Request) -> Response:
     """GET /healthz: the process is alive (no key needed)."""
     return _json({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """GET /readyz: the database answers, its schema is current, the store is reachable."""
+    res: resources.Resources = request.app.state.resources
+    checks: dict[str, str] = {}
+    for name, check in (
+        ("database", lambda: res.pool.fetchval("SELECT 1")),
+        ("schema", lambda: migrate.check(res.pool)),
+        ("store", res.store.check),
+    ):
+        try:
+            async with asyncio.timeout(3):
+                await check()
+            checks[name] = "ok"
+        except (errors.ImgsvcError, TimeoutError, *db.UNAVAILABLE) as exc:
+            checks[name] = str(exc)[:200] if isinstance(exc, errors.ImgsvcError) else "not answering"
+    ready = all(value == "ok" for value in checks.values())
+    return _json({"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """GET /metrics: Prometheus text format; queue depth is read from the database."""
+    res: resources.Resources = request.app.state.resources
+    with contextlib.suppress(errors.DatabaseUnavailable):
+        counts = {(queue, state): count for queue, state, count in await db.job_counts(res.pool)}
+        metrics.jobs.clear()
+        for queue in (pipeline.IMAGE_QUEUE, pipeline.REQUEST_QUEUE):
+            for state in ("todo", "doing", "failed", "aborted"):
+                counts.setdefault((queue, state), 0)
+        for (queue, state), count in counts.items():
+            metrics.jobs.labels(queue, state).set(count)
+    return Response(prometheus_client.generate_latest(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
+async def list_requests(request: Request) -> Response:
+    """GET /requests: requests, newest first, optionally of one status, paged."""
+    res: resources.Resources = request.app.state.resources
+    page, per_page = _page_params(request)
+    wanted = request.query_params.get("status")
+    if wanted is not None and wanted not in {s.value for s in models.RequestStatus}:
+        choices = ", ".join(s.value for s in models.RequestStatus)
+        raise errors.UploadError(
+            f"status must be one of {choices}", status_code=422, code="invalid_parameter"
+        )
+    rows, total = await db.list_requests(
+        res.pool, status=wanted, limit=per_page, offset=(page - 1) * per_page
+    )
+    base = res.settings.base_url
+    query = f"&status={wanted}" if wanted else ""
+    return _json(
+        {
+            "requests": [
+                {
+                    "request_id": row["request_id"],
+                    "status": row["status"],
+                    "file_name": row["file_name"],
+                    "counts": {
+                        k: row[k] for k in ("total", "queued", "processing", "done", "failed", "cancelled")
+                    },
+                    "percent": row["percent"],
+                    "created_at": _iso(row["created_at"]),
+                    "completed_at": _iso(row["completed_at"]),
+                    "status_url": f"{base}/status/{row['request_id']}",
+                }
+                for row in rows
+            ],
+            "page": {
+                "page": page,
+                "per_page": per_page,
+                "total": total,
+                "next": f"{base}/requests?page={page + 1}&per_page={per_page}{query}"
+                if page * per_page < total
+                else None,
+            },
+        }
+    )
+
+
+async def cancel(request: Request) -> Response:
+    """POST /requests/{request_id}/cancel: cancel the queued images; the request ends cancelled."""
+    res: resources.Resources = request.app.state.resources
+    request_id = _parse_request_id(request.path_params["request_id"])
+    before, cancelled, now = await pipeline.cancel_request(res, str(request_id))
+    if before is None:
+        raise HTTPException(404, f"no request with id {request_id}")
+    if models.RequestStatus(before).is_final:
+        raise HTTPException(409, f"the request already finished: {before}")
+    return _json(
+        {
+            "request_id": str(request_id),
+            "status": now,
+            "cancelled_images": cancelled,
+            "status_url": f"{res.settings.base_url}/status/{request_id}",
+        },
+        202,
+    )
+
+
+class HttpMetrics:
+    """Counts and times every HTTP answer by method, route template and status."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        started = time.perf_counter()
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            metrics.http_requests.labels(scope["method"], route, str(status)).inc()
+            metrics.http_duration.labels(scope["method"], route).observe(time.perf_counter() - started)
 
 
 class ApiKeyAuth:
@@ -432,6 +561,10 @@ def create_app(config: settings.Settings, database_url: str, *, run_worker: bool
     routes: list[BaseRoute] = [
         Route("/", index),
         Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
+        Route("/requests", list_requests),
+        Route("/requests/{request_id}/cancel", cancel, methods=["POST"]),
         Route("/upload", upload, methods=["POST"]),
         Route("/status/{request_id}", status),
         Route("/requests/{request_id}/output.csv", output_csv),
@@ -439,7 +572,9 @@ def create_app(config: settings.Settings, database_url: str, *, run_worker: bool
     if not config.aws_bucket_name:
         config.local_storage_dir.mkdir(parents=True, exist_ok=True)
         routes.append(Mount("/files", StaticFiles(directory=config.local_storage_dir), name="files"))
-    middleware = [Middleware(ApiKeyAuth, keys=config.api_keys)] if config.api_keys else []
+    middleware = [Middleware(HttpMetrics)]
+    if config.api_keys:
+        middleware.append(Middleware(ApiKeyAuth, keys=config.api_keys))
     return Starlette(
         routes=routes, lifespan=lifespan, exception_handlers=_ERROR_HANDLERS, middleware=middleware
     )

@@ -70,13 +70,14 @@ RETURNING request_id;
 -- Run with the request row locked: the statement sees every other image's
 -- committed state, so exactly one caller moves the request to its final status.
 UPDATE requests r
-SET status = CASE WHEN c.failed = 0 THEN 'completed'
+SET status = CASE WHEN r.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                  WHEN c.failed = 0 THEN 'completed'
                   WHEN c.done = 0 THEN 'failed'
                   ELSE 'completed_with_errors' END,
     completed_at = now(), updated_at = now()
 FROM (SELECT count(*) FILTER (WHERE status = 'done') AS done,
              count(*) FILTER (WHERE status = 'failed') AS failed,
-             count(*) FILTER (WHERE status NOT IN ('done', 'failed')) AS open
+             count(*) FILTER (WHERE status NOT IN ('done', 'failed', 'cancelled')) AS open
       FROM images WHERE request_id = $1) c
 WHERE r.id = $1 AND r.status IN ('queued', 'processing') AND c.open = 0
 RETURNING r.status;
@@ -85,9 +86,30 @@ RETURNING r.status;
 UPDATE requests SET updated_at = now() WHERE id = $1;
 
 -- get_request --
-SELECT request_id, status, total, queued, processing, done, failed, percent, bytes_in,
+SELECT request_id, status, total, queued, processing, done, failed, cancelled, percent, bytes_in,
        bytes_out, created_at, updated_at, completed_at
 FROM request_progress WHERE request_id = $1;
+
+-- list_requests --
+-- Newest first, optionally of one status; the total is in every row.
+SELECT pr.request_id::text, pr.status, r.file_name, pr.total, pr.queued, pr.processing, pr.done,
+       pr.failed, pr.cancelled, pr.percent, pr.created_at, pr.completed_at,
+       count(*) OVER () AS matching
+FROM requests r JOIN request_progress pr ON pr.request_id = r.id
+WHERE $1::text IS NULL OR r.status = $1
+ORDER BY r.created_at DESC, r.id
+LIMIT $2 OFFSET $3;
+
+-- cancel_images --
+UPDATE images SET status = 'cancelled', error = 'cancelled before it was processed', finished_at = now()
+WHERE request_id = $1 AND status = 'queued';
+
+-- mark_cancel_requested --
+UPDATE requests SET cancel_requested_at = coalesce(cancel_requested_at, now()), updated_at = now()
+WHERE id = $1;
+
+-- job_counts --
+SELECT queue_name, status::text, count(*) FROM procrastinate_jobs GROUP BY 1, 2;
 
 -- get_request_extra --
 SELECT file_name, product_count, started_at, output_csv_url FROM requests WHERE id = $1;
@@ -118,7 +140,7 @@ ORDER BY p.position;
 
 -- get_request_for_finish --
 SELECT r.status, r.webhook_url, r.completed_at, pr.total, pr.queued, pr.processing, pr.done,
-       pr.failed
+       pr.failed, pr.cancelled
 FROM requests r JOIN request_progress pr ON pr.request_id = r.id
 WHERE r.id = $1;
 

@@ -1,0 +1,91 @@
+"""Logging: one line per event, as text or JSON (IMGSVC_LOG_FORMAT=json), with the
+request id and image id on every line that concerns them, and never a traceback for
+failures the service expects and recovers from."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import datetime
+import json
+import logging
+
+import asyncpg
+import psycopg
+from procrastinate import exceptions as procrastinate_exceptions
+
+from imgsvc import errors
+
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+image_id: contextvars.ContextVar[int | None] = contextvars.ContextVar("image_id", default=None)
+
+# Failures the service expects and recovers from: our own errors (a transient failure
+# that will be retried), jobs cancelled at shutdown (the image is queued again), and
+# lost database connections (the pools reconnect, the worker is started again).
+EXPECTED = (
+    errors.ImgsvcError,
+    asyncio.CancelledError,
+    OSError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InterfaceError,
+    psycopg.OperationalError,
+    procrastinate_exceptions.ConnectorException,
+)
+
+
+class _Context(logging.Filter):
+    """Adds the current request and image ids, and drops tracebacks of expected failures
+    (libraries log them with one; for these the message says all an operator needs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        record.image_id = image_id.get()
+        if record.exc_info and isinstance(record.exc_info[1], EXPECTED):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+class _Text(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        ids = [
+            f"{name}={value}"
+            for name in ("request_id", "image_id")
+            if (value := getattr(record, name, None)) is not None
+        ]
+        return f"{line} [{' '.join(ids)}]" if ids else line
+
+
+class _Json(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in ("request_id", "image_id"):
+            if (value := getattr(record, name, None)) is not None:
+                entry[name] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure(level: str, fmt: str) -> None:
+    """Send every log line to stderr in the chosen format."""
+    handler = logging.StreamHandler()
+    handler.addFilter(_Context())
+    if fmt == "json":
+        handler.setFormatter(_Json())
+    else:
+        handler.setFormatter(_Text("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("pyvips").setLevel(logging.WARNING)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True

@@ -1,0 +1,38 @@
+"""Prometheus metrics, with the standard client library. Each process has its own:
+the API serves them at /metrics; a standalone worker on IMGSVC_METRICS_PORT."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+http_requests = Counter(
+    "imgsvc_http_requests_total",
+    "HTTP requests answered, by route and status.",
+    ["method", "route", "status"],
+)
+http_duration = Histogram(
+    "imgsvc_http_request_duration_seconds",
+    "Time to answer an HTTP request.",
+    ["method", "route"],
+    buckets=_SECONDS,
+)
+images = Counter(
+    "imgsvc_images_total", "Images by outcome: done, failed, or retry (a transient failure).", ["outcome"]
+)
+image_bytes = Counter(
+    "imgsvc_image_bytes_total", "Bytes of images: in (downloaded) and out (stored).", ["direction"]
+)
+stage_duration = Histogram(
+    "imgsvc_stage_duration_seconds", "Time in each stage of an image.", ["stage"], buckets=_SECONDS
+)
+webhooks = Counter("imgsvc_webhook_deliveries_total", "Webhook attempts by outcome.", ["outcome"])
+requests_finished = Counter(
+    "imgsvc_requests_finished_total", "Requests that reached a final status.", ["status"]
+)
+jobs = Gauge(
+    "imgsvc_jobs",
+    "Jobs in the queue by queue and state (read from the database when scraped).",
+    ["queue", "state"],
+)
