@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -38,6 +38,8 @@ from imgsvc import (
     metrics,
     migrate,
     models,
+    openapi,
+    pages,
     pipeline,
     report,
     resources,
@@ -136,6 +138,8 @@ async def upload(request: Request) -> Response:
             "request %s accepted: %s products, %s images", stored.request_id, stored.products, stored.images
         )
     status_url = f"{config.base_url}/status/{stored.request_id}"
+    if _wants_html(request):
+        return RedirectResponse(f"{config.base_url}/requests/{stored.request_id}", status_code=303)
     headers = {"Location": status_url}
     if stored.replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -329,17 +333,48 @@ async def output_csv(request: Request) -> Response:
     )
 
 
+def _wants_html(request: Request) -> bool:
+    """True for a browser: it asks for HTML before JSON."""
+    accept = request.headers.get("accept", "")
+    return "text/html" in accept and "application/json" not in accept.split("text/html")[0]
+
+
 async def index(request: Request) -> Response:
-    """GET /: what this service is and where to start."""
+    """GET /: the upload page for a browser; what this service is, as JSON, for others."""
     base = request.app.state.resources.settings.base_url
+    if _wants_html(request):
+        return HTMLResponse(pages.index(base))
     return _json(
         {
             "service": "imgsvc",
             "version": __version__,
             "upload": f"{base}/upload",
             "status": f"{base}/status/{{request_id}}",
+            "docs": f"{base}/docs",
+            "openapi": f"{base}/openapi.json",
         }
     )
+
+
+async def request_page(request: Request) -> Response:
+    """GET /requests/{request_id}: the live page for a browser, the status JSON for others."""
+    if not _wants_html(request):
+        return await status(request)
+    res: resources.Resources = request.app.state.resources
+    request_id = _parse_request_id(request.path_params["request_id"])
+    if await db.get_request_for_finish(res.pool, request_id) is None:
+        raise HTTPException(404, f"no request with id {request_id}")
+    return HTMLResponse(pages.request_page(str(request_id), f"{res.settings.base_url}/status/{request_id}"))
+
+
+async def openapi_json(request: Request) -> Response:
+    """GET /openapi.json: the OpenAPI 3.1 document."""
+    return _json(openapi.document())
+
+
+async def docs(request: Request) -> Response:
+    """GET /docs: the API documentation page."""
+    return HTMLResponse(pages.docs(openapi.document()))
 
 
 async def healthz(request: Request) -> Response:
@@ -508,12 +543,15 @@ class ApiKeyAuth:
 
 async def _upload_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.UploadError)
+    if _wants_html(request):
+        base = request.app.state.resources.settings.base_url
+        return HTMLResponse(pages.upload_error(exc.to_json(), base), exc.status_code)
     return _json(exc.to_json(), exc.status_code)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return _json({"error": "http_error", "message": exc.detail}, exc.status_code)
+    return _json({"error": "http_error", "message": exc.detail}, exc.status_code, headers=exc.headers)
 
 
 async def _unavailable(request: Request, exc: Exception) -> Response:
@@ -565,6 +603,9 @@ def create_app(config: settings.Settings, database_url: str, *, run_worker: bool
         Route("/metrics", metrics_endpoint),
         Route("/requests", list_requests),
         Route("/requests/{request_id}/cancel", cancel, methods=["POST"]),
+        Route("/requests/{request_id}", request_page),
+        Route("/openapi.json", openapi_json),
+        Route("/docs", docs),
         Route("/upload", upload, methods=["POST"]),
         Route("/status/{request_id}", status),
         Route("/requests/{request_id}/output.csv", output_csv),

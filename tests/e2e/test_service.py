@@ -62,7 +62,14 @@ async def test_a_csv_becomes_compressed_images_in_the_bucket(
         assert (accepted["products"], accepted["images"]) == (3, 6)
         final = await wait_for_final(session, accepted["status_url"])
     assert final["status"] == "completed"
-    assert final["counts"] == {"total": 6, "queued": 0, "processing": 0, "done": 6, "failed": 0, "cancelled": 0}
+    assert final["counts"] == {
+        "total": 6,
+        "queued": 0,
+        "processing": 0,
+        "done": 6,
+        "failed": 0,
+        "cancelled": 0,
+    }
     assert final["progress"] == 1.0 and final["completed_at"] is not None
     assert [(p["serial"], p["name"]) for p in final["products"]] == [
         ("1.", "Camera shot"),
