@@ -1,4 +1,4 @@
-"""Command line: `imgsvc serve | worker | migrate`.
+"""Command line: `imgsvc serve | worker | migrate | submit | status`.
 
 With DATABASE_URL unset, serve, worker and migrate start a private PostgreSQL in
 IMGSVC_DATA_DIR (kept between runs) and stop it on exit.
@@ -10,13 +10,15 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import prometheus_client
 
-from imgsvc import __version__, errors, localdb, logs, migrate, settings
+from imgsvc import __version__, client, errors, localdb, logs, migrate, settings
 
 logger = logging.getLogger("imgsvc")
 
@@ -31,7 +33,44 @@ def _parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a standalone worker")
     worker.add_argument("--migrate", action="store_true", help="apply the schema first")
     commands.add_parser("migrate", help="apply the database schema (idempotent)")
+    submit = commands.add_parser("submit", help="upload a CSV; with --wait, show its progress to the end")
+    submit.add_argument("csv", type=Path, help="the CSV of products and image URLs")
+    submit.add_argument("--wait", action="store_true", help="follow the request until it finishes")
+    submit.add_argument("--webhook-url", help="a webhook for this request")
+    submit.add_argument("--idempotency-key", help="send it again safely: the same key, the same request")
+    status = commands.add_parser("status", help="show a request's status")
+    status.add_argument("request_id")
+    status.add_argument("--wait", action="store_true", help="follow the request until it finishes")
+    for command in (submit, status):
+        command.add_argument(
+            "--server",
+            default=None,
+            help="the imgsvc URL (default: $IMGSVC_SERVER or http://localhost:$PORT)",
+        )
+        command.add_argument("--api-key", default=None, help="an API key (default: $IMGSVC_API_KEY)")
     return parser
+
+
+def _client(args: argparse.Namespace) -> int:
+    """submit and status: talk to a running server; no database or settings needed."""
+    url = (
+        args.server or os.environ.get("IMGSVC_SERVER") or f"http://localhost:{os.environ.get('PORT', '5000')}"
+    )
+    server = client.Server(url=url.rstrip("/"), api_key=args.api_key or os.environ.get("IMGSVC_API_KEY"))
+    if args.command == "submit":
+        if not args.csv.is_file():
+            print(f"imgsvc: {args.csv}: no such file", file=sys.stderr)
+            return client.ERROR
+        return client.run(
+            client.submit(
+                server,
+                args.csv,
+                wait=args.wait,
+                webhook_url=args.webhook_url,
+                idempotency_key=args.idempotency_key,
+            )
+        )
+    return client.run(client.show(server, args.request_id, wait=args.wait))
 
 
 @contextlib.contextmanager
@@ -104,6 +143,8 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `imgsvc` command."""
     args = _parser().parse_args(argv)
+    if args.command in ("submit", "status"):
+        raise SystemExit(_client(args))
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         config = settings.from_env()

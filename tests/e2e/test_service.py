@@ -6,12 +6,10 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import asyncpg
-import pytest
 import pyvips
 
 from imgsvc import localdb, quality
@@ -33,17 +31,6 @@ PHOTOS = [
     "webp_lossy_alpha_5_webp_a.webp",
     "gif_animated_loop3.gif",
 ]
-
-
-@pytest.fixture
-def service(database_url: str, s3: S3Server, tmp_path: Path) -> Iterator[str]:
-    port = localdb.free_port()
-    env = service_env(database_url, s3, tmp_path, port)
-    process = Process([sys.executable, "-m", "imgsvc", "serve"], env, tmp_path / "serve.log")
-    base = f"http://127.0.0.1:{port}"
-    wait_until_up(base, process)
-    yield base
-    assert_clean_exit(process)
 
 
 async def test_a_csv_becomes_compressed_images_in_the_bucket(
