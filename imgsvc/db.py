@@ -248,6 +248,9 @@ async def finish_image(
         updated = await conn.fetchval(q["finish_image_failed"], image_id, error, bytes_in)
     if updated is None:
         return None
+    if await conn.fetchval(q["request_has_open_images"], rid):
+        await conn.execute(q["touch_request"], rid)
+        return None
     status: str | None = await conn.fetchval(q["finish_request_if_done"], rid)
     if status is None:
         await conn.execute(q["touch_request"], rid)

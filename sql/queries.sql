@@ -66,6 +66,11 @@ SET status = 'failed', error = $2, bytes_in = coalesce($3, bytes_in), finished_a
 WHERE id = $1 AND status IN ('queued', 'processing')
 RETURNING request_id;
 
+-- request_has_open_images --
+-- Whether any image of the request still waits or runs: an index look-up, so that
+-- finishing an image costs the same in a request of 10 images or of 100,000.
+SELECT EXISTS (SELECT 1 FROM images WHERE request_id = $1 AND status IN ('queued', 'processing'));
+
 -- finish_request_if_done --
 -- Run with the request row locked: the statement sees every other image's
 -- committed state, so exactly one caller moves the request to its final status.
