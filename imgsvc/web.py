@@ -211,6 +211,19 @@ def _page_params(request: Request) -> tuple[int, int]:
     return number("page", 1, 10_000_000), number("per_page", 100, MAX_PER_PAGE)
 
 
+def _page_info(
+    page: int, per_page: int, total_name: str, total: int, url: str, query: str = ""
+) -> dict[str, Any]:
+    """The paging block of a list: where we are, how many in all, the next page's URL."""
+    more = page * per_page < total
+    return {
+        "page": page,
+        "per_page": per_page,
+        total_name: total,
+        "next": f"{url}?page={page + 1}&per_page={per_page}{query}" if more else None,
+    }
+
+
 def _parse_request_id(raw: str) -> uuid.UUID:
     try:
         return uuid.UUID(raw)
@@ -299,14 +312,7 @@ async def status(request: Request) -> Response:
             "output_csv_download_url": f"{res.settings.base_url}/requests/{request_id}/output.csv",
             "webhook": webhook,
             "products": products,
-            "page": {
-                "page": page,
-                "per_page": per_page,
-                "total_products": total_products,
-                "next": f"{base}?page={page + 1}&per_page={per_page}"
-                if page * per_page < total_products
-                else None,
-            },
+            "page": _page_info(page, per_page, "total_products", total_products, base),
         }
     )
 
@@ -447,14 +453,7 @@ async def list_requests(request: Request) -> Response:
                 }
                 for row in rows
             ],
-            "page": {
-                "page": page,
-                "per_page": per_page,
-                "total": total,
-                "next": f"{base}/requests?page={page + 1}&per_page={per_page}{query}"
-                if page * per_page < total
-                else None,
-            },
+            "page": _page_info(page, per_page, "total", total, f"{base}/requests", query),
         }
     )
 

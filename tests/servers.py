@@ -29,7 +29,25 @@ from imgsvc import localdb
 IMAGES = Path(__file__).parent / "images"
 
 
-class ImageServer:
+class _Served:
+    """A test server running on a _ThreadServer."""
+
+    _server: _ThreadServer
+
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    def start(self) -> None:
+        """Start serving; return once the port is known."""
+        self._server.start()
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self._server.stop()
+
+
+class ImageServer(_Served):
     """An aiohttp server, on its own thread and loop, serving tests/images and faults.
 
     /img/NAME                 the file
@@ -45,10 +63,6 @@ class ImageServer:
         self.hits: collections.Counter[str] = collections.Counter()
         self.requests: list[str] = []
         self._server = _ThreadServer(self._routes)
-
-    @property
-    def port(self) -> int:
-        return self._server.port
 
     def url(self, path: str) -> str:
         """The full URL of a path on this server."""
@@ -94,14 +108,6 @@ class ImageServer:
         app.router.add_get("/html", self._html)
         app.router.add_get("/slow/{ms}/{name}", self._slow)
         app.router.add_get("/redirect/{n}/{name}", self._redirect)
-
-    def start(self) -> None:
-        """Start serving; return once the port is known."""
-        self._server.start()
-
-    def stop(self) -> None:
-        """Stop serving."""
-        self._server.stop()
 
 
 class _ThreadServer:
@@ -222,7 +228,7 @@ class S3Server:
             self._process.wait(10)
 
 
-class WebhookReceiver:
+class WebhookReceiver(_Served):
     """A real HTTP receiver on loopback, on its own thread, that records every POST.
 
     /ok                 200
@@ -235,10 +241,6 @@ class WebhookReceiver:
         self.received: list[tuple[str, dict[str, str], bytes]] = []
         self.hits: collections.Counter[str] = collections.Counter()
         self._server = _ThreadServer(self._routes)
-
-    @property
-    def port(self) -> int:
-        return self._server.port
 
     def url(self, path: str) -> str:
         """The full URL of a path on this receiver."""
@@ -276,14 +278,6 @@ class WebhookReceiver:
         app.router.add_post("/flaky/{key}/{fails}", self._flaky)
         app.router.add_post("/status/{code}", self._status)
         app.router.add_post("/hang", self._hang)
-
-    def start(self) -> None:
-        """Start receiving."""
-        self._server.start()
-
-    def stop(self) -> None:
-        """Stop receiving."""
-        self._server.stop()
 
 
 class HostileServer:
@@ -428,7 +422,7 @@ class StubResolver(AbstractResolver):
         return None
 
 
-class FaultyS3Proxy:
+class FaultyS3Proxy(_Served):
     """A proxy in front of the S3 server that answers every n-th request with a
     503 SlowDown or 500 InternalError, as S3 does under load, and forwards the rest."""
 
@@ -480,9 +474,3 @@ class FaultyS3Proxy:
                 await self._session.close()
 
         app.on_cleanup.append(close_session)
-
-    def start(self) -> None:
-        self._server.start()
-
-    def stop(self) -> None:
-        self._server.stop()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +101,16 @@ async def wait_for_final(session: aiohttp.ClientSession, url: str, seconds: floa
             return body
         await asyncio.sleep(0.1)
     raise AssertionError(f"the request did not finish: {json.dumps(body)[:500]}")
+
+
+@contextlib.contextmanager
+def serving(env: dict[str, str], log: Path, *args: str) -> Iterator[tuple[str, Process]]:
+    """`imgsvc serve ARGS` on the environment's PORT: yields (base URL, process) once it
+    answers, and stops it cleanly after (exit 0, no traceback, no secret in its log)."""
+    process = Process([sys.executable, "-m", "imgsvc", "serve", *args], env, log)
+    base = f"http://127.0.0.1:{env['PORT']}"
+    try:
+        wait_until_up(base, process)
+        yield base, process
+    finally:
+        assert_clean_exit(process)

@@ -5,7 +5,6 @@ saves a screenshot."""
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from imgsvc import localdb
-from tests.e2e.processes import Process, assert_clean_exit, service_env, wait_until_up
+from tests.e2e.processes import service_env, serving
 from tests.servers import ImageServer, S3Server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -56,11 +55,8 @@ def local_service(database_url: str, s3: S3Server, tmp_path: Path) -> Iterator[s
     port = localdb.free_port()
     env = service_env(database_url, s3, tmp_path, port)
     env.pop("AWS_BUCKET_NAME")
-    process = Process([sys.executable, "-m", "imgsvc", "serve"], env, tmp_path / "serve.log")
-    base = f"http://127.0.0.1:{port}"
-    wait_until_up(base, process)
-    yield base
-    assert_clean_exit(process)
+    with serving(env, tmp_path / "serve.log") as (base, _):
+        yield base
 
 
 def test_upload_in_a_browser_and_watch_the_bar_reach_100(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,10 @@ from PIL import Image as PillowImage
 from imgsvc import localdb
 from tests.e2e.processes import (
     Process,
-    assert_clean_exit,
     post_csv,
     service_env,
+    serving,
     wait_for_final,
-    wait_until_up,
 )
 from tests.servers import IMAGES, ImageServer, S3Server
 
@@ -93,11 +91,8 @@ def corpus_service(
 ) -> Iterator[tuple[str, Process]]:
     port = localdb.free_port()
     env = service_env(database_url, s3, tmp_path, port) | {"IMGSVC_MAX_ROWS": "1000"}
-    process = Process([sys.executable, "-m", "imgsvc", "serve"], env, tmp_path / "serve.log")
-    base = f"http://127.0.0.1:{port}"
-    wait_until_up(base, process)
-    yield base, process
-    assert_clean_exit(process)
+    with serving(env, tmp_path / "serve.log") as (base, process):
+        yield base, process
 
 
 @pytest.mark.timeout(600)

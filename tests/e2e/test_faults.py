@@ -23,6 +23,7 @@ from tests.e2e.processes import (
     assert_clean_exit,
     post_csv,
     service_env,
+    serving,
     wait_for_final,
     wait_until_up,
 )
@@ -70,11 +71,8 @@ def api(database_url: str, s3: S3Server, tmp_path: Path) -> Iterator[tuple[str, 
         "IMGSVC_STALLED_SECONDS": "2",
         "IMGSVC_SHUTDOWN_SECONDS": "1",
     }
-    process = Process([sys.executable, "-m", "imgsvc", "serve", "--no-worker"], env, tmp_path / "api.log")
-    base = f"http://127.0.0.1:{port}"
-    wait_until_up(base, process)
-    yield base, env, process
-    assert_clean_exit(process)
+    with serving(env, tmp_path / "api.log", "--no-worker") as (base, process):
+        yield base, env, process
 
 
 def worker(env: dict[str, str], log: Path) -> Process:
@@ -171,7 +169,20 @@ async def send_upload(port: int, headers: str, body_chunks: int = 0) -> tuple[by
     and the bytes of body sent."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(headers.encode())
-    answer = asyncio.create_task(reader.read(4096))
+
+    async def read_answer() -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            (
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            0,
+        )
+        return head + await reader.readexactly(length)
+
+    answer = asyncio.create_task(read_answer())
     sent = 0
     chunk = b"x" * (1 << 20)
     framed = b"%x\r\n%s\r\n" % (len(chunk), chunk)

@@ -21,8 +21,8 @@ from tests.e2e.processes import (
     assert_clean_exit,
     post_csv,
     service_env,
+    serving,
     wait_for_final,
-    wait_until_up,
 )
 from tests.servers import ImageServer, S3Server, WebhookReceiver
 
@@ -41,11 +41,8 @@ def ops(
         "IMGSVC_WORKER_CONCURRENCY": "2",
         "WEBHOOK_URL": receiver.url(hook),
     }
-    process = Process([sys.executable, "-m", "imgsvc", "serve"], env, tmp_path / "serve.log")
-    base = f"http://127.0.0.1:{port}"
-    wait_until_up(base, process)
-    yield base, hook, process
-    assert_clean_exit(process)
+    with serving(env, tmp_path / "serve.log") as (base, process):
+        yield base, hook, process
 
 
 async def test_health_readiness_and_metrics(ops: tuple[str, str, Process], image_server: ImageServer) -> None:
