@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import prometheus_client
+import uvloop
 
 from imgsvc import __version__, client, errors, localdb, logs, migrate, settings
 
@@ -112,7 +113,7 @@ def _serve(config: settings.Settings, url: str, run_worker: bool) -> None:
             timeout_graceful_shutdown=30,
         )
     )
-    asyncio.run(server.serve())
+    uvloop.run(server.serve())
     if not server.started:
         raise SystemExit(1)
 
@@ -165,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.command == "serve":
                 _serve(config, url, run_worker=not args.no_worker)
             elif args.command == "worker":
-                asyncio.run(_worker(config, url))
+                uvloop.run(_worker(config, url))
     except errors.ImgsvcError as exc:
         print(f"imgsvc: {exc.message}", file=sys.stderr)
         raise SystemExit(1) from None

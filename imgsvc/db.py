@@ -163,12 +163,10 @@ async def insert_request(
 
 async def claim_image(pool: Pool, image_id: int) -> models.ImageTask | None:
     """Mark an image as processing; None when it is already finished."""
-    q = queries()
-    async with translated(), pool.acquire() as conn:
-        row = await conn.fetchrow(q["claim_image"], image_id)
-        if row is None:
-            return None
-        await conn.execute(q["mark_request_processing"], uuid.UUID(row["request_id"]))
+    async with translated():
+        row = await pool.fetchrow(queries()["claim_image"], image_id)
+    if row is None:
+        return None
     return models.ImageTask(
         image_id=row["id"],
         request_id=row["request_id"],
@@ -229,9 +227,10 @@ async def finish_image(
     rid = uuid.UUID(request_id)
     await conn.execute(q["lock_request"], rid)
     if result is not None and stored is not None:
-        updated = await conn.fetchval(
+        row = await conn.fetchrow(
             q["finish_image_done"],
             image_id,
+            rid,
             stored.key,
             stored.url,
             bytes_in,
@@ -245,15 +244,10 @@ async def finish_image(
             result.kept_original,
         )
     else:
-        updated = await conn.fetchval(q["finish_image_failed"], image_id, error, bytes_in)
-    if updated is None:
-        return None
-    if await conn.fetchval(q["request_has_open_images"], rid):
-        await conn.execute(q["touch_request"], rid)
+        row = await conn.fetchrow(q["finish_image_failed"], image_id, rid, error, bytes_in)
+    if not row["finished"] or row["open"]:
         return None
     status: str | None = await conn.fetchval(q["finish_request_if_done"], rid)
-    if status is None:
-        await conn.execute(q["touch_request"], rid)
     return status
 
 

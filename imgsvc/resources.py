@@ -65,7 +65,7 @@ async def opened(
     resolver: AbstractResolver | None = None,
 ) -> AsyncIterator[Resources]:
     """Open everything; close it all on the way out."""
-    compress.configure(allow_svg=config.allow_svg)
+    compress.configure(allow_svg=config.allow_svg, pixels_in_flight=config.max_pixels_in_flight)
     async with contextlib.AsyncExitStack() as stack:
         pool = await db.create_pool(database_url, max_size=pool_size)
         stack.push_async_callback(pool.close)

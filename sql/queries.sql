@@ -33,17 +33,21 @@ FROM images i
 WHERE i.request_id = $1;
 
 -- claim_image --
--- A worker starts on an image; nothing is returned when it is already finished.
-UPDATE images i
-SET status = 'processing', attempts = i.attempts + 1, started_at = coalesce(i.started_at, now())
-FROM products p
-WHERE i.id = $1 AND p.id = i.product_id AND i.status IN ('queued', 'processing')
-RETURNING i.id, i.request_id::text, p.serial_number, i.position, i.input_url, i.attempts;
-
--- mark_request_processing --
-UPDATE requests
-SET status = 'processing', started_at = now(), updated_at = now()
-WHERE id = $1 AND status = 'queued';
+-- A worker starts on an image (and on its request, if it was still queued), in one
+-- round trip; nothing is returned when the image is already finished.
+WITH claimed AS (
+    UPDATE images i
+    SET status = 'processing', attempts = i.attempts + 1, started_at = coalesce(i.started_at, now())
+    FROM products p
+    WHERE i.id = $1 AND p.id = i.product_id AND i.status IN ('queued', 'processing')
+    RETURNING i.id, i.request_id, p.serial_number, i.position, i.input_url, i.attempts
+), started AS (
+    UPDATE requests r
+    SET status = 'processing', started_at = now(), updated_at = now()
+    FROM claimed c
+    WHERE r.id = c.request_id AND r.status = 'queued'
+)
+SELECT id, request_id::text, serial_number, position, input_url, attempts FROM claimed;
 
 -- release_image --
 -- A transient failure: back to the queue, with the reason, for the next attempt.
@@ -53,23 +57,36 @@ UPDATE images SET status = 'queued', error = $2 WHERE id = $1 AND status = 'proc
 SELECT status FROM requests WHERE id = $1 FOR UPDATE;
 
 -- finish_image_done --
-UPDATE images
-SET status = 'done', error = NULL, output_key = $2, output_url = $3, bytes_in = $4,
-    bytes_out = $5, width = $6, height = $7, format_in = $8, format_out = $9,
-    quality_in = $10, quality_out = $11, kept_original = $12, finished_at = now()
-WHERE id = $1 AND status IN ('queued', 'processing')
-RETURNING request_id;
+-- Run with the request row locked. One round trip: record the image, touch the
+-- request, and say whether any other image of it still waits or runs (an index
+-- look-up: finishing an image costs the same in a request of 10 or 100,000).
+WITH finished AS (
+    UPDATE images
+    SET status = 'done', error = NULL, output_key = $3, output_url = $4, bytes_in = $5,
+        bytes_out = $6, width = $7, height = $8, format_in = $9, format_out = $10,
+        quality_in = $11, quality_out = $12, kept_original = $13, finished_at = now()
+    WHERE id = $1 AND status IN ('queued', 'processing')
+    RETURNING request_id
+), touched AS (
+    UPDATE requests SET updated_at = now() WHERE id = (SELECT request_id FROM finished)
+)
+SELECT EXISTS (SELECT 1 FROM finished) AS finished,
+       EXISTS (SELECT 1 FROM images WHERE request_id = $2 AND id <> $1
+               AND status IN ('queued', 'processing')) AS open;
 
 -- finish_image_failed --
-UPDATE images
-SET status = 'failed', error = $2, bytes_in = coalesce($3, bytes_in), finished_at = now()
-WHERE id = $1 AND status IN ('queued', 'processing')
-RETURNING request_id;
-
--- request_has_open_images --
--- Whether any image of the request still waits or runs: an index look-up, so that
--- finishing an image costs the same in a request of 10 images or of 100,000.
-SELECT EXISTS (SELECT 1 FROM images WHERE request_id = $1 AND status IN ('queued', 'processing'));
+-- As finish_image_done, for an image that failed.
+WITH finished AS (
+    UPDATE images
+    SET status = 'failed', error = $3, bytes_in = coalesce($4, bytes_in), finished_at = now()
+    WHERE id = $1 AND status IN ('queued', 'processing')
+    RETURNING request_id
+), touched AS (
+    UPDATE requests SET updated_at = now() WHERE id = (SELECT request_id FROM finished)
+)
+SELECT EXISTS (SELECT 1 FROM finished) AS finished,
+       EXISTS (SELECT 1 FROM images WHERE request_id = $2 AND id <> $1
+               AND status IN ('queued', 'processing')) AS open;
 
 -- finish_request_if_done --
 -- Run with the request row locked: the statement sees every other image's
@@ -86,9 +103,6 @@ FROM (SELECT count(*) FILTER (WHERE status = 'done') AS done,
       FROM images WHERE request_id = $1) c
 WHERE r.id = $1 AND r.status IN ('queued', 'processing') AND c.open = 0
 RETURNING r.status;
-
--- touch_request --
-UPDATE requests SET updated_at = now() WHERE id = $1;
 
 -- get_request --
 SELECT request_id, status, total, queued, processing, done, failed, cancelled, percent, bytes_in,

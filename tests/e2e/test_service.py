@@ -129,7 +129,8 @@ async def test_api_and_separate_workers_share_the_queue(
 ) -> None:
     """Production layout: an API without a worker, an imgsvc worker and a procrastinate one."""
     port = localdb.free_port()
-    env = service_env(database_url, s3, tmp_path, port)
+    # Two jobs at a time each, from a slow source: neither worker can take them all.
+    env = service_env(database_url, s3, tmp_path, port) | {"IMGSVC_WORKER_CONCURRENCY": "2"}
     api = Process([sys.executable, "-m", "imgsvc", "serve", "--no-worker"], env, tmp_path / "api.log")
     base = f"http://127.0.0.1:{port}"
     wait_until_up(base, api)
@@ -139,7 +140,7 @@ async def test_api_and_separate_workers_share_the_queue(
         Process([procrastinate, "--app=imgsvc.jobs.app", "worker"], env, tmp_path / "worker2.log"),
     ]
     try:
-        urls = [image_server.url(f"/img/{name}") for name in PHOTOS[:4]] * 3
+        urls = [image_server.url(f"/slow/300/{name}") for name in PHOTOS[:4]] * 3
         rows = "".join(f"{i},P{i},{url}\n" for i, url in enumerate(urls, start=1))
         async with aiohttp.ClientSession() as session:
             status, accepted = await post_csv(
