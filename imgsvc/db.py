@@ -103,6 +103,7 @@ async def insert_request(
     products: Sequence[models.Product],
     queue: str,
     task: str,
+    images_per_job: int = 1,
     idempotency_key: str | None = None,
     csv_sha256: str | None = None,
 ) -> Inserted:
@@ -153,7 +154,7 @@ async def insert_request(
                 positions.append(position)
                 urls.append(url)
         await conn.execute(q["insert_images"], request_id, product_ids, positions, urls)
-        queued = await conn.fetchval(q["defer_image_jobs"], request_id, queue, task)
+        queued = await conn.fetchval(q["defer_image_jobs"], request_id, queue, task, images_per_job)
         if queued != image_count:
             raise errors.ImgsvcError(f"queued {queued} jobs for {image_count} images")
     return Inserted(
@@ -183,7 +184,7 @@ async def requeue_image(pool: Pool, image_id: int, reason: str, queue: str, task
     async with translated(), pool.acquire() as conn, conn.transaction():
         if await conn.fetchval(q["requeue_image"], image_id, reason) is None:
             return False
-        await defer_job(conn, queue, task, {"image_id": image_id})
+        await defer_job(conn, queue, task, {"image_ids": [image_id]})
     return True
 
 

@@ -98,10 +98,10 @@ app = procrastinate.App(
 )
 
 
-@app.task(name=pipeline.PROCESS_IMAGE, queue=pipeline.IMAGE_QUEUE, retry=BackoffRetry(), pass_context=True)
-async def process_image(context: procrastinate.JobContext, image_id: int) -> str:
-    """Download, compress and store one image."""
-    return await pipeline.process_image(await _resources(), image_id)
+@app.task(name=pipeline.PROCESS_IMAGES, queue=pipeline.IMAGE_QUEUE, retry=BackoffRetry(), pass_context=True)
+async def process_images(context: procrastinate.JobContext, image_ids: list[int]) -> list[str]:
+    """Download, compress and store a batch of images."""
+    return await pipeline.process_images(await _resources(), image_ids)
 
 
 @app.task(name=pipeline.FINISH_REQUEST, queue=pipeline.REQUEST_QUEUE, retry=BackoffRetry(), pass_context=True)

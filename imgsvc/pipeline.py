@@ -21,10 +21,28 @@ logger = logging.getLogger("imgsvc.pipeline")
 
 # Queues and task names, shared by the job definitions and by the SQL that defers jobs.
 IMAGE_QUEUE = "images"
-PROCESS_IMAGE = "process_image"
+PROCESS_IMAGES = "process_images"
 REQUEST_QUEUE = "requests"
 FINISH_REQUEST = "finish_request"
 DELIVER_WEBHOOK = "deliver_webhook"
+
+
+async def process_images(res: resources.Resources, image_ids: list[int]) -> list[str]:
+    """A job's batch of images, side by side (the semaphores bound the work). Each image
+    ends on its own; if any failed transiently, TransientError is raised once all are
+    done, so the job runs again later, and then skips the images already finished."""
+    outcomes = await asyncio.gather(
+        *(process_image(res, image_id) for image_id in image_ids), return_exceptions=True
+    )
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, errors.TransientError):
+            raise outcome
+    transient = [outcome for outcome in outcomes if isinstance(outcome, errors.TransientError)]
+    if transient:
+        raise errors.TransientError(
+            f"{len(transient)} of {len(image_ids)} images will be retried: {transient[0].message}"
+        )
+    return [str(outcome) for outcome in outcomes]
 
 
 async def process_image(res: resources.Resources, image_id: int) -> str:
@@ -34,7 +52,7 @@ async def process_image(res: resources.Resources, image_id: int) -> str:
     except asyncio.CancelledError:
         # The worker is stopping and its graceful time is up: procrastinate ends this
         # job as aborted and will not retry it, so the image gets a job of its own.
-        await asyncio.shield(db.requeue_image(res.pool, image_id, INTERRUPTED, IMAGE_QUEUE, PROCESS_IMAGE))
+        await asyncio.shield(db.requeue_image(res.pool, image_id, INTERRUPTED, IMAGE_QUEUE, PROCESS_IMAGES))
         logger.info("image %s: interrupted by shutdown, queued again", image_id)
         raise
 
@@ -97,9 +115,9 @@ async def requeue_orphans(res: resources.Resources, limit: int = 1000) -> int:
     """
     count = 0
     async with db.translated():
-        for image_id in await db.orphans(res.pool, "orphaned_images", PROCESS_IMAGE, limit):
+        for image_id in await db.orphans(res.pool, "orphaned_images", PROCESS_IMAGES, limit):
             count += await db.requeue_image(
-                res.pool, image_id, "queued again: its job had ended", IMAGE_QUEUE, PROCESS_IMAGE
+                res.pool, image_id, "queued again: its job had ended", IMAGE_QUEUE, PROCESS_IMAGES
             )
         for task, query, key in (
             (FINISH_REQUEST, "orphaned_requests", "request_id"),

@@ -94,6 +94,11 @@ async def opened(
                         max_pool_connections=config.upload_concurrency,
                         connect_timeout=config.connect_timeout,
                         read_timeout=60,
+                        # No CRC32 trailer on every PUT (botocore's default since 1.36): not
+                        # every S3-compatible store takes it, and TLS or the SigV4 payload hash
+                        # already protect the body.
+                        request_checksum_calculation="when_required",
+                        response_checksum_validation="when_required",
                     ),
                 )
             )

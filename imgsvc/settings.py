@@ -73,7 +73,8 @@ class Settings:
     download_per_host: int = 8
     image_concurrency: int = max(1, os.cpu_count() or 1)
     upload_concurrency: int = 16
-    worker_concurrency: int = 32
+    worker_concurrency: int = 8
+    images_per_job: int = 8
     max_attempts: int = 5
     retry_base_seconds: float = 2.0
     retry_max_seconds: float = 300.0
@@ -297,6 +298,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         image_concurrency=num("IMAGE_CONCURRENCY", d.image_concurrency),
         upload_concurrency=num("UPLOAD_CONCURRENCY", d.upload_concurrency),
         worker_concurrency=num("WORKER_CONCURRENCY", d.worker_concurrency),
+        images_per_job=num("IMAGES_PER_JOB", d.images_per_job),
         max_attempts=num("MAX_ATTEMPTS", d.max_attempts),
         retry_base_seconds=seconds("RETRY_BASE_SECONDS", d.retry_base_seconds),
         retry_max_seconds=seconds("RETRY_MAX_SECONDS", d.retry_max_seconds),

@@ -121,7 +121,8 @@ async def upload(request: Request) -> Response:
             webhook_url=webhook_url,
             products=products,
             queue=pipeline.IMAGE_QUEUE,
-            task=pipeline.PROCESS_IMAGE,
+            task=pipeline.PROCESS_IMAGES,
+            images_per_job=config.images_per_job,
             idempotency_key=key,
             csv_sha256=digest,
         )

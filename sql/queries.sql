@@ -24,13 +24,17 @@ SELECT $1, i.product_id, i.position, i.input_url
 FROM unnest($2::bigint[], $3::integer[], $4::text[]) AS i (product_id, position, input_url);
 
 -- defer_image_jobs --
--- One procrastinate job per image, through procrastinate's own defer function, in
--- the caller's transaction: the request and its jobs commit or vanish together.
-SELECT cardinality(procrastinate_defer_jobs_v1(array_agg(
-    ROW($2, $3, 0, NULL, NULL, jsonb_build_object('image_id', i.id), NULL)
-    ::procrastinate_job_to_defer_v1 ORDER BY i.id)))
-FROM images i
-WHERE i.request_id = $1;
+-- One procrastinate job per batch of at most $4 images, in input order, through
+-- procrastinate's own defer function, in the caller's transaction: the request and
+-- its jobs commit or vanish together. Returns how many images the jobs carry.
+SELECT sum(jsonb_array_length(ids))::int
+FROM (SELECT jsonb_agg(id ORDER BY id) AS ids
+      FROM (SELECT id, (row_number() OVER (ORDER BY id) - 1) / $4 AS batch
+            FROM images WHERE request_id = $1) numbered
+      GROUP BY batch) batches,
+     LATERAL (SELECT procrastinate_defer_jobs_v1(ARRAY[
+         ROW($2, $3, 0, NULL, NULL, jsonb_build_object('image_ids', ids), NULL)
+         ::procrastinate_job_to_defer_v1])) deferred;
 
 -- claim_image --
 -- A worker starts on an image (and on its request, if it was still queued), in one
@@ -205,7 +209,7 @@ SELECT i.id FROM images i
 WHERE i.status IN ('queued', 'processing')
   AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs j
                   WHERE j.status IN ('todo', 'doing') AND j.task_name = $1
-                    AND j.args->>'image_id' = i.id::text)
+                    AND j.args->'image_ids' @> to_jsonb(i.id))
 LIMIT $2;
 
 -- orphaned_requests --

@@ -39,6 +39,7 @@ def ops(
     env = service_env(database_url, s3, tmp_path, port) | {
         "IMGSVC_LOG_FORMAT": "json",
         "IMGSVC_WORKER_CONCURRENCY": "2",
+        "IMGSVC_IMAGES_PER_JOB": "1",  # two images at a time, so that cancelling finds some queued
         "WEBHOOK_URL": receiver.url(hook),
     }
     with serving(env, tmp_path / "serve.log") as (base, process):

@@ -130,7 +130,10 @@ async def test_api_and_separate_workers_share_the_queue(
     """Production layout: an API without a worker, an imgsvc worker and a procrastinate one."""
     port = localdb.free_port()
     # Two jobs at a time each, from a slow source: neither worker can take them all.
-    env = service_env(database_url, s3, tmp_path, port) | {"IMGSVC_WORKER_CONCURRENCY": "2"}
+    env = service_env(database_url, s3, tmp_path, port) | {
+        "IMGSVC_WORKER_CONCURRENCY": "2",
+        "IMGSVC_IMAGES_PER_JOB": "1",
+    }
     api = Process([sys.executable, "-m", "imgsvc", "serve", "--no-worker"], env, tmp_path / "api.log")
     base = f"http://127.0.0.1:{port}"
     wait_until_up(base, api)

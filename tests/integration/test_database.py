@@ -30,7 +30,7 @@ async def store(pool: db.Pool, *products: models.Product) -> str:
             webhook_url=None,
             products=products,
             queue=pipeline.IMAGE_QUEUE,
-            task=pipeline.PROCESS_IMAGE,
+            task=pipeline.PROCESS_IMAGES,
         )
     ).request_id
 
@@ -44,12 +44,36 @@ async def test_a_request_is_stored_with_one_job_per_image(database_url: str) -> 
         )
         job_rows = await pool.fetch("SELECT task_name, queue_name, args, status FROM procrastinate_jobs")
         assert len(images) == 5
-        assert sorted(json.loads(j["args"])["image_id"] for j in job_rows) == [i["id"] for i in images]
+        assert sorted(i for j in job_rows for i in json.loads(j["args"])["image_ids"]) == [
+            i["id"] for i in images
+        ]
         assert {(j["task_name"], j["queue_name"], j["status"]) for j in job_rows} == {
-            (pipeline.PROCESS_IMAGE, pipeline.IMAGE_QUEUE, "todo")
+            (pipeline.PROCESS_IMAGES, pipeline.IMAGE_QUEUE, "todo")
         }
         names = await pool.fetch("SELECT serial, name, position FROM products ORDER BY position")
         assert [tuple(r) for r in names] == [("1.", "Product 1", 1), ("2.", "Product 2", 2)]
+    finally:
+        await pool.close()
+
+
+async def test_images_are_queued_in_batches_in_input_order(database_url: str) -> None:
+    pool = await db.create_pool(database_url)
+    try:
+        stored = await db.insert_request(
+            pool,
+            file_name=None,
+            webhook_url=None,
+            products=[product(1, 3), product(2, 2)],
+            queue=pipeline.IMAGE_QUEUE,
+            task=pipeline.PROCESS_IMAGES,
+            images_per_job=2,
+        )
+        ids = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
+        batches = [
+            json.loads(r["args"])["image_ids"]
+            for r in await pool.fetch("SELECT args FROM procrastinate_jobs ORDER BY id")
+        ]
+        assert stored.images == 5 and batches == [ids[0:2], ids[2:4], ids[4:5]]
     finally:
         await pool.close()
 

@@ -32,7 +32,7 @@ async def submit(
             webhook_url=webhook_url,
             products=rows,
             queue=pipeline.IMAGE_QUEUE,
-            task=pipeline.PROCESS_IMAGE,
+            task=pipeline.PROCESS_IMAGES,
         )
     ).request_id
 

@@ -51,7 +51,7 @@ async def outcome(res: resources.Resources, url: str) -> tuple[str, str | None, 
             webhook_url=None,
             products=[product],
             queue=pipeline.IMAGE_QUEUE,
-            task=pipeline.PROCESS_IMAGE,
+            task=pipeline.PROCESS_IMAGES,
         )
     ).request_id
     image_id = await res.pool.fetchval("SELECT id FROM images WHERE request_id = $1", uuid.UUID(rid))

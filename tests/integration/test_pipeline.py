@@ -23,7 +23,7 @@ async def enqueue(res: resources.Resources, *urls: str) -> tuple[str, list[int]]
             webhook_url=None,
             products=products,
             queue=pipeline.IMAGE_QUEUE,
-            task=pipeline.PROCESS_IMAGE,
+            task=pipeline.PROCESS_IMAGES,
         )
     ).request_id
     ids = [

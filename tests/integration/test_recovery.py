@@ -21,7 +21,7 @@ async def test_images_requests_and_webhooks_without_jobs_are_queued_again(
             webhook_url=receiver.url("/ok"),
             products=products,
             queue=pipeline.IMAGE_QUEUE,
-            task=pipeline.PROCESS_IMAGE,
+            task=pipeline.PROCESS_IMAGES,
         )
     ).request_id
     # Lose every job, as an abort during a database outage or a manual delete would.

@@ -54,7 +54,7 @@ async def test_every_image_is_stored_through_a_failing_store(
                 webhook_url=None,
                 products=products,
                 queue=pipeline.IMAGE_QUEUE,
-                task=pipeline.PROCESS_IMAGE,
+                task=pipeline.PROCESS_IMAGES,
             )
         ).request_id
         jobs.use(database_url, faulty, res)
