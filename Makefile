@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run worker migrate lint format test test-unit all clean
+.PHONY: install run worker migrate lint format test test-unit bench all clean
 
 $(STAMP): pyproject.toml requirements.lock requirements-dev.lock
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "imgsvc needs Python 3.11 or newer"'
@@ -26,13 +26,14 @@ migrate: install
 	$(VENV)/bin/imgsvc migrate
 
 lint: install
-	$(VENV)/bin/ruff check imgsvc tests
-	$(VENV)/bin/ruff format --check imgsvc tests
+	$(VENV)/bin/ruff check imgsvc tests bench
+	$(VENV)/bin/ruff format --check imgsvc tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint Dockerfile
 
 format: install
-	$(VENV)/bin/ruff format imgsvc tests
-	$(VENV)/bin/ruff check --fix imgsvc tests
+	$(VENV)/bin/ruff format imgsvc tests bench
+	$(VENV)/bin/ruff check --fix imgsvc tests bench
 
 test: lint  ## lint, type check, then every test (they start their own PostgreSQL and S3)
 	$(PY) -m pytest
@@ -44,3 +45,6 @@ all: test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+bench: install  ## end-to-end benchmark against the libvips ceiling; BENCH_ARGS="--images 200 --profile"
+	$(PY) -m bench $(BENCH_ARGS)

@@ -75,6 +75,8 @@ class Item:
 
 def read_folder(folder: Path) -> list[SourceFile]:
     """Every image file of ``folder`` (not recursive) that libvips can read a header of."""
+    if not folder.is_dir():
+        raise SystemExit(f"bench: {folder} is not a folder")
     files: list[SourceFile] = []
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.suffix.lower() not in EXTENSIONS:

@@ -93,12 +93,12 @@ async def run_batch(
     base: str,
     rows: Sequence[tuple[int, str, str]],
     *,
-    timeout: float,
+    time_limit: float,
     poll_interval: float = 0.1,
     on_uploaded: Callable[[str], None] | None = None,
 ) -> Batch:
     """Upload ``rows``, poll (one product a page, so polling stays cheap) until the request
-    is final and its output CSV written; raise TimeoutError after ``timeout`` seconds."""
+    is final and its output CSV written; raise TimeoutError after ``time_limit`` seconds."""
     body = csv_body(rows)
     started = time.time()
     answer = await upload(session, base, body, "bench.csv")
@@ -111,7 +111,7 @@ async def run_batch(
     if on_uploaded is not None:
         on_uploaded(batch.request_id)
     status_url = f"{base}/status/{batch.request_id}"
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + time_limit
     while True:
         status = await get_status(session, status_url + "?per_page=1")
         if status["status"] in FINAL and batch.observed_final is None:
@@ -121,7 +121,7 @@ async def run_batch(
             break
         if time.monotonic() > deadline:
             raise TimeoutError(
-                f"request {batch.request_id} was not finished after {timeout:.0f} s: {status['counts']}"
+                f"request {batch.request_id} was not finished after {time_limit:g} s: {status['counts']}"
             )
         await asyncio.sleep(poll_interval)
     batch.status = status["status"]

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -81,9 +84,21 @@ def status_kib(pid: int, field: str) -> int | None:
     return None
 
 
-def tree_rss_kib(pid: int) -> int:
-    """Resident memory of a process tree (shared pages are counted once per process)."""
-    return sum(status_kib(p, "VmRSS") or 0 for p in tree(pid))
+def pss_kib(pid: int) -> int | None:
+    """Proportional set size: resident memory with shared pages split among their users."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return None
+
+
+def tree_pss_kib(pid: int) -> int:
+    """Memory of a process tree, shared pages (PostgreSQL's shared buffers) counted once."""
+    return sum(pss_kib(p) or 0 for p in tree(pid))
 
 
 @dataclasses.dataclass
@@ -97,12 +112,14 @@ class RssSampler:
     """Samples VmRSS of some processes every ``interval`` seconds on its own thread.
 
     ``window()`` returns the peaks since the previous call (one phase of the run);
-    ``overall()`` the peaks since the start.
+    ``overall()`` the peaks since the start. Names in ``trees`` are whole process trees,
+    measured by PSS every tenth sample (reading smaps costs more than status).
     """
 
     def __init__(self, pids: Mapping[str, int], *, interval: float = 0.05, trees: Iterable[str] = ()) -> None:
         self.pids = dict(pids)
         self.trees = set(trees)
+        self._tick = 0
         self.interval = interval
         self._peaks = _Peaks()
         self._lock = threading.Lock()
@@ -111,8 +128,14 @@ class RssSampler:
 
     def _sample(self) -> None:
         values: dict[str, int] = {}
+        self._tick += 1
         for name, pid in self.pids.items():
-            value = tree_rss_kib(pid) if name in self.trees else status_kib(pid, "VmRSS")
+            if name not in self.trees:
+                value = status_kib(pid, "VmRSS")
+            elif self._tick % 10 == 1:
+                value = tree_pss_kib(pid)
+            else:
+                continue
             if value is not None:
                 values[name] = value
         with self._lock:
@@ -151,3 +174,52 @@ class RssSampler:
     def samples(self) -> int:
         """How many samples were taken."""
         return self._peaks.samples
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds all cores of the machine spent busy, and stolen by the hypervisor."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is inside user)
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / _TICKS, steal / _TICKS
+
+
+def self_cpu_seconds() -> float:
+    """CPU seconds of this process, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuMeter:
+    """The machine's CPU use over an interval, split into ours (the process trees in
+    ``roots`` and this process) and everyone else's, so a noisy machine shows."""
+
+    def __init__(self, roots: Mapping[str, int] | None = None) -> None:
+        self.roots = dict(roots or {})
+        self._start: tuple[float, float, float, dict[str, float], float] | None = None
+
+    def start(self) -> None:
+        """Begin the interval."""
+        busy, steal = machine_cpu_seconds()
+        self._start = (time.monotonic(), busy, steal, cpu_seconds(self.roots), self_cpu_seconds())
+
+    def stop(self) -> dict[str, Any]:
+        """End it: wall seconds, per-tree CPU, and the machine's busy, ours and foreign CPU."""
+        assert self._start is not None, "start() first"
+        wall0, busy0, steal0, trees0, self0 = self._start
+        busy, steal = machine_cpu_seconds()
+        trees = cpu_seconds(self.roots)
+        tree_delta = {name: trees[name] - trees0.get(name, 0.0) for name in trees}
+        harness = self_cpu_seconds() - self0
+        wall = time.monotonic() - wall0
+        ours = sum(tree_delta.values()) + harness
+        foreign = max(0.0, (busy - busy0) - ours)
+        return {
+            "wall_seconds": round(wall, 4),
+            "trees": tree_delta,
+            "harness_cpu_seconds": round(harness, 4),
+            "machine_busy_seconds": round(busy - busy0, 3),
+            "steal_seconds": round(steal - steal0, 3),
+            "foreign_cpu_seconds": round(foreign, 3),
+            "foreign_cores": round(foreign / wall, 3) if wall else 0.0,
+        }

@@ -50,6 +50,14 @@ class Child:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    terminated: bool = False
+
+    def terminate(self) -> None:
+        """Send SIGTERM once: a second one, arriving while the process shuts down with
+        its handlers already removed, would kill it outright."""
+        if not self.terminated and self.popen.poll() is None:
+            self.popen.terminate()
+        self.terminated = True
 
     def tail(self, lines: int = 30) -> str:
         """The last lines of its log."""
@@ -60,9 +68,9 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, timeout: float) -> int | None:
-        """SIGTERM, wait up to ``timeout``, then SIGKILL; return the exit status."""
+        """SIGTERM (once), wait up to ``timeout``, then SIGKILL; return the exit status."""
         if self.popen.poll() is None:
-            self.popen.terminate()
+            self.terminate()
             try:
                 return self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -98,8 +106,7 @@ def _clean_environment() -> dict[str, str]:
     return {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith(("IMGSVC_", "AWS_", "WEBHOOK_", "PG"))
-        and key not in ("DATABASE_URL", "PORT")
+        if not key.startswith(("IMGSVC_", "AWS_", "WEBHOOK_", "PG")) and key not in ("DATABASE_URL", "PORT")
     }
 
 
@@ -107,9 +114,15 @@ class Services:
     """The whole system under test. ``start()``, then ``stop()`` in a finally block."""
 
     def __init__(
-        self, images_dir: Path, *, extra_env: Mapping[str, str] | None = None, keep: bool = False
+        self,
+        images_dir: Path,
+        *,
+        extra_env: Mapping[str, str] | None = None,
+        keep: bool = False,
+        log_dir: Path | None = None,
     ) -> None:
         self.images_dir = images_dir.absolute()
+        self.log_dir = log_dir
         self.extra_env = dict(extra_env or {})
         self.keep = keep
         self.work = Path(tempfile.mkdtemp(prefix="imgsvc-bench-"))
@@ -276,17 +289,28 @@ class Services:
         }
 
     def stop(self) -> dict[str, int | None]:
-        """Stop every process (imgsvc first, PostgreSQL last) and remove the work folder."""
+        """Stop every process: imgsvc first (the API and the worker together, while the
+        store and the image server still answer), then those two, PostgreSQL last; then
+        remove the work folder. Logs of a process that did not exit cleanly are copied
+        to ``log_dir`` first."""
         codes: dict[str, int | None] = {}
         if self._stopped:
             return codes
         self._stopped = True
-        order = {"api": 0, "worker": 0, "imageserver": 1, "rclone": 2}
-        for child in sorted(self.children, key=lambda c: order.get(c.name, 3)):
-            if child.popen.poll() is None:
-                child.popen.terminate()  # all at once: the API and worker drain in parallel
-        for child in sorted(self.children, key=lambda c: order.get(c.name, 3)):
-            codes[child.name] = child.stop(STOP_SECONDS)
+        for names in (("api", "worker"), ("imageserver", "rclone")):
+            group = [c for c in self.children if c.name in names]
+            for child in group:
+                child.terminate()
+            for child in group:
+                codes[child.name] = child.stop(STOP_SECONDS)
+        for child in self.children:
+            clean = codes.get(child.name) in (0, None) or child.name == "rclone"
+            if not clean and self.log_dir is not None:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                kept = self.log_dir / f"{child.name}.log"
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(child.log, kept)
+                    print(f"bench: {child.name} exited with {codes[child.name]}; its log is in {kept}")
         if self.keep:
             self.postgres.stop()
             print(f"bench: kept the work folder {self.work} (logs, database, bucket)")

@@ -62,7 +62,7 @@ class Settings:
 
     max_image_bytes: int = 40 * MIB
     max_pixels: int = 50_000_000
-    max_pixels_in_flight: int = 25_000_000
+    max_pixels_in_flight: int = 0
     max_frames: int = 300
     connect_timeout: float = 10.0
     download_timeout: float = 60.0
@@ -283,7 +283,13 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         max_problems=num("MAX_PROBLEMS", d.max_problems),
         max_image_bytes=num("MAX_IMAGE_BYTES", d.max_image_bytes),
         max_pixels=num("MAX_PIXELS", d.max_pixels),
-        max_pixels_in_flight=num("MAX_PIXELS_IN_FLIGHT", d.max_pixels_in_flight),
+        max_pixels_in_flight=_parsed(
+            env,
+            p + "MAX_PIXELS_IN_FLIGHT",
+            d.max_pixels_in_flight,
+            _non_negative_int,
+            "a whole number, 0 (no limit) or more",
+        ),
         max_frames=num("MAX_FRAMES", d.max_frames),
         connect_timeout=seconds("CONNECT_TIMEOUT", d.connect_timeout),
         download_timeout=seconds("DOWNLOAD_TIMEOUT", d.download_timeout),

@@ -1,0 +1,279 @@
+"""`python -m bench`: run the benchmark, print the table, write the JSON."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyvips
+
+import imgsvc
+from bench import codec, imageset, pipeline, procstat, report
+from bench.services import Services
+
+REPO = Path(__file__).parent.parent
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+        return value
+
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark imgsvc end to end (PostgreSQL, S3, API and worker as processes) "
+        "against the libvips ceiling. See docs/performance.md.",
+    )
+    p.add_argument("--images", type=_positive(int), default=40, help="images to send (default 40)")
+    p.add_argument(
+        "--images-dir",
+        type=Path,
+        default=imageset.BUNDLED,
+        help="a folder of images, cycled through in name order to reach --images (default bench/images)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-results/bench.json"),
+        help="the JSON results file (default bench-results/bench.json)",
+    )
+    p.add_argument("--status-rate", type=float, default=20.0, help="GET /status per second, open loop (20)")
+    p.add_argument("--upload-rate", type=float, default=2.0, help="POST /upload per second, open loop (2)")
+    p.add_argument(
+        "--repeat", type=_positive(int), default=3, help="requests per size class; the median is reported (3)"
+    )
+    p.add_argument(
+        "--latency-seconds",
+        type=_positive(float),
+        default=10.0,
+        help="make the latency phase's request last about this long, repeating the images (10)",
+    )
+    p.add_argument("--no-latency", action="store_true", help="skip the latency phase")
+    p.add_argument("--rounds", type=_positive(int), default=3, help="passes of each ceiling variant (3)")
+    p.add_argument(
+        "--ceiling-seconds",
+        type=_positive(float),
+        default=1.0,
+        help="shortest timed pass of a ceiling variant; short image lists are repeated (1)",
+    )
+    p.add_argument("--warmup", type=int, default=4, help="images in the unmeasured warm-up request (4)")
+    p.add_argument("--timeout", type=_positive(float), default=600.0, help="seconds a request may take (600)")
+    p.add_argument("--profile", action="store_true", help="one more request with py-spy on the worker")
+    p.add_argument("--profile-rate", type=_positive(int), default=100, help="py-spy samples per second (100)")
+    p.add_argument(
+        "--profile-seconds", type=_positive(float), default=15.0, help="length of the profiled request (15)"
+    )
+    p.add_argument(
+        "--env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the imgsvc processes, e.g. IMGSVC_WORKER_CONCURRENCY=8 (repeatable)",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the work folder (logs, database, bucket)")
+    return p
+
+
+def _first_line(path: str, prefix: str) -> str:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(prefix):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
+
+
+def _git(*args: str) -> str:
+    git = shutil.which("git")
+    if git is None:
+        return ""
+    try:
+        done = subprocess.run([git, "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def machine(versions: dict[str, str]) -> dict[str, Any]:
+    """The machine and the versions of what ran."""
+    mem_kib = int(_first_line("/proc/meminfo", "MemTotal").split()[0] or 0)
+    commit = _git("rev-parse", "--short", "HEAD") or "?"
+    if _git("status", "--porcelain", "--", "imgsvc", "sql"):
+        commit += ", imgsvc/ or sql/ modified"
+    return {
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": _first_line("/proc/cpuinfo", "model name"),
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "libvips": f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}",
+        "pyvips": pyvips.__version__,
+        "postgresql": versions.get("postgresql", "?"),
+        "rclone": versions.get("rclone", "?"),
+        "imgsvc": imgsvc.__version__,
+        "git_commit": commit,
+    }
+
+
+def _image_concurrency(extra_env: dict[str, str]) -> int:
+    """The service's image concurrency: IMGSVC_IMAGE_CONCURRENCY, else its default (cores)."""
+    value = extra_env.get("IMGSVC_IMAGE_CONCURRENCY")
+    return int(value) if value else max(1, os.cpu_count() or 1)
+
+
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run everything; exit 1 with a message if the system under test misbehaves."""
+    args = parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    started = time.monotonic()
+    files = imageset.read_folder(args.images_dir)
+    items = imageset.cycle(files, args.images)
+    groups = imageset.by_class(items)
+    extra_env = dict(args.env)
+    out: Path = args.out.absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(
+        f"bench: {len(items)} images from {args.images_dir} ({len(files)} files; "
+        + ", ".join(f"{k} {len(v)}" for k, v in groups.items())
+        + ")",
+        flush=True,
+    )
+
+    idle = procstat.CpuMeter()
+    idle.start()
+    time.sleep(1.0)
+    before_start = idle.stop()
+    if before_start["foreign_cores"] > 0.25:
+        print(
+            f"bench: warning: the machine is busy before the start "
+            f"({before_start['foreign_cores']:.2f} cores used by other processes); the figures will be noisy",
+            flush=True,
+        )
+
+    services = Services(
+        args.images_dir, extra_env=extra_env, keep=args.keep, log_dir=out.with_name(f"{out.stem}-logs")
+    )
+    options = pipeline.Options(
+        warmup=min(args.warmup, len(items)),
+        repeat=args.repeat,
+        status_rate=args.status_rate,
+        upload_rate=args.upload_rate,
+        timeout=args.timeout,
+        latency=not args.no_latency,
+        latency_seconds=args.latency_seconds,
+        profile=args.profile,
+        profile_rate=args.profile_rate,
+        profile_seconds=args.profile_seconds,
+        profile_output=out.with_name(f"{out.stem}-worker-profile.txt"),
+    )
+    try:
+        print("bench: starting PostgreSQL, rclone, the image server, the API and a worker", flush=True)
+        services.start()
+        measured = asyncio.run(pipeline.run(services, items, options))
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        for child in services.children:
+            print(f"--- {child.name} log (last lines) ---\n{child.tail(15)}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        print("bench: stopping the services", flush=True)
+        exit_codes = services.stop()
+    # rclone ends with the SIGTERM's status; imgsvc and the image server should end with 0.
+    unclean = {name: code for name, code in exit_codes.items() if code not in (0, None) and name != "rclone"}
+
+    threads = _image_concurrency(extra_env)
+    print(f"bench: ceiling, {threads} threads, {args.rounds} passes of each variant", flush=True)
+    codec_results = codec.measure(
+        groups, threads=threads, rounds=args.rounds, min_seconds=args.ceiling_seconds
+    )
+
+    results: dict[str, Any] = {
+        "generated_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(services.versions),
+        "run": {
+            "images": len(items),
+            "images_dir": str(args.images_dir),
+            "distinct_files": len(files),
+            "files": [
+                {
+                    "name": f.name,
+                    "bytes": len(f.data),
+                    "width": f.width,
+                    "height": f.height,
+                    "megapixels": round(f.megapixels, 3),
+                    "format": f.format,
+                    "class": f.size_class.key,
+                    "icc": f.has_icc,
+                    "orientation": f.orientation,
+                }
+                for f in files
+            ],
+            "icc_images": sum(1 for i in items if i.file.has_icc),
+            "rotated_images": sum(1 for i in items if i.file.orientation not in (0, 1)),
+            "classes": {
+                c.key: {
+                    "label": c.label,
+                    "low_mp": c.low,
+                    "high_mp": c.high,
+                    "images": len(groups.get(c.key, [])),
+                }
+                for c in imageset.CLASSES
+            },
+            "repeat": args.repeat,
+            "status_rate": args.status_rate,
+            "upload_rate": args.upload_rate,
+            "extra_env": extra_env,
+            "service_exit_codes": exit_codes,
+            "machine_cpu_before_start": {k: v for k, v in before_start.items() if k != "trees"},
+            "out": str(out),
+            "seconds": 0.0,
+        },
+        "pipeline": measured.as_json(),
+        "codec": codec_results.as_json(),
+    }
+    results["summary"] = report.summary_rows(results)
+    results["run"]["seconds"] = round(time.monotonic() - started, 1)
+    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(report.render(results))
+    problems = [m for c in measured.throughput for m in c.runs if m.batch.status != "completed"]
+    for m in problems:
+        print(f"bench: warning: the {m.group} request ended {m.batch.status}: {m.batch.errors[:3]}")
+    if unclean:
+        print(f"bench: warning: services exited with {unclean}")
+    print(f"bench: done in {results['run']['seconds']:.0f} s")

@@ -1,0 +1,145 @@
+"""How the SQL of one image, and of one status call, grows with the size of a request.
+
+    python -m bench.dbscale [--sizes 1000,10000,100000]
+
+In a private PostgreSQL (migrated with `imgsvc migrate`), makes one request per size
+with that many products and images, half of them done, and times with EXPLAIN ANALYZE
+(best of 5) the service's own named queries, read from its queries.sql:
+
+- ``finish_image_done``: run for every image, in the transaction that holds the
+  request row's lock (``lock_request``); timed inside a transaction that is rolled back;
+- ``finish_request_if_done``: for the image that finishes a request (it counts them all);
+- ``get_request``: the summary behind every GET /status.
+
+A query the service no longer has is reported as missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from imgsvc import db, localdb
+
+
+def _psql(cluster: localdb.LocalPostgres, *statements: str) -> str:
+    """Run statements in one session (one -c each), as the cluster's owner; return the output."""
+    args = [str(cluster.bindir / "psql"), "-X", "-q", "-tA", "-v", "ON_ERROR_STOP=1"]
+    args += ["-h", "127.0.0.1", "-p", str(cluster.port), "-U", "postgres", "-d", localdb.DATABASE]
+    for statement in statements:
+        args += ["-c", statement]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip())
+    return done.stdout
+
+
+def _best_ms(cluster: localdb.LocalPostgres, sql: str, *, rollback: bool = False, repeats: int = 5) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        explain = "EXPLAIN (ANALYZE, TIMING OFF) " + sql
+        plan = _psql(cluster, "BEGIN", explain, "ROLLBACK") if rollback else _psql(cluster, explain)
+        found = re.search(r"Execution Time: ([\d.]+) ms", plan)
+        if found is None:
+            raise RuntimeError(f"no execution time in:\n{plan}")
+        best = min(best, float(found.group(1)))
+    return best
+
+
+def _make_request(cluster: localdb.LocalPostgres, request_id: str, size: int) -> None:
+    def run(sql: str) -> None:
+        cluster.execute(sql, database=localdb.DATABASE)
+
+    run(
+        "INSERT INTO requests (id, product_count, image_count, status) "
+        f"VALUES ('{request_id}', {size}, {size}, 'processing')"
+    )
+    run(
+        "INSERT INTO products (request_id, position, line, serial, serial_number, name) "
+        f"SELECT '{request_id}', g, g + 1, g::text, g, 'product ' || g FROM generate_series(1, {size}) g"
+    )
+    run(
+        "INSERT INTO images (request_id, product_id, position, input_url, status) "
+        f"SELECT '{request_id}', p.id, 1, 'http://127.0.0.1/' || p.position, 'queued' "
+        f"FROM products p WHERE p.request_id = '{request_id}'"
+    )
+    # Half of them done ('done' rows need an output URL, by a check constraint).
+    run(
+        "UPDATE images SET status = 'done', output_url = 'http://127.0.0.1/out' "
+        f"WHERE request_id = '{request_id}' AND id % 2 = 0"
+    )
+    run("ANALYZE")
+
+
+def main() -> None:
+    """Print one line per size."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default="1000,10000,100000", help="images per request, comma-separated")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    queries = db.queries()
+    root = Path(tempfile.mkdtemp(prefix="imgsvc-dbscale-"))
+    os.chmod(root, 0o755)  # noqa: S103 - PostgreSQL runs as 'nobody' when we are root
+    cluster = localdb.LocalPostgres(root / "pg", fast=False)
+    try:
+        url = cluster.start()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGSVC_", "AWS_", "PG"))}
+        env |= {"DATABASE_URL": url, "IMGSVC_DATA_DIR": str(root / "data")}
+        subprocess.run(
+            [sys.executable, "-m", "imgsvc", "migrate"], env=env, check=True, capture_output=True, timeout=120
+        )
+        print(
+            "images   finish_image_done (every image)   finish_request_if_done (last image)"
+            "   get_request (every GET /status)"
+        )
+        for size in sizes:
+            request_id = f"00000000-0000-4000-8000-{size:012d}"
+            _make_request(cluster, request_id, size)
+            open_image = cluster.execute(
+                f"SELECT min(id) FROM images WHERE request_id = '{request_id}' AND status = 'queued'",
+                database=localdb.DATABASE,
+            )
+            values = {
+                1: open_image,
+                2: f"'{request_id}'::uuid",
+                3: "'k'",
+                4: "'http://127.0.0.1/out'",
+                5: "1000",
+                6: "500",
+                7: "100",
+                8: "100",
+                9: "'jpeg'",
+                10: "'jpeg'",
+                11: "90",
+                12: "45",
+                13: "false",
+            }
+            cells = []
+            for name, params, rollback in (
+                ("finish_image_done", values, True),
+                ("finish_request_if_done", {1: values[2]}, False),
+                ("get_request", {1: values[2]}, False),
+            ):
+                if name not in queries:
+                    cells.append(f"{'missing':>12}")
+                    continue
+                sql = queries[name]
+                for number in sorted(params, reverse=True):  # $13 before $1
+                    sql = sql.replace(f"${number}", params[number])
+                cells.append(f"{_best_ms(cluster, sql, rollback=rollback):9.2f} ms")
+            print(f"{size:>7}   {cells[0]:>30}   {cells[1]:>36}   {cells[2]:>31}")
+    finally:
+        cluster.remove()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

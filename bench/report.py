@@ -1,0 +1,269 @@
+"""The printed table, made from the same dictionary that is written as JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from bench import imageset
+
+_LABELS = {c.key: c.label for c in imageset.CLASSES} | {"all": "all classes"}
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align_left: int = 1) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [
+            str(cell).ljust(widths[i]) if i < align_left else str(cell).rjust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        return "  ".join(cells).rstrip()
+
+    return [line(header), line(["-" * w for w in widths]), *[line(r) for r in rows]]
+
+
+def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per size class and for all: pipeline, ceiling and their ratio (also put in the JSON)."""
+    pipeline = {m["group"]: m for m in results["pipeline"]["throughput"]}
+    ceiling = results["codec"]["ceiling"]
+    rows: list[dict[str, Any]] = []
+    for size_class in imageset.CLASSES:
+        p, c = pipeline.get(size_class.key), ceiling.get(size_class.key)
+        if p is None and not size_class.always:
+            continue
+        rows.append(_row(size_class.key, [(p, c)] if p and c else []))
+    rows.append(_row("all", [(p, ceiling[key]) for key, p in pipeline.items() if key in ceiling]))
+    return rows
+
+
+def _row(group: str, pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """Pipeline and ceiling on the same images: each class's images at the ceiling's rate
+    for that class (its passes may repeat the images to last long enough)."""
+    pipeline = [p for p, _ in pairs]
+    images = sum(p["images"] for p in pipeline)
+    if not images:
+        return {"group": group, "label": _LABELS[group], "images": 0}
+    mp = sum(p["megapixels"] for p in pipeline)
+    p_seconds = sum(p["seconds"] for p in pipeline)
+    p_cpu = sum(p["cpu_seconds_total"] for p in pipeline)
+    c_seconds = sum(p["images"] * c["seconds"] / c["images"] for p, c in pairs)
+    c_cpu = sum(p["images"] * c["cpu_seconds"] / c["images"] for p, c in pairs)
+    by_process: dict[str, float] = {}
+    for p in pipeline:
+        for name, value in p["cpu_seconds"].items():
+            by_process[name] = by_process.get(name, 0.0) + value
+    row: dict[str, Any] = {
+        "group": group,
+        "label": _LABELS[group],
+        "images": images,
+        "megapixels": round(mp, 2),
+        "pipeline_images_per_s": images / p_seconds,
+        "pipeline_images_per_s_range": [p["images_per_s_min"] for p in pipeline][:1]
+        + [p["images_per_s_max"] for p in pipeline][:1]
+        if len(pipeline) == 1
+        else None,
+        "pipeline_megapixels_per_s": mp / p_seconds,
+        "ceiling_images_per_s": images / c_seconds if c_seconds else None,
+        "ceiling_megapixels_per_s": mp / c_seconds if c_seconds else None,
+        "pipeline_cpu_s_per_image": p_cpu / images,
+        "ceiling_cpu_s_per_image": c_cpu / images,
+        "pipeline_cpu_s_per_image_by_process": {k: v / images for k, v in by_process.items()},
+    }
+    if c_seconds:
+        row["ratio_images_per_s"] = row["pipeline_images_per_s"] / row["ceiling_images_per_s"]
+        row["ratio_megapixels_per_s"] = row["pipeline_megapixels_per_s"] / row["ceiling_megapixels_per_s"]
+        row["ratio_cpu_per_image"] = row["pipeline_cpu_s_per_image"] / row["ceiling_cpu_s_per_image"]
+    return row
+
+
+def render(results: dict[str, Any]) -> str:
+    """The whole report as text."""
+    m, run = results["machine"], results["run"]
+    codec = results["codec"]
+    out: list[str] = [
+        "",
+        f"imgsvc benchmark: {run['images']} images from {run['images_dir']} ({run['distinct_files']} files), "
+        f"{m['cores']} cores, {m['memory_gib']} GiB, {m['cpu_model']}",
+        f"libvips {m['libvips']}, Python {m['python']}, PostgreSQL {m['postgresql']}, rclone {m['rclone']}, "
+        f"imgsvc {m['imgsvc']} ({m['git_commit']})",
+        "",
+        f"Throughput: upload to final status, one request per class, median of {run['repeat']} requests; "
+        f"ceiling = the service's compress() in a {codec['threads']}-thread pool, median of "
+        f"{codec['rounds']} passes",
+    ]
+    rows = []
+    for r in results["summary"]:
+        if not r["images"]:
+            rows.append([r["label"], "0", "no images", "", "", "", "", "", "", "", "", ""])
+            continue
+        rows.append(
+            [
+                r["label"],
+                str(r["images"]),
+                _num(r["megapixels"]),
+                _num(r["pipeline_images_per_s"], 2),
+                "-".join(f"{v:.1f}" for v in r["pipeline_images_per_s_range"] or []),
+                _num(r["pipeline_megapixels_per_s"]),
+                _num(r["ceiling_images_per_s"], 2),
+                _num(r["ceiling_megapixels_per_s"]),
+                _num(r.get("ratio_images_per_s"), 3),
+                _num(r.get("ratio_megapixels_per_s"), 3),
+                _num(r["pipeline_cpu_s_per_image"] * 1000, 0),
+                _num((r["ceiling_cpu_s_per_image"] or 0) * 1000, 0),
+            ]
+        )
+    out += _table(
+        [
+            "class",
+            "images",
+            "MP",
+            "img/s",
+            "(min-max)",
+            "MP/s",
+            "ceil img/s",
+            "ceil MP/s",
+            "img/s ratio",
+            "MP/s ratio",
+            "CPU ms/img",
+            "ceil CPU ms/img",
+        ],
+        rows,
+    )
+    everything = results["summary"][-1]
+    if everything["images"]:
+        parts = ", ".join(
+            f"{name} {v * 1000:.0f}" for name, v in everything["pipeline_cpu_s_per_image_by_process"].items()
+        )
+        out.append(f"Pipeline CPU ms per image by process (all classes): {parts}")
+
+    out += [
+        "",
+        "Encode settings, one added at a time (JPEG sources, same pool; CPU = this process, all threads)",
+    ]
+    rows = []
+    for group, variants in codec["variants"].items():
+        previous: float | None = None
+        for v in variants:
+            cpu = v["cpu_ms_per_image"]
+            delta = "" if previous is None or v["variant"] == "service_jpeg" else f"{cpu - previous:+.1f}"
+            if v["variant"] != "service_jpeg":
+                previous = cpu
+            rows.append(
+                [
+                    _LABELS[group] if v is variants[0] else "",
+                    v["label"],
+                    str(v["distinct_images"]),
+                    _num(v["images_per_s"], 1),
+                    _num(v["megapixels_per_s"], 1),
+                    _num(cpu, 1),
+                    delta,
+                    _num(v["cpu_ms_per_megapixel"], 1),
+                    _num((v["out_bytes_per_image"] or 0) / 1024, 0),
+                ]
+            )
+    out += _table(
+        ["class", "setting", "images", "img/s", "MP/s", "CPU ms/img", "+/- ms", "CPU ms/MP", "out KiB/img"],
+        rows,
+        align_left=2,
+    )
+    icc = run["icc_images"]
+    rot = run["rotated_images"]
+    out.append(
+        f"({icc} of {run['images']} images have an ICC profile; {rot} have an EXIF orientation other than 1)"
+    )
+
+    pipeline = results["pipeline"]
+    if pipeline["latency"]:
+        lb = pipeline["latency_batch"]
+        out += [
+            "",
+            f"Latency while a {lb['images']}-image request runs ({lb['seconds']:.1f} s, "
+            f"{lb['images_per_s']:.2f} img/s under this load); open loop, from the scheduled time",
+        ]
+        rows = [
+            [
+                s["name"],
+                _num(s["rate_per_s"], 1),
+                str(s["sent"]),
+                str(s["ok"]),
+                str(s["failed"] + s["unfinished"]),
+                _num(s["p50_ms"]),
+                _num(s["p90_ms"]),
+                _num(s["p99_ms"]),
+                _num(s["max_ms"]),
+            ]
+            for s in pipeline["latency"]
+        ]
+        out += _table(
+            ["endpoint", "rate/s", "sent", "ok", "failed", "p50 ms", "p90 ms", "p99 ms", "max ms"], rows
+        )
+
+    rss, hwm = pipeline["peak_rss_kib_whole_run"], pipeline["vm_hwm_kib"]
+    per_phase = ", ".join(
+        f"{_LABELS[t['group']]}: api {t['peak_rss_kib_all_repeats'].get('api', 0) / 1024:.0f}, "
+        f"worker {t['peak_rss_kib_all_repeats'].get('worker', 0) / 1024:.0f}"
+        for t in pipeline["throughput"]
+    )
+    out += [
+        "",
+        "Peak RSS, MiB (sampled every 50 ms; VmHWM = the kernel's high-water mark at the end)",
+        f"  api {rss.get('api', 0) / 1024:.0f} (VmHWM {(hwm.get('api') or 0) / 1024:.0f}), "
+        f"worker {rss.get('worker', 0) / 1024:.0f} (VmHWM {(hwm.get('worker') or 0) / 1024:.0f}), "
+        f"postgres (PSS, all processes) {rss.get('postgres', 0) / 1024:.0f}, "
+        f"rclone {rss.get('s3 (rclone)', 0) / 1024:.0f}; "
+        f"ceiling: this process {(codec['rss_before_kib'] or 0) / 1024:.0f} before, "
+        f"peak {(codec['peak_rss_kib'] or 0) / 1024:.0f}",
+        f"  during the throughput batches: {per_phase}",
+    ]
+
+    profile = pipeline.get("profile")
+    if profile:
+        out += ["", "Worker profile (py-spy)"]
+        if "error" in profile:
+            out.append(f"  {profile['error']}")
+        elif profile.get("samples"):
+            out.append(
+                f"  {profile['samples']} busy samples at {profile['rate_hz']} Hz over a "
+                f"{profile['images']}-image request: codec {profile['codec_percent']}%, outside the codec "
+                f"{profile['outside_codec_percent']}%"
+            )
+            if profile.get("event_loop_busy_percent") is not None:
+                out.append(
+                    f"  event loop (MainThread) busy {profile['event_loop_busy_percent']}% of the time"
+                )
+            out.append("  by stage, % of all busy samples:")
+            out += [f"    {e['percent_of_busy']:5.1f}%  {e['name']}" for e in profile.get("by_stage", [])]
+            for key, title in (
+                ("outside_codec_by_activity", "what the service was doing"),
+                ("outside_codec_by_package_self", "package of the innermost frame (self)"),
+                ("outside_codec_by_package_inclusive", "any frame in the package (inclusive)"),
+            ):
+                out.append(f"  outside the codec, by {title}, % of all busy samples:")
+                out += [f"    {e['percent_of_busy']:5.1f}%  {e['name']}" for e in profile[key][:8]]
+    foreign = {
+        "throughput": max((t["machine_cpu"]["foreign_cores"] for t in pipeline["throughput"]), default=0.0),
+        "latency": (pipeline["latency_batch"] or {}).get("machine_cpu", {}).get("foreign_cores", 0.0),
+        # the passes kept (a disturbed pass is done again, and the quietest attempt kept)
+        "ceiling": max(
+            (
+                f
+                for m in [*codec["ceiling"].values(), *(v for vs in codec["variants"].values() for v in vs)]
+                for f in m.get("passes_foreign_cores", [])
+            ),
+            default=codec["machine_cpu"]["foreign_cores"],
+        ),
+    }
+    out += [
+        "",
+        "Other load on the machine (CPU used by processes not ours, in cores): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in foreign.items()),
+    ]
+    if max(foreign.values()) > 0.1:
+        out.append("  WARNING: something else was using the CPU; these figures are not clean. Run again.")
+    out += ["", f"JSON: {run['out']}", ""]
+    return "\n".join(out)
