@@ -155,8 +155,9 @@ async def insert_request(
                 urls.append(url)
         await conn.execute(q["insert_images"], request_id, product_ids, positions, urls)
         queued = await conn.fetchval(q["defer_image_jobs"], request_id, queue, task, images_per_job)
-        if queued != image_count:
-            raise errors.ImgsvcError(f"queued {queued} jobs for {image_count} images")
+        expected = -(-image_count // images_per_job)
+        if queued != expected:
+            raise errors.ImgsvcError(f"queued {queued} jobs for {image_count} images; expected {expected}")
     return Inserted(
         request_id=str(request_id), products=len(products), images=image_count, csv_sha256=csv_sha256
     )

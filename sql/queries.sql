@@ -26,15 +26,14 @@ FROM unnest($2::bigint[], $3::integer[], $4::text[]) AS i (product_id, position,
 -- defer_image_jobs --
 -- One procrastinate job per batch of at most $4 images, in input order, through
 -- procrastinate's own defer function, in the caller's transaction: the request and
--- its jobs commit or vanish together. Returns how many images the jobs carry.
-SELECT sum(jsonb_array_length(ids))::int
-FROM (SELECT jsonb_agg(id ORDER BY id) AS ids
+-- its jobs commit or vanish together, in one call. Returns how many jobs were queued.
+SELECT cardinality(procrastinate_defer_jobs_v1(array_agg(
+    ROW($2, $3, 0, NULL, NULL, jsonb_build_object('image_ids', ids), NULL)
+    ::procrastinate_job_to_defer_v1 ORDER BY batch)))
+FROM (SELECT batch, jsonb_agg(id ORDER BY id) AS ids
       FROM (SELECT id, (row_number() OVER (ORDER BY id) - 1) / $4 AS batch
             FROM images WHERE request_id = $1) numbered
-      GROUP BY batch) batches,
-     LATERAL (SELECT procrastinate_defer_jobs_v1(ARRAY[
-         ROW($2, $3, 0, NULL, NULL, jsonb_build_object('image_ids', ids), NULL)
-         ::procrastinate_job_to_defer_v1])) deferred;
+      GROUP BY batch) batches;
 
 -- claim_image --
 -- A worker starts on an image (and on its request, if it was still queued), in one
