@@ -80,13 +80,9 @@ def _database(config: settings.Settings) -> Iterator[str]:
     if config.database_url:
         yield config.database_url
         return
-    cluster = localdb.LocalPostgres(config.data_dir / "pg")
-    url = cluster.start()
-    logger.info("local PostgreSQL: psql %s", url)
-    try:
-        yield url
-    finally:
-        cluster.stop()
+    with localdb.running(config.data_dir / "pg") as cluster:
+        logger.info("local PostgreSQL: psql %s", cluster.url)
+        yield cluster.url
 
 
 def _serve(config: settings.Settings, url: str, run_worker: bool) -> None:

@@ -76,7 +76,6 @@ _STD_LUMINANCE = (
     103,
     99,
 )
-_STD_SUM = sum(_STD_LUMINANCE)
 
 #: Encoders' nominal qualities, used where the bytes carry no quality to read.
 NOMINAL_QUALITY = {"webp": 75, "avif": 50, "heif": 50}
