@@ -362,7 +362,6 @@ async def get_status(pool: Pool, request_id: uuid.UUID, *, limit: int, offset: i
         summary = await conn.fetchrow(q["get_request"], request_id)
         if summary is None:
             return None
-        extra = await conn.fetchrow(q["get_request_extra"], request_id)
         products = await conn.fetch(q["get_products_page"], request_id, limit, offset)
         images = await conn.fetch(q["get_images_of_products"], [p["id"] for p in products])
         delivery = await conn.fetchrow(q["get_delivery_of_request"], request_id)
@@ -372,7 +371,14 @@ async def get_status(pool: Pool, request_id: uuid.UUID, *, limit: int, offset: i
         by_product.setdefault(fields.pop("product_id"), []).append(fields)
     return {
         "summary": dict(summary),
-        "extra": dict(extra) if extra else {},
-        "products": [dict(p) | {"images": by_product.get(p["id"], [])} for p in products],
+        "products": [
+            {
+                "serial": p["serial"],
+                "name": p["name"],
+                "position": p["position"],
+                "images": by_product.get(p["id"], []),
+            }
+            for p in products
+        ],
         "webhook": dict(delivery) if delivery is not None else None,
     }

@@ -32,6 +32,10 @@ FINAL_REQUEST_STATUSES = frozenset(
 )
 
 
+#: The counts a request reports, by image status, with their total.
+COUNTS = ("total", "queued", "processing", "done", "failed", "cancelled")
+
+
 class ImageStatus(enum.StrEnum):
     """Where one image is; the SQL check constraint lists the same values."""
 

@@ -94,11 +94,8 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Counts": {
         "type": "object",
-        "required": ["total", "queued", "processing", "done", "failed", "cancelled"],
-        "properties": {
-            name: {"type": "integer", "minimum": 0}
-            for name in ("total", "queued", "processing", "done", "failed", "cancelled")
-        },
+        "required": list(models.COUNTS),
+        "properties": {name: {"type": "integer", "minimum": 0} for name in models.COUNTS},
     },
     "Image": {
         "type": "object",

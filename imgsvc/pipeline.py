@@ -206,7 +206,7 @@ async def complete_request(res: resources.Resources, request_id: str) -> str:
             request_id=request_id,
             status=info["status"],
             output_csv_url=url,
-            counts={k: info[k] for k in ("total", "queued", "processing", "done", "failed", "cancelled")},
+            counts={name: info[name] for name in models.COUNTS},
             status_url=f"{res.settings.base_url}/status/{request_id}",
             completed_at=info["completed_at"].isoformat(),
         )

@@ -246,74 +246,36 @@ async def status(request: Request) -> Response:
     found = await db.get_status(res.pool, request_id, limit=per_page, offset=(page - 1) * per_page)
     if found is None:
         raise HTTPException(404, f"no request with id {request_id}")
-    s, extra = found["summary"], found["extra"]
-    total_products = extra["product_count"]
+    s = found["summary"]
     base = f"{res.settings.base_url}/status/{request_id}"
     products = [
-        {
-            "serial": p["serial"],
-            "name": p["name"],
-            "position": p["position"],
-            "images": [
-                {
-                    "position": i["position"],
-                    "input_url": ingest.redact_url(i["input_url"]),
-                    "status": i["status"],
-                    "output_url": i["output_url"],
-                    "error": i["error"],
-                    "bytes_in": i["bytes_in"],
-                    "bytes_out": i["bytes_out"],
-                    "width": i["width"],
-                    "height": i["height"],
-                    "format_in": i["format_in"],
-                    "format_out": i["format_out"],
-                    "quality_in": i["quality_in"],
-                    "quality_out": i["quality_out"],
-                    "kept_original": i["kept_original"],
-                    "attempts": i["attempts"],
-                }
-                for i in p["images"]
-            ],
-        }
+        p | {"images": [i | {"input_url": ingest.redact_url(i["input_url"])} for i in p["images"]]}
         for p in found["products"]
     ]
-    finished = s["done"] + s["failed"] + s["cancelled"]
     webhook = found["webhook"]
     if webhook is not None:
-        webhook = {
-            "event_id": webhook["event_id"],
-            "state": webhook["state"],
-            "attempts": webhook["attempts"],
-            "last_status": webhook["last_status"],
-            "last_error": webhook["last_error"],
-            "delivered_at": _iso(webhook["delivered_at"]),
-        }
+        webhook |= {"delivered_at": _iso(webhook["delivered_at"])}
+    counts = {name: s[name] for name in models.COUNTS}
+    finished = s["done"] + s["failed"] + s["cancelled"]
     return _json(
         {
             "request_id": str(request_id),
             "status": s["status"],
-            "file_name": extra["file_name"],
+            "file_name": s["file_name"],
             "created_at": _iso(s["created_at"]),
             "updated_at": _iso(s["updated_at"]),
-            "started_at": _iso(extra["started_at"]),
+            "started_at": _iso(s["started_at"]),
             "completed_at": _iso(s["completed_at"]),
-            "counts": {
-                "total": s["total"],
-                "queued": s["queued"],
-                "processing": s["processing"],
-                "done": s["done"],
-                "failed": s["failed"],
-                "cancelled": s["cancelled"],
-            },
+            "counts": counts,
             "progress": round(finished / s["total"], 4) if s["total"] else 1.0,
-            "bytes_in": int(s["bytes_in"]),
-            "bytes_out": int(s["bytes_out"]),
+            "bytes_in": s["bytes_in"],
+            "bytes_out": s["bytes_out"],
             "status_url": base,
-            "output_csv_url": extra["output_csv_url"],
+            "output_csv_url": s["output_csv_url"],
             "output_csv_download_url": f"{res.settings.base_url}/requests/{request_id}/output.csv",
             "webhook": webhook,
             "products": products,
-            "page": _page_info(page, per_page, "total_products", total_products, base),
+            "page": _page_info(page, per_page, "total_products", s["product_count"], base),
         }
     )
 
@@ -444,9 +406,7 @@ async def list_requests(request: Request) -> Response:
                     "request_id": row["request_id"],
                     "status": row["status"],
                     "file_name": row["file_name"],
-                    "counts": {
-                        k: row[k] for k in ("total", "queued", "processing", "done", "failed", "cancelled")
-                    },
+                    "counts": {name: row[name] for name in models.COUNTS},
                     "percent": row["percent"],
                     "created_at": _iso(row["created_at"]),
                     "completed_at": _iso(row["completed_at"]),

@@ -108,9 +108,11 @@ WHERE r.id = $1 AND r.status IN ('queued', 'processing') AND c.open = 0
 RETURNING r.status;
 
 -- get_request --
-SELECT request_id, status, total, queued, processing, done, failed, cancelled, percent, bytes_in,
-       bytes_out, created_at, updated_at, completed_at
-FROM request_progress WHERE request_id = $1;
+SELECT pr.request_id, pr.status, pr.total, pr.queued, pr.processing, pr.done, pr.failed,
+       pr.cancelled, pr.percent, pr.bytes_in, pr.bytes_out, pr.created_at, pr.updated_at,
+       pr.completed_at, r.file_name, r.product_count, r.started_at, r.output_csv_url
+FROM request_progress pr JOIN requests r ON r.id = pr.request_id
+WHERE pr.request_id = $1;
 
 -- list_requests --
 -- Newest first, optionally of one status; the total is in every row.
@@ -132,9 +134,6 @@ WHERE id = $1;
 
 -- job_counts --
 SELECT queue_name, status::text, count(*) FROM procrastinate_jobs GROUP BY 1, 2;
-
--- get_request_extra --
-SELECT file_name, product_count, started_at, output_csv_url FROM requests WHERE id = $1;
 
 -- get_products_page --
 SELECT p.id, p.position, p.serial, p.name
