@@ -13,7 +13,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any, BinaryIO
 
 import prometheus_client
@@ -170,13 +170,18 @@ def _idempotency_key(request: Request) -> str | None:
 
 
 def _digest_and_parse(file: BinaryIO, limits: ingest.Limits) -> tuple[str, list[models.Product]]:
-    """The file's SHA-256 and its products (or CsvInvalid); blocking, so run in a thread."""
+    """The file's SHA-256 and its products (or CsvInvalid), in one pass; blocking, so run in a
+    thread. The digest matters only when the parse succeeds, which reads every line."""
     file.seek(0)
     digest = hashlib.sha256()
-    for chunk in iter(lambda: file.read(1024 * 1024), b""):
-        digest.update(chunk)
-    file.seek(0)
-    return digest.hexdigest(), ingest.parse_csv(file, limits)
+
+    def lines() -> Iterator[bytes]:
+        for line in file:
+            digest.update(line)
+            yield line
+
+    products = ingest.parse_csv(lines(), limits)
+    return digest.hexdigest(), products
 
 
 async def _checked_webhook_url(value: object, res: resources.Resources) -> str | None:
