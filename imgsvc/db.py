@@ -13,7 +13,7 @@ import functools
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -100,66 +100,89 @@ async def insert_request(
     *,
     file_name: str | None,
     webhook_url: str | None,
-    products: Sequence[models.Product],
+    products: Iterable[models.Product] | AsyncIterable[models.Product],
     queue: str,
     task: str,
     images_per_job: int = 1,
     idempotency_key: str | None = None,
     csv_sha256: str | None = None,
 ) -> Inserted:
-    """Store a request, its products and images, and queue a job per image, atomically.
+    """Store a request, its products and images, and queue its jobs, atomically.
 
-    With an ``idempotency_key`` that an earlier request has, nothing is stored and that
-    request is returned (``replayed``).
+    The products are streamed into the database as they come (COPY into a temporary
+    table), so a large file is never held in memory; whatever ``products`` raises
+    (CsvInvalid, say) rolls everything back. With an ``idempotency_key`` that an
+    earlier request has, nothing is stored and that request is returned (``replayed``).
     """
-    request_id = uuid.uuid4()
-    image_count = sum(len(p.urls) for p in products)
     q = queries()
-    async with translated(), pool.acquire() as conn, conn.transaction():
-        created = await conn.fetchval(
-            q["insert_request"],
-            request_id,
-            file_name,
-            webhook_url,
-            len(products),
-            image_count,
-            idempotency_key,
-            csv_sha256,
-        )
-        if created is None:
+    async with translated(), pool.acquire() as conn:
+        if idempotency_key is not None:
             earlier = await conn.fetchrow(q["get_request_by_idempotency_key"], idempotency_key)
-            return Inserted(
-                request_id=earlier["id"],
-                products=earlier["product_count"],
-                images=earlier["image_count"],
-                replayed=True,
-                csv_sha256=earlier["csv_sha256"],
+            if earlier is not None:
+                return _replayed(earlier)
+        async with conn.transaction():
+            await conn.execute(q["create_upload_rows"])
+            counted = _Counted(products)
+            await conn.copy_records_to_table("upload_rows", records=counted.rows(), columns=_UPLOAD_COLUMNS)
+            request_id = uuid.uuid4()
+            created = await conn.fetchval(
+                q["insert_request"],
+                request_id,
+                file_name,
+                webhook_url,
+                counted.products,
+                counted.images,
+                idempotency_key,
+                csv_sha256,
             )
-        rows = await conn.fetch(
-            q["insert_products"],
-            request_id,
-            list(range(1, len(products) + 1)),
-            [p.line for p in products],
-            [p.serial for p in products],
-            [p.serial_number for p in products],
-            [p.name for p in products],
-        )
-        ids = {row["position"]: row["id"] for row in rows}
-        product_ids: list[int] = []
-        positions: list[int] = []
-        urls: list[str] = []
-        for index, product in enumerate(products, start=1):
-            for position, url in enumerate(product.urls, start=1):
-                product_ids.append(ids[index])
-                positions.append(position)
-                urls.append(url)
-        await conn.execute(q["insert_images"], request_id, product_ids, positions, urls)
-        queued = await conn.fetchval(q["defer_image_jobs"], request_id, queue, task, images_per_job)
-        expected = -(-image_count // images_per_job)
-        if queued != expected:
-            raise errors.ImgsvcError(f"queued {queued} jobs for {image_count} images; expected {expected}")
+            if created is None:  # the same key, committed while this file was read
+                return _replayed(await conn.fetchrow(q["get_request_by_idempotency_key"], idempotency_key))
+            await conn.execute(q["insert_products"], request_id)
+            await conn.execute(q["insert_images"], request_id)
+            queued = await conn.fetchval(q["defer_image_jobs"], request_id, queue, task, images_per_job)
+            expected = -(-counted.images // images_per_job)
+            if queued != expected:
+                raise errors.ImgsvcError(
+                    f"queued {queued} jobs for {counted.images} images; expected {expected}"
+                )
     return Inserted(
-        request_id=str(request_id), products=len(products), images=image_count, csv_sha256=csv_sha256
+        request_id=str(request_id), products=counted.products, images=counted.images, csv_sha256=csv_sha256
+    )
+
+
+_UPLOAD_COLUMNS = ("position", "line", "serial", "serial_number", "name", "urls")
+
+
+class _Counted:
+    """Products as rows of ``upload_rows``, counted on the way."""
+
+    def __init__(self, products: Iterable[models.Product] | AsyncIterable[models.Product]) -> None:
+        self._products = products
+        self.products = 0
+        self.images = 0
+
+    async def rows(self) -> AsyncIterator[tuple[Any, ...]]:
+        source = self._products
+        if isinstance(source, AsyncIterable):
+            async for product in source:
+                yield self._row(product)
+        else:
+            for product in source:
+                yield self._row(product)
+
+    def _row(self, p: models.Product) -> tuple[Any, ...]:
+        self.products += 1
+        self.images += len(p.urls)
+        return (self.products, p.line, p.serial, p.serial_number, p.name, p.urls)
+
+
+def _replayed(earlier: asyncpg.Record) -> Inserted:
+    return Inserted(
+        request_id=earlier["id"],
+        products=earlier["product_count"],
+        images=earlier["image_count"],
+        replayed=True,
+        csv_sha256=earlier["csv_sha256"],
     )
 
 

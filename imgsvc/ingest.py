@@ -1,12 +1,14 @@
 """CSV bytes -> validated products. Pure: no I/O beyond reading the file given.
 
-The whole file is checked before anything is stored: every problem is collected
-with its line and column (the first ``max_problems`` are reported), and the caller
-gets either all the products or ``CsvInvalid``.
+Every problem in the file is collected with its line and column (the first
+``max_problems`` are reported). ``Reader`` hands out the valid products one at a time,
+so a caller can store them as they come and throw everything away if ``check()``
+raises ``CsvInvalid`` at the end; ``parse_csv`` is the same as one list.
 """
 
 from __future__ import annotations
 
+import array
 import csv
 import dataclasses
 import re
@@ -19,7 +21,11 @@ from imgsvc import errors, models
 COLUMNS = ("S. No.", "Product Name", "Input Image Urls")
 _HEADER_KEYS = ("sno", "productname", "inputimageurls")
 _SERIAL = re.compile(r"\s*(\d{1,9})\s*\.?\s*")
+_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f]")
 _HOST = re.compile(r"[A-Za-z0-9.\-\[\]:_%]+")
+# The common case, checked without urlsplit (a third of the parse): scheme, a plain
+# host name, an optional port from 1, then a path, query or fragment, or nothing.
+_PLAIN_URL = re.compile(r"(?i:https?)://[A-Za-z0-9.\-]+(?::([1-9][0-9]{0,4}))?(?:[/?#][^\s\x00-\x1f]*)?")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -41,7 +47,19 @@ def check_url(url: str, max_length: int) -> str | None:
     """Why ``url`` cannot be fetched, or None when it looks fetchable."""
     if len(url) > max_length:
         return f"URL is {len(url)} characters long; the limit is {max_length}"
-    if any(ch.isspace() or ord(ch) < 32 for ch in url):
+    if is_plain_url(url):
+        return None
+    return _check_url_parts(url)
+
+
+def is_plain_url(url: str) -> bool:
+    """True for a URL of the common shape, which ``check_url`` accepts without parsing."""
+    plain = _PLAIN_URL.fullmatch(url)
+    return plain is not None and (plain.group(1) is None or int(plain.group(1)) <= 65535)
+
+
+def _check_url_parts(url: str) -> str | None:
+    if _SPACE_OR_CONTROL.search(url):
         return "URL contains spaces or control characters"
     try:
         parts = urlsplit(url)
@@ -96,49 +114,90 @@ class _Problems:
             item["message"] = message
             self.items.append(item)
 
+    def sorted(self) -> list[dict[str, Any]]:
+        """The problems kept, by line and column (duplicate serial numbers are found last)."""
+        return sorted(self.items, key=lambda item: (item["line"], item.get("column", 0)))
 
-def parse_csv(data: Iterable[bytes], limits: Limits) -> list[models.Product]:
-    """Read a whole CSV (an iterable of byte lines) into products, or raise CsvInvalid."""
-    problems = _Problems(limits.max_problems)
-    reader = csv.reader(_decoded_lines(data, problems), strict=True, skipinitialspace=True)
-    products: list[models.Product] = []
-    seen: dict[int, int] = {}
-    images = 0
-    header_done = False
-    blank_lines: list[int] = []
-    last_line = 0
-    try:
-        for row in reader:
-            line = last_line + 1
-            last_line = reader.line_num
-            if not header_done:
-                header_done = True
-                _check_header(row, line, problems)
-                continue
-            if not row:
-                blank_lines.append(line)
-                continue
-            for blank in blank_lines:
-                problems.add(blank, None, "empty line")
-            blank_lines.clear()
-            if len(products) >= limits.max_rows:
-                problems.add(line, None, f"more than {limits.max_rows} product rows (the limit)")
-                break
-            product = _check_row(row, line, limits, problems, seen)
-            if product is not None:
-                products.append(product)
-                images += len(product.urls)
-                if images > limits.max_images:
+
+class Reader:
+    """Reads a CSV (an iterable of byte lines) product by product, keeping only what
+    the checks need: the problems, the counts and each serial number as an 8-byte
+    integer. Iterate it to get the valid products in order, then call ``check()``,
+    which raises CsvInvalid when the file had any problem."""
+
+    def __init__(self, data: Iterable[bytes], limits: Limits) -> None:
+        self._data = data
+        self.limits = limits
+        self.problems = _Problems(limits.max_problems)
+        self.products = 0
+        self.images = 0
+        # Serial number << 32 | line, one per row with a valid serial number:
+        # duplicates are found by sorting, at the end.
+        self._serials = array.array("q")
+
+    def __iter__(self) -> Iterator[models.Product]:
+        limits, problems = self.limits, self.problems
+        reader = csv.reader(_decoded_lines(self._data, problems), strict=True, skipinitialspace=True)
+        header_done = False
+        blank_lines: list[int] = []
+        last_line = 0
+        try:
+            for row in reader:
+                line = last_line + 1
+                last_line = reader.line_num
+                if not header_done:
+                    header_done = True
+                    _check_header(row, line, problems)
+                    continue
+                if not row:
+                    blank_lines.append(line)
+                    continue
+                for blank in blank_lines:
+                    problems.add(blank, None, "empty line")
+                blank_lines.clear()
+                if self.products >= limits.max_rows:
+                    problems.add(line, None, f"more than {limits.max_rows} product rows (the limit)")
+                    break
+                product = _check_row(row, line, limits, problems, self._serials)
+                if product is None:
+                    continue
+                self.products += 1
+                self.images += len(product.urls)
+                if self.images > limits.max_images:
                     problems.add(line, 3, f"more than {limits.max_images} images in the file (the limit)")
                     break
-    except csv.Error as exc:
-        problems.add(reader.line_num or 1, None, f"malformed CSV: {exc}")
-    if not header_done:
-        problems.add(1, None, "the file is empty; expected the header " + ",".join(COLUMNS))
-    elif not products and problems.total == 0:
-        problems.add(max(last_line, 1), None, "the file has a header but no product rows")
-    if problems.total:
-        raise errors.CsvInvalid(problems.items, problems.total)
+                yield product
+        except csv.Error as exc:
+            problems.add(reader.line_num or 1, None, f"malformed CSV: {exc}")
+        if not header_done:
+            problems.add(1, None, "the file is empty; expected the header " + ",".join(COLUMNS))
+        elif not self.products and problems.total == 0:
+            problems.add(max(last_line, 1), None, "the file has a header but no product rows")
+        self._check_duplicates()
+
+    def _check_duplicates(self) -> None:
+        first: dict[int, int] = {}
+        previous = -1
+        for key in sorted(self._serials):
+            number, line = key >> 32, key & 0xFFFFFFFF
+            if number == previous:
+                self.problems.add(line, 1, f"serial number {number} is already used on line {first[number]}")
+            else:
+                first = {number: line}
+                previous = number
+        self._serials = array.array("q")
+
+    def check(self) -> None:
+        """Raise CsvInvalid if the file, read to its end, had any problem."""
+        if self.problems.total:
+            raise errors.CsvInvalid(self.problems.sorted(), self.problems.total)
+
+
+def parse_csv(data: Iterable[bytes], limits: Limits) -> list[models.Product]:
+    """Read a whole CSV into products, or raise CsvInvalid."""
+    reader = Reader(data, limits)
+    products = list(reader)
+    reader.check()
     return products
 
 
@@ -152,7 +211,7 @@ def _check_header(row: list[str], line: int, problems: _Problems) -> None:
 
 
 def _check_row(
-    row: list[str], line: int, limits: Limits, problems: _Problems, seen: dict[int, int]
+    row: list[str], line: int, limits: Limits, problems: _Problems, serials: array.array[int]
 ) -> models.Product | None:
     cells = [cell.strip() for cell in row]
     if not any(cells):
@@ -176,12 +235,7 @@ def _check_row(
         problems.add(line, 1, f"{serial!r} is not a serial number (expected a whole number like 1 or 1.)")
     else:
         serial_number = int(match.group(1))
-        if serial_number in seen:
-            problems.add(
-                line, 1, f"serial number {serial_number} is already used on line {seen[serial_number]}"
-            )
-        else:
-            seen[serial_number] = line
+        serials.append(serial_number << 32 | line)
     if not name:
         problems.add(line, 2, "the product name is empty")
     urls = tuple(piece.strip() for piece in url_cell.split(",") if piece.strip())

@@ -10,10 +10,11 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, BinaryIO
 
 import prometheus_client
@@ -114,12 +115,12 @@ async def upload(request: Request) -> Response:
         if not isinstance(file, UploadFile):
             raise errors.UploadError("the form has no file in the field 'file'", code="missing_file")
         webhook_url = await _checked_webhook_url(form.get("webhook_url"), res)
-        digest, products = await asyncio.to_thread(_digest_and_parse, file.file, _csv_limits(config))
+        digest = await asyncio.to_thread(_sha256, file.file)
         stored = await db.insert_request(
             res.pool,
             file_name=file.filename,
             webhook_url=webhook_url,
-            products=products,
+            products=_products(file.file, _csv_limits(config)),
             queue=pipeline.IMAGE_QUEUE,
             task=pipeline.PROCESS_IMAGES,
             images_per_job=config.images_per_job,
@@ -169,19 +170,31 @@ def _idempotency_key(request: Request) -> str | None:
     return key
 
 
-def _digest_and_parse(file: BinaryIO, limits: ingest.Limits) -> tuple[str, list[models.Product]]:
-    """The file's SHA-256 and its products (or CsvInvalid), in one pass; blocking, so run in a
-    thread. The digest matters only when the parse succeeds, which reads every line."""
+def _sha256(file: BinaryIO) -> str:
+    """The uploaded file's SHA-256 (blocking: run it in a thread)."""
     file.seek(0)
     digest = hashlib.sha256()
+    while block := file.read(1 << 20):
+        digest.update(block)
+    return digest.hexdigest()
 
-    def lines() -> Iterator[bytes]:
-        for line in file:
-            digest.update(line)
-            yield line
 
-    products = ingest.parse_csv(lines(), limits)
-    return digest.hexdigest(), products
+async def _products(file: BinaryIO, limits: ingest.Limits) -> AsyncIterator[models.Product]:
+    """The file's valid products, read in a thread a slice at a time so the event loop
+    stays free, and none held longer than it takes to store them. After the first
+    problem nothing more is handed out, but the file is read to its end so that every
+    problem is reported; then CsvInvalid is raised, which undoes what was stored."""
+    file.seek(0)
+    reader = ingest.Reader(file, limits)
+    products = iter(reader)
+    while chunk := await asyncio.to_thread(list, itertools.islice(products, _PARSE_SLICE)):
+        if reader.problems.total == 0:
+            for product in chunk:
+                yield product
+    reader.check()
+
+
+_PARSE_SLICE = 2000  # products read per trip to the thread
 
 
 async def _checked_webhook_url(value: object, res: resources.Resources) -> str | None:

@@ -11,17 +11,30 @@ RETURNING id;
 -- get_request_by_idempotency_key --
 SELECT id::text, csv_sha256, product_count, image_count FROM requests WHERE idempotency_key = $1;
 
+-- create_upload_rows --
+-- The rows of an upload as they are read, before the request exists; dropped at the
+-- end of the storing transaction.
+CREATE TEMPORARY TABLE upload_rows (
+    position        integer NOT NULL,
+    line            integer NOT NULL,
+    serial          text NOT NULL,
+    serial_number   integer NOT NULL,
+    name            text NOT NULL,
+    urls            text[] NOT NULL
+) ON COMMIT DROP;
+
 -- insert_products --
 INSERT INTO products (request_id, position, line, serial, serial_number, name)
-SELECT $1, p.position, p.line, p.serial, p.serial_number, p.name
-FROM unnest($2::integer[], $3::integer[], $4::text[], $5::integer[], $6::text[])
-     AS p (position, line, serial, serial_number, name)
-RETURNING id, position;
+SELECT $1, position, line, serial, serial_number, name FROM upload_rows ORDER BY position;
 
 -- insert_images --
+-- Image ids follow the input order: products by position, then URLs as listed.
 INSERT INTO images (request_id, product_id, position, input_url)
-SELECT $1, i.product_id, i.position, i.input_url
-FROM unnest($2::bigint[], $3::integer[], $4::text[]) AS i (product_id, position, input_url);
+SELECT $1, p.id, u.position, u.url
+FROM upload_rows r
+JOIN products p ON p.request_id = $1 AND p.position = r.position
+CROSS JOIN LATERAL unnest(r.urls) WITH ORDINALITY AS u (url, position)
+ORDER BY r.position, u.position;
 
 -- defer_image_jobs --
 -- One procrastinate job per batch of at most $4 images, in input order, through

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -91,6 +92,39 @@ async def test_no_request_without_its_jobs_and_no_job_without_its_request(databa
             await store(pool, product(1, 3))
         for table in ("requests", "products", "images", "procrastinate_jobs"):
             assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0, table
+    finally:
+        await pool.close()
+
+
+async def test_a_problem_found_late_in_a_streamed_file_undoes_everything(database_url: str) -> None:
+    """Products reach the database while the file is still being read: a problem found
+    after thousands of them must take them all back, and leave the connection usable."""
+    pool = await db.create_pool(database_url, min_size=1, max_size=1)
+
+    async def late_problem() -> AsyncIterator[models.Product]:
+        for serial in range(1, 5001):
+            yield product(serial, 2)
+        raise errors.CsvInvalid([{"line": 5002, "message": "the product name is empty"}], 1)
+
+    try:
+        with pytest.raises(errors.CsvInvalid):
+            await db.insert_request(
+                pool,
+                file_name="p.csv",
+                webhook_url=None,
+                products=late_problem(),
+                queue=pipeline.IMAGE_QUEUE,
+                task=pipeline.PROCESS_IMAGES,
+            )
+        for table in ("requests", "products", "images", "procrastinate_jobs"):
+            assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0, table
+        # The same (only) connection takes the next upload: the staging table went with
+        # the transaction.
+        request_id = await store(pool, product(1, 3), product(2, 1))
+        stored = await pool.fetchrow(
+            "SELECT product_count, image_count FROM requests WHERE id = $1", uuid.UUID(request_id)
+        )
+        assert tuple(stored) == (2, 4)
     finally:
         await pool.close()
 

@@ -67,3 +67,46 @@ def test_what_a_csv_writer_writes_is_read_back(rows: list[tuple[str, list[str]]]
     assert [(p.serial_number, p.name, list(p.urls)) for p in products] == [
         (serial, name.strip(), row_urls) for serial, (name, row_urls) in enumerate(rows, start=1)
     ]
+
+
+URL_PIECES = st.sampled_from(
+    [
+        "http",
+        "https",
+        "HTTP",
+        "ftp",
+        "://",
+        ":",
+        "/",
+        "?",
+        "#",
+        "@",
+        "[",
+        "]",
+        ".",
+        "-",
+        "_",
+        "%",
+        " ",
+        "\t",
+        "\x01",
+        "a",
+        "shop",
+        "é",
+        "0",
+        "1",
+        "80",
+        "99999",
+        "65535",
+        "0x",
+        "user:pw",
+    ]
+)
+
+
+@settings(max_examples=1000)
+@given(st.sampled_from(["http://", "HTTPS://", "ftp://", ""]), st.lists(URL_PIECES, max_size=12).map("".join))
+def test_the_plain_url_shortcut_accepts_only_what_the_full_check_accepts(start: str, rest: str) -> None:
+    url = start + rest
+    if ingest.is_plain_url(url):
+        assert ingest._check_url_parts(url) is None
