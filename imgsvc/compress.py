@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import dataclasses
 import io
+import os
 import re
 import threading
 import warnings
@@ -94,6 +95,17 @@ def configure(*, allow_svg: bool = False, pixels_in_flight: int = 0) -> None:
     # cap the arenas (the benchmark measured the worker's peak halved).
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, 2)
+
+
+def lower_priority(steps: int) -> None:
+    """Make the calling thread ``steps`` nice levels lower. Meant for the image threads:
+    the libvips threads they start inherit it, so image work takes the CPU that event
+    loops, PostgreSQL and an API on the same machine leave, instead of delaying them."""
+    if steps <= 0:
+        return
+    thread = threading.get_native_id()
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + steps)
 
 
 def _first_line(exc: pyvips.Error) -> str:

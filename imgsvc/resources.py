@@ -110,7 +110,12 @@ async def opened(
         else:
             config.local_storage_dir.mkdir(parents=True, exist_ok=True)
             store = storage.LocalStorage(config.local_storage_dir, f"{config.base_url}/files")
-        images = ThreadPoolExecutor(max_workers=config.image_concurrency, thread_name_prefix="imgsvc-image")
+        images = ThreadPoolExecutor(
+            max_workers=config.image_concurrency,
+            thread_name_prefix="imgsvc-image",
+            initializer=compress.lower_priority,
+            initargs=(config.image_nice,),
+        )
         stack.callback(images.shutdown, wait=True, cancel_futures=True)
         yield Resources(
             settings=config,

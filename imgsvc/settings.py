@@ -72,6 +72,7 @@ class Settings:
     download_concurrency: int = 32
     download_per_host: int = 8
     image_concurrency: int = max(1, os.cpu_count() or 1)
+    image_nice: int = 10
     upload_concurrency: int = 16
     worker_concurrency: int = 8
     images_per_job: int = 8
@@ -125,6 +126,13 @@ def _parsed(
 def _positive_int(raw: str) -> int:
     value = int(raw.replace("_", ""))
     if value < 1:
+        raise ValueError(raw)
+    return value
+
+
+def _nice_steps(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 19:
         raise ValueError(raw)
     return value
 
@@ -302,6 +310,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         download_concurrency=num("DOWNLOAD_CONCURRENCY", d.download_concurrency),
         download_per_host=num("DOWNLOAD_PER_HOST", d.download_per_host),
         image_concurrency=num("IMAGE_CONCURRENCY", d.image_concurrency),
+        image_nice=_parsed(env, p + "IMAGE_NICE", d.image_nice, _nice_steps, "a whole number from 0 to 19"),
         upload_concurrency=num("UPLOAD_CONCURRENCY", d.upload_concurrency),
         worker_concurrency=num("WORKER_CONCURRENCY", d.worker_concurrency),
         images_per_job=num("IMAGES_PER_JOB", d.images_per_job),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,33 @@ def test_bad_bytes_fail_with_a_reason(data: bytes, words: str) -> None:
     compress.configure()
     with pytest.raises(errors.NotAnImage, match=words):
         compress.compress(data, LIMITS)
+
+
+_NICE_PROBE = """
+import glob, sys
+from concurrent.futures import ThreadPoolExecutor
+from imgsvc import compress
+compress.configure()
+data = open(sys.argv[1], "rb").read()
+with ThreadPoolExecutor(2, initializer=compress.lower_priority, initargs=(7,)) as pool:
+    list(pool.map(lambda _: compress.compress(data, compress.Limits()), range(4)))
+    for task in sorted(glob.glob("/proc/self/task/*")):
+        name = open(task + "/comm").read().strip()
+        nice = open(task + "/stat").read().rsplit(")", 1)[1].split()[16]
+        print(name, nice)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread priorities from /proc")
+def test_image_threads_and_the_libvips_threads_they_start_run_at_lower_priority() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _NICE_PROBE, str(IMAGES / "bimg_northern_cardinal_bird.jpg")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    threads = [line.rsplit(" ", 1) for line in out.splitlines()]
+    main, *others = threads
+    assert main[1] == "0"
+    assert any(name == "libvips worker" for name, _ in others)
+    assert {nice for _, nice in others} == {"7"}, threads
