@@ -13,7 +13,11 @@ Phases, in one run of the services:
    GET /status/{id} (the full first page, as a client would) and POST /upload (a
    one-row CSV whose image answers 404, so it adds no codec work);
 4. profile (optional): one more such request with py-spy sampling the worker; its
-   timings are not used elsewhere, since sampling slows the worker.
+   timings are not used elsewhere, since sampling slows the worker;
+5. large uploads (bench/uploads.py): the worker is stopped, then a 10,000-row CSV is
+   uploaded several times (timed to the 202 answer) and one CSV of just under 50 MiB
+   (the API's RSS sampled every 20 ms). The whole-run peaks and VmHWM above are read
+   before this phase, so they describe the image work only.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 
 import aiohttp
 
-from bench import imageset, load, procstat, profiling
+from bench import imageset, load, procstat, profiling, uploads
 from bench.services import Services
 
 MAX_EXPANSION = 50  # at most this many copies of the image list in one request
@@ -50,6 +54,10 @@ class Options:
     profile_rate: int
     profile_seconds: float
     profile_output: Path
+    large_uploads: bool
+    upload_rows: int
+    upload_repeat: int
+    large_csv_mb: float
 
 
 @dataclasses.dataclass
@@ -138,6 +146,7 @@ class PipelineResults:
     vm_hwm_kib: dict[str, int | None]
     rss_samples: int
     pids: dict[str, int]
+    large_uploads: uploads.LargeUploads | None = None  # in the JSON under a key of its own
 
     def as_json(self) -> dict[str, Any]:
         """Figures for the report."""
@@ -357,14 +366,29 @@ async def run(services: Services, items: list[imageset.Item], options: Options) 
                 profile = await _profile_phase(session, services, profile_items, options)
     finally:
         sampler.stop()
+    # Read before the large uploads: the worker is stopped there, and the API's peak
+    # from a 50 MB CSV is that phase's own figure.
     hwm = {name: procstat.status_kib(roots[name], "VmHWM") for name in ("api", "worker")}
+    peaks = sampler.overall()
+    large: uploads.LargeUploads | None = None
+    if options.large_uploads:
+        print("bench: large uploads, stopping the worker (its queued images are never processed)", flush=True)
+        names = list(dict.fromkeys(item.file.name for item in items))
+        large = await uploads.run(
+            services,
+            names,
+            rows=options.upload_rows,
+            repeat=options.upload_repeat,
+            large_csv_mb=options.large_csv_mb,
+        )
     return PipelineResults(
         throughput=throughput,
         latency_batch=latency_batch,
         latency=latency,
         profile=profile,
-        peak_rss_kib=sampler.overall(),
+        peak_rss_kib=peaks,
         vm_hwm_kib=hwm,
         rss_samples=sampler.samples,
         pids=roots,
+        large_uploads=large,
     )

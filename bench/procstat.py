@@ -84,6 +84,16 @@ def status_kib(pid: int, field: str) -> int | None:
     return None
 
 
+def reset_peak_rss(pid: int) -> bool:
+    """Reset a process's VmHWM to its current RSS (Linux: write 5 to its clear_refs);
+    False when that is not allowed."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def pss_kib(pid: int) -> int | None:
     """Proportional set size: resident memory with shared pages split among their users."""
     try:

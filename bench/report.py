@@ -81,6 +81,63 @@ def _row(group: str, pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict
     return row
 
 
+def _mib(kib: int | None, digits: int = 0) -> str:
+    return "?" if kib is None else f"{kib / 1024:,.{digits}f}"
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
+def _large_uploads(large: dict[str, Any]) -> list[str]:
+    """The large-uploads section: the 10,000-row uploads and the 50 MB CSV, beside their targets."""
+    out = [
+        "",
+        "Large uploads (worker stopped; POST /upload timed from the send to the end of the 202 answer)",
+    ]
+    rows = large["rows_upload"]
+    if rows:
+        c = rows["csv"]
+        what = f"  {c['rows']:,} rows, {c['urls']:,} URLs, {c['mib']:.1f} MiB, {rows['uploads']} uploads: "
+        if rows["accepted"]:
+            what += (
+                f"p50 {rows['p50_ms']:,.0f} ms (target < {rows['target_p50_ms']:.0f} ms: "
+                f"{_verdict(rows['target_met'])}), p90 {rows['p90_ms']:,.0f}, min {rows['min_ms']:,.0f}, "
+                f"max {rows['max_ms']:,.0f} ms; API RSS {_mib(rows['api_rss_before_kib'])} before, "
+                f"peak {_mib(rows['api_rss_peak_kib'])} MiB"
+            )
+        if rows["accepted"] < rows["uploads"]:
+            failed = next(a for a in rows["answers"] if a["status"] != 202)
+            what += "; " if rows["accepted"] else ""
+            what += (
+                f"{rows['accepted']} answered 202, then {failed['status'] or 'no answer'}: {failed['error']}"
+            )
+        out.append(what)
+    big = large["large_csv"]
+    if big:
+        c = big["csv"]
+        what = f"  {c['mib']:.1f} MiB CSV ({c['rows']:,} rows, {c['urls']:,} URLs): "
+        answer = big["answer"]
+        if big["accepted"]:
+            growth = big["api_rss_growth_kib"]
+            what += (
+                f"202 in {big['seconds']:.1f} s; API RSS "
+                f"{'?' if growth is None else f'{growth / 1024:+,.1f}'} MiB "
+                f"({_mib(big['api_rss_before_kib'], 1)} → {_mib(big['api_rss_peak_kib'], 1)} MiB, "
+                f"sampled every {large['rss_sample_interval_s'] * 1000:.0f} ms; target growth < "
+                f"{big['target_rss_growth_mib']:.0f} MB: {_verdict(big['target_met'])})"
+            )
+            if big["api_vm_hwm_growth_kib"] is not None:
+                what += f"; VmHWM {big['api_vm_hwm_growth_kib'] / 1024:+,.1f} MiB"
+        else:
+            what += (
+                f"answered {answer['status'] or 'nothing'} after {big['seconds']:.1f} s: {answer['error']} "
+                f"(target growth < {big['target_rss_growth_mib']:.0f} MB: not measured)"
+            )
+        out.append(what)
+    return out
+
+
 def render(results: dict[str, Any]) -> str:
     """The whole report as text."""
     m, run = results["machine"], results["run"]
@@ -211,7 +268,8 @@ def render(results: dict[str, Any]) -> str:
     )
     out += [
         "",
-        "Peak RSS, MiB (sampled every 50 ms; VmHWM = the kernel's high-water mark at the end)",
+        "Peak RSS, MiB (sampled every 50 ms; VmHWM = the kernel's high-water mark at the end"
+        + ("; before the large uploads)" if results.get("large_uploads") else ")"),
         f"  api {rss.get('api', 0) / 1024:.0f} (VmHWM {(hwm.get('api') or 0) / 1024:.0f}), "
         f"worker {rss.get('worker', 0) / 1024:.0f} (VmHWM {(hwm.get('worker') or 0) / 1024:.0f}), "
         f"postgres (PSS, all processes) {rss.get('postgres', 0) / 1024:.0f}, "
@@ -245,6 +303,9 @@ def render(results: dict[str, Any]) -> str:
             ):
                 out.append(f"  outside the codec, by {title}, % of all busy samples:")
                 out += [f"    {e['percent_of_busy']:5.1f}%  {e['name']}" for e in profile[key][:8]]
+    large = results.get("large_uploads")
+    if large:
+        out += _large_uploads(large)
     foreign = {
         "throughput": max((t["machine_cpu"]["foreign_cores"] for t in pipeline["throughput"]), default=0.0),
         "latency": (pipeline["latency_batch"] or {}).get("machine_cpu", {}).get("foreign_cores", 0.0),
@@ -258,6 +319,15 @@ def render(results: dict[str, Any]) -> str:
             default=codec["machine_cpu"]["foreign_cores"],
         ),
     }
+    if large:
+        foreign["large uploads"] = max(
+            (
+                part["machine_cpu"]["foreign_cores"]
+                for part in (large["rows_upload"], large["large_csv"])
+                if part is not None
+            ),
+            default=0.0,
+        )
     out += [
         "",
         "Other load on the machine (CPU used by processes not ours, in cores): "
