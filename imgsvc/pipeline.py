@@ -69,16 +69,18 @@ async def _process_claimed(res: resources.Resources, image_id: int) -> str:
     final_attempt = task.attempts >= res.settings.max_attempts
     bytes_in: int | None = None
     try:
-        with metrics.stage_duration.labels("download").time():
-            async with res.download_slots:
+        # A source slot is held from the start of the download to the end of compression:
+        # it bounds the sources in memory, downloaded ones waiting for the codec included.
+        async with res.source_slots:
+            with metrics.stage_duration.labels("download").time():
                 data = await download.fetch(res.http, task.url, res.download_limits)
-        bytes_in = len(data)
-        metrics.image_bytes.labels("in").inc(bytes_in)
-        with metrics.stage_duration.labels("compress").time():
-            async with res.image_slots:
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(res.images, compress, data, res.image_limits)
-        del data
+            bytes_in = len(data)
+            metrics.image_bytes.labels("in").inc(bytes_in)
+            with metrics.stage_duration.labels("compress").time():
+                async with res.image_slots:
+                    loop = asyncio.get_running_loop()
+                    result = await loop.run_in_executor(res.images, compress, data, res.image_limits)
+            del data
         key = storage.object_key(
             res.settings.s3_prefix, task.request_id, task.serial_number, task.position, result.extension
         )

@@ -28,7 +28,7 @@ class Resources:
     http: aiohttp.ClientSession
     store: storage.Storage
     images: ThreadPoolExecutor
-    download_slots: asyncio.Semaphore
+    source_slots: asyncio.Semaphore
     image_slots: asyncio.Semaphore
     upload_slots: asyncio.Semaphore
 
@@ -65,7 +65,7 @@ async def opened(
     resolver: AbstractResolver | None = None,
 ) -> AsyncIterator[Resources]:
     """Open everything; close it all on the way out."""
-    compress.configure(allow_svg=config.allow_svg, pixels_in_flight=config.max_pixels_in_flight)
+    compress.configure(allow_svg=config.allow_svg, memory=config.image_memory)
     async with contextlib.AsyncExitStack() as stack:
         pool = await db.create_pool(database_url, max_size=pool_size)
         stack.push_async_callback(pool.close)
@@ -123,7 +123,7 @@ async def opened(
             http=http,
             store=store,
             images=images,
-            download_slots=asyncio.Semaphore(config.download_concurrency),
+            source_slots=asyncio.Semaphore(config.download_concurrency),
             image_slots=asyncio.Semaphore(config.image_concurrency),
             upload_slots=asyncio.Semaphore(config.upload_concurrency),
             download_limits=download_limits(config),

@@ -62,14 +62,15 @@ class Settings:
 
     max_image_bytes: int = 40 * MIB
     max_pixels: int = 50_000_000
-    max_pixels_in_flight: int = 0
+    image_memory: int = 256 * MIB
     max_frames: int = 300
     connect_timeout: float = 10.0
     download_timeout: float = 60.0
     max_redirects: int = 5
 
     quality_factor: float = 0.5
-    download_concurrency: int = 32
+    # Images between the start of their download and the end of their compression.
+    download_concurrency: int = 4 * max(1, os.cpu_count() or 1)
     download_per_host: int = 8
     image_concurrency: int = max(1, os.cpu_count() or 1)
     image_nice: int = 10
@@ -291,12 +292,13 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         max_problems=num("MAX_PROBLEMS", d.max_problems),
         max_image_bytes=num("MAX_IMAGE_BYTES", d.max_image_bytes),
         max_pixels=num("MAX_PIXELS", d.max_pixels),
-        max_pixels_in_flight=_parsed(
+        image_memory=MIB
+        * _parsed(
             env,
-            p + "MAX_PIXELS_IN_FLIGHT",
-            d.max_pixels_in_flight,
+            p + "IMAGE_MEMORY_MB",
+            d.image_memory // MIB,
             _non_negative_int,
-            "a whole number, 0 (no limit) or more",
+            "a whole number of MiB, 0 (no limit) or more",
         ),
         max_frames=num("MAX_FRAMES", d.max_frames),
         connect_timeout=seconds("CONNECT_TIMEOUT", d.connect_timeout),

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -127,3 +130,67 @@ def test_image_threads_and_the_libvips_threads_they_start_run_at_lower_priority(
     assert main[1] == "0"
     assert any(name == "libvips worker" for name, _ in others)
     assert {nice for _, nice in others} == {"7"}, threads
+
+
+def test_the_memory_budget_runs_big_images_one_at_a_time_and_small_ones_together() -> None:
+    budget = compress.MemoryBudget(100)
+    inside: list[int] = []
+    most: list[int] = []
+    lock = threading.Lock()
+
+    def work(size: int) -> None:
+        with budget.hold(size):
+            with lock:
+                inside.append(size)
+                most.append(sum(inside))
+            time.sleep(0.05)
+            with lock:
+                inside.remove(size)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(work, [60, 60, 60]))
+        assert max(most) == 60  # 60 + 60 does not fit: one at a time
+        most.clear()
+        list(pool.map(work, [30, 30, 30]))
+        assert max(most) == 90  # all three fit at once
+        most.clear()
+        list(pool.map(work, [500, 20]))
+        assert max(most) in (500, 520) and 500 in most  # larger than the budget: still runs
+
+
+_MEMORY_PROBE = """
+import sys
+from imgsvc import compress
+compress.configure()
+data = open(sys.argv[1], "rb").read()
+image, fmt, estimate = compress._open(data, compress.Limits())
+del image
+def peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+before = peak()
+compress.compress(data, compress.Limits())
+print(estimate, peak() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak RSS from /proc")
+@pytest.mark.parametrize(
+    "name",
+    [
+        "bimg_northern_cardinal_bird.jpg",  # 2 MP baseline JPEG
+        "mei_Panasonic_DMC-LC70.jpg",  # progressive, 4:4:4
+        "jpeg_exif-orientation-6_landscape.jpg",  # rotated
+        "kodak_kodim23.png",
+        "gif_animated_loop3.gif",
+        "webp_lossy_alpha_5_webp_a.webp",
+    ],
+)
+def test_the_memory_estimate_covers_what_compress_takes(name: str) -> None:
+    """Measured in a fresh process (VmHWM before and after one compress())."""
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, str(IMAGES / name)], capture_output=True, text=True, check=True
+    ).stdout
+    estimate, measured = map(int, out.split())
+    assert measured <= estimate, f"{name}: took {measured:,} bytes, estimated {estimate:,}"
