@@ -62,7 +62,7 @@ class Settings:
 
     max_image_bytes: int = 40 * MIB
     max_pixels: int = 50_000_000
-    image_memory: int = 256 * MIB
+    image_memory: int = 512 * MIB
     max_frames: int = 300
     connect_timeout: float = 10.0
     download_timeout: float = 60.0
@@ -70,7 +70,7 @@ class Settings:
 
     quality_factor: float = 0.5
     # Images between the start of their download and the end of their compression.
-    download_concurrency: int = 4 * max(1, os.cpu_count() or 1)
+    download_concurrency: int = 8 * max(1, os.cpu_count() or 1)
     download_per_host: int = 8
     image_concurrency: int = max(1, os.cpu_count() or 1)
     image_nice: int = 10
