@@ -72,8 +72,12 @@ def test_upload_in_a_browser_and_watch_the_bar_reach_100(
     browser.get(local_service + "/")
     browser.find_element(By.ID, "file").send_keys(str(csv_file))
     browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    seen: set[str] = set()
     deadline = time.monotonic() + 60
+    # The upload answers with a redirect: read the bar only once the request page is there.
+    while "/requests/" not in browser.current_url or not browser.find_elements(By.ID, "percent"):
+        assert time.monotonic() < deadline, f"still on {browser.current_url}"
+        time.sleep(0.05)
+    seen: set[str] = set()
     while browser.find_element(By.ID, "percent").text != "100%" or browser.find_element(
         By.ID, "state"
     ).text in ("queued", "processing", "loading"):
