@@ -176,15 +176,13 @@ class Reader:
         self._check_duplicates()
 
     def _check_duplicates(self) -> None:
-        first: dict[int, int] = {}
-        previous = -1
+        previous, first_line = -1, 0
         for key in sorted(self._serials):
             number, line = key >> 32, key & 0xFFFFFFFF
             if number == previous:
-                self.problems.add(line, 1, f"serial number {number} is already used on line {first[number]}")
+                self.problems.add(line, 1, f"serial number {number} is already used on line {first_line}")
             else:
-                first = {number: line}
-                previous = number
+                previous, first_line = number, line
         self._serials = array.array("q")
 
     def check(self) -> None:
