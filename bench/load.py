@@ -37,11 +37,16 @@ def _epoch(value: str | None) -> float | None:
     return datetime.datetime.fromisoformat(value).timestamp() if value else None
 
 
-async def upload(session: aiohttp.ClientSession, base: str, body: bytes, name: str) -> dict[str, Any]:
-    """POST /upload; return the 202 answer, or raise RuntimeError with the server's words."""
+def csv_form(body: bytes, name: str) -> aiohttp.FormData:
+    """The multipart form POST /upload takes: the CSV in the field ``file``."""
     form = aiohttp.FormData()
     form.add_field("file", body, filename=name, content_type="text/csv")
-    async with session.post(base + "/upload", data=form) as response:
+    return form
+
+
+async def upload(session: aiohttp.ClientSession, base: str, body: bytes, name: str) -> dict[str, Any]:
+    """POST /upload; return the 202 answer, or raise RuntimeError with the server's words."""
+    async with session.post(base + "/upload", data=csv_form(body, name)) as response:
         answer: dict[str, Any] = await response.json(content_type=None)
         if response.status != 202:
             raise RuntimeError(f"POST /upload answered {response.status}: {answer}")

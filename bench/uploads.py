@@ -60,26 +60,18 @@ class Csv:
 
 
 def _build(
-    image_url: Callable[[int, str], str],
-    names: Sequence[str],
-    rows: int,
-    urls_per_row: int,
-    padding: tuple[int, int] | None = None,
+    image_url: Callable[[int, str], str], names: Sequence[str], rows: int, urls_per_row: int, pad: int = 0
 ) -> Csv:
     """``rows`` products of ``urls_per_row`` URLs each (a quoted cell, comma-separated), every
-    URL unique. ``padding`` (k, r) ends every URL with "?" and k x's, the first r with one more."""
-    long_pad = short_pad = ""
-    k, r = padding or (0, 0)
-    if padding is not None:
-        short_pad, long_pad = "?" + "x" * k, "?" + "x" * (k + 1)
+    URL unique; with ``pad``, every URL ends with "?" and ``pad`` x's."""
+    tail = "?" + "x" * pad if pad else ""
     table: list[tuple[int, str, str]] = []
     longest = 0
     for row in range(rows):
         urls = []
         for j in range(urls_per_row):
             index = row * urls_per_row + j
-            url = image_url(index + 1, names[index % len(names)])
-            url += long_pad if index < r else short_pad
+            url = image_url(index + 1, names[index % len(names)]) + tail
             longest = max(longest, len(url))
             urls.append(url)
         table.append((row + 1, f"Bench product {row + 1}", ",".join(urls)))
@@ -92,37 +84,17 @@ def rows_csv(image_url: Callable[[int, str], str], names: Sequence[str], rows: i
 
 
 def sized_csv(image_url: Callable[[int, str], str], names: Sequence[str], target: int) -> Csv:
-    """A CSV of at most ``target`` bytes, as close to it as the service's default limits
-    allow: up to 100,000 rows of 5 URLs (500,000 in all), the URLs padded with a query
-    string (at most 2,048 characters each) to make up the size."""
+    """A CSV of at most ``target`` bytes, within one byte a URL of it where the service's
+    default limits allow: up to 100,000 rows of 5 URLs (500,000 in all), the URLs padded
+    with a query string (at most 2,048 characters each) to make up the size."""
     urls_per_row = min(MAX_URLS_PER_ROW, MAX_IMAGES // MAX_ROWS)
     rows = MAX_ROWS
     base = _build(image_url, names, rows, urls_per_row)
     while len(base.body) > target and rows > 1:  # a small target: fewer rows
         rows = max(1, rows * target // len(base.body))
         base = _build(image_url, names, rows, urls_per_row)
-    n = base.urls
-    extra = target - len(base.body)
-    if extra <= 0:
-        return base
-    if extra < n:  # "?" on the first ``extra`` URLs only: k = -1 for the rest
-        return _build_partial(image_url, names, rows, urls_per_row, extra)
-    k, r = divmod(extra - n, n)
-    room = MAX_URL_LENGTH - base.longest_url - 2
-    if k > room:
-        k, r = max(0, room), 0
-    return _build(image_url, names, rows, urls_per_row, (k, r))
-
-
-def _build_partial(
-    image_url: Callable[[int, str], str], names: Sequence[str], rows: int, urls_per_row: int, count: int
-) -> Csv:
-    """Like ``_build`` with "?" ending only the first ``count`` URLs."""
-
-    def url(index: int, name: str) -> str:
-        return image_url(index, name) + ("?" if index <= count else "")
-
-    return _build(url, names, rows, urls_per_row)
+    pad = min((target - len(base.body)) // base.urls - 1, MAX_URL_LENGTH - base.longest_url - 1)
+    return _build(image_url, names, rows, urls_per_row, pad) if pad > 0 else base
 
 
 @dataclasses.dataclass
@@ -143,8 +115,7 @@ class Answer:
 async def post(session: aiohttp.ClientSession, base: str, body: bytes, name: str) -> Answer:
     """POST /upload (multipart, field ``file``), timed from the send to the end of the answer;
     a non-202 answer or a failure is returned with its first 300 characters, not raised."""
-    form = aiohttp.FormData()
-    form.add_field("file", body, filename=name, content_type="text/csv")
+    form = load.csv_form(body, name)
     started = time.perf_counter()
     try:
         async with session.post(base + "/upload", data=form) as response:
