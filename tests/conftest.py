@@ -10,13 +10,13 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from imgsvc import localdb, migrate, resources, settings
+from imgsvc import db, localdb, migrate, models, pipeline, resources, settings
 from tests import servers
 
 
@@ -93,6 +93,25 @@ def config(s3: servers.S3Server, tmp_path: Path) -> settings.Settings:
 async def res(config: settings.Settings, database_url: str) -> AsyncIterator[resources.Resources]:
     async with resources.opened(config, database_url) as opened:
         yield opened
+
+
+async def store_request(
+    pool: db.Pool,
+    products: Iterable[models.Product],
+    *,
+    webhook_url: str | None = None,
+    file_name: str | None = "p.csv",
+) -> str:
+    """Store and queue a request as an upload does; its id."""
+    stored = await db.insert_request(
+        pool,
+        file_name=file_name,
+        webhook_url=webhook_url,
+        products=products,
+        queue=pipeline.IMAGE_QUEUE,
+        task=pipeline.PROCESS_IMAGES,
+    )
+    return stored.request_id
 
 
 def with_settings(res: resources.Resources, **changes: Any) -> resources.Resources:

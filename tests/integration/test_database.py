@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from imgsvc import db, errors, migrate, models, pipeline
+from tests.conftest import store_request
 
 
 def product(serial: int, images: int) -> models.Product:
@@ -23,23 +24,10 @@ def product(serial: int, images: int) -> models.Product:
     )
 
 
-async def store(pool: db.Pool, *products: models.Product) -> str:
-    return (
-        await db.insert_request(
-            pool,
-            file_name="p.csv",
-            webhook_url=None,
-            products=products,
-            queue=pipeline.IMAGE_QUEUE,
-            task=pipeline.PROCESS_IMAGES,
-        )
-    ).request_id
-
-
 async def test_a_request_is_stored_with_one_job_per_image(database_url: str) -> None:
     pool = await db.create_pool(database_url)
     try:
-        rid = await store(pool, product(1, 2), product(2, 3))
+        rid = await store_request(pool, [product(1, 2), product(2, 3)])
         images = await pool.fetch(
             "SELECT id, position FROM images WHERE request_id = $1 ORDER BY id", uuid.UUID(rid)
         )
@@ -89,7 +77,7 @@ async def test_no_request_without_its_jobs_and_no_job_without_its_request(databa
             "RENAME TO defer_disabled"
         )
         with pytest.raises(asyncpg.UndefinedFunctionError):
-            await store(pool, product(1, 3))
+            await store_request(pool, [product(1, 3)])
         for table in ("requests", "products", "images", "procrastinate_jobs"):
             assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0, table
     finally:
@@ -120,7 +108,7 @@ async def test_a_problem_found_late_in_a_streamed_file_undoes_everything(databas
             assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0, table
         # The same (only) connection takes the next upload: the staging table went with
         # the transaction.
-        request_id = await store(pool, product(1, 3), product(2, 1))
+        request_id = await store_request(pool, [product(1, 3), product(2, 1)])
         stored = await pool.fetchrow(
             "SELECT product_count, image_count FROM requests WHERE id = $1", uuid.UUID(request_id)
         )
@@ -160,7 +148,7 @@ async def test_the_last_images_finishing_at_once_finish_the_request_exactly_once
     pool = await db.create_pool(database_url, max_size=8)
     try:
         for round_ in range(15):
-            rid = await store(pool, product(1, 2), product(2, 2))
+            rid = await store_request(pool, [product(1, 2), product(2, 2)])
             ids = [
                 r["id"]
                 for r in await pool.fetch("SELECT id FROM images WHERE request_id = $1", uuid.UUID(rid))
@@ -181,7 +169,7 @@ async def test_the_last_images_finishing_at_once_finish_the_request_exactly_once
 async def test_a_finished_image_is_not_finished_again(database_url: str) -> None:
     pool = await db.create_pool(database_url)
     try:
-        rid = await store(pool, product(1, 1))
+        rid = await store_request(pool, [product(1, 1)])
         (image_id,) = [r["id"] for r in await pool.fetch("SELECT id FROM images")]
         first = await _finish_concurrently(pool, rid, [image_id], {image_id})
         again = await _finish_concurrently(pool, rid, [image_id], set())

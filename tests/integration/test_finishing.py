@@ -11,8 +11,8 @@ from typing import Any
 
 from standardwebhooks.webhooks import Webhook
 
-from imgsvc import db, jobs, models, pipeline, resources
-from tests.conftest import WEBHOOK_SECRET
+from imgsvc import jobs, models, pipeline, resources
+from tests.conftest import WEBHOOK_SECRET, store_request
 from tests.servers import ImageServer, S3Server, WebhookReceiver
 
 NAMES = ['Mug, "large"', "Two\nlines", "Crème brûlée 🍮"]
@@ -25,16 +25,7 @@ async def submit(
         models.Product(line=n + 2, serial=serial, serial_number=n + 1, name=name, urls=urls)
         for n, (serial, name, urls) in enumerate(products)
     ]
-    return (
-        await db.insert_request(
-            res.pool,
-            file_name="p.csv",
-            webhook_url=webhook_url,
-            products=rows,
-            queue=pipeline.IMAGE_QUEUE,
-            task=pipeline.PROCESS_IMAGES,
-        )
-    ).request_id
+    return await store_request(res.pool, rows, webhook_url=webhook_url)
 
 
 async def run_until(res: resources.Resources, database_url: str, sql: str, *args: Any) -> None:

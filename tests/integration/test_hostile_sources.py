@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from imgsvc import db, download, errors, models, pipeline, resources, settings
+from imgsvc import download, errors, models, pipeline, resources, settings
+from tests.conftest import store_request
 from tests.servers import HostileServer, ImageServer, StubResolver
 
 # Names that resolve, through the stub, to addresses that must never be fetched from.
@@ -44,16 +45,7 @@ async def guarded(config: settings.Settings, database_url: str) -> AsyncIterator
 
 async def outcome(res: resources.Resources, url: str) -> tuple[str, str | None, float]:
     product = models.Product(line=2, serial="1", serial_number=1, name="P", urls=(url,))
-    rid = (
-        await db.insert_request(
-            res.pool,
-            file_name=None,
-            webhook_url=None,
-            products=[product],
-            queue=pipeline.IMAGE_QUEUE,
-            task=pipeline.PROCESS_IMAGES,
-        )
-    ).request_id
+    rid = await store_request(res.pool, [product], file_name=None)
     image_id = await res.pool.fetchval("SELECT id FROM images WHERE request_id = $1", uuid.UUID(rid))
     started = time.monotonic()
     status = await pipeline.process_image(res, image_id)

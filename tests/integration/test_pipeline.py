@@ -9,23 +9,14 @@ from typing import Any
 import pytest
 import pyvips
 
-from imgsvc import db, errors, jobs, models, pipeline, quality, resources
-from tests.conftest import with_settings
+from imgsvc import errors, jobs, models, pipeline, quality, resources
+from tests.conftest import store_request, with_settings
 from tests.servers import IMAGES, ImageServer, S3Server
 
 
 async def enqueue(res: resources.Resources, *urls: str) -> tuple[str, list[int]]:
     products = [models.Product(line=2, serial="1", serial_number=1, name="P", urls=urls)]
-    rid = (
-        await db.insert_request(
-            res.pool,
-            file_name=None,
-            webhook_url=None,
-            products=products,
-            queue=pipeline.IMAGE_QUEUE,
-            task=pipeline.PROCESS_IMAGES,
-        )
-    ).request_id
+    rid = await store_request(res.pool, products, file_name=None)
     ids = [
         r["id"]
         for r in await res.pool.fetch(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from imgsvc import db, jobs, models, pipeline, resources
+from imgsvc import jobs, models, pipeline, resources
+from tests.conftest import store_request
 from tests.servers import ImageServer, WebhookReceiver
 
 
@@ -14,16 +15,7 @@ async def test_images_requests_and_webhooks_without_jobs_are_queued_again(
 ) -> None:
     url = image_server.url("/img/png_palette_trns.png")
     products = [models.Product(line=2, serial="1", serial_number=1, name="P", urls=(url, url))]
-    rid = (
-        await db.insert_request(
-            res.pool,
-            file_name=None,
-            webhook_url=receiver.url("/ok"),
-            products=products,
-            queue=pipeline.IMAGE_QUEUE,
-            task=pipeline.PROCESS_IMAGES,
-        )
-    ).request_id
+    rid = await store_request(res.pool, products, webhook_url=receiver.url("/ok"), file_name=None)
     # Lose every job, as an abort during a database outage or a manual delete would.
     await res.pool.execute("DELETE FROM procrastinate_jobs")
     assert await pipeline.requeue_orphans(res) == 2

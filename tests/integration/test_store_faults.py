@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from imgsvc import db, jobs, models, pipeline, resources, settings
+from imgsvc import jobs, models, resources, settings
+from tests.conftest import store_request
 from tests.servers import FaultyS3Proxy, ImageServer, S3Server
 
 
@@ -47,16 +48,7 @@ async def test_every_image_is_stored_through_a_failing_store(
         for n, name in enumerate(names)
     ]
     async with resources.opened(faulty, database_url) as res:
-        rid = (
-            await db.insert_request(
-                res.pool,
-                file_name=None,
-                webhook_url=None,
-                products=products,
-                queue=pipeline.IMAGE_QUEUE,
-                task=pipeline.PROCESS_IMAGES,
-            )
-        ).request_id
+        rid = await store_request(res.pool, products, file_name=None)
         jobs.use(database_url, faulty, res)
         async with jobs.app.open_async():
             for _ in range(200):
