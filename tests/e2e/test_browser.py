@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.wait import WebDriverWait
 
 from imgsvc import localdb
 from tests.e2e.processes import service_env, serving
 from tests.servers import ImageServer, S3Server
+
+T = TypeVar("T")
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -59,6 +64,25 @@ def local_service(database_url: str, s3: S3Server, tmp_path: Path) -> Iterator[s
         yield base
 
 
+def submit(browser: webdriver.Chrome, service: str, csv_file: Path) -> None:
+    """Send a CSV through the upload form."""
+    browser.get(service + "/")
+    browser.find_element(By.ID, "file").send_keys(str(csv_file))
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+
+
+def until(browser: webdriver.Chrome, seconds: float, condition: Callable[[webdriver.Chrome], T]) -> T:
+    """What ``condition`` gives once it is truthy. While the form's answer replaces the
+    page, an element can be missing or gone for a moment: that counts as not yet."""
+    wait = WebDriverWait(
+        browser,
+        seconds,
+        poll_frequency=0.05,
+        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+    )
+    return wait.until(condition, f"not there after {seconds} s on {browser.current_url}")
+
+
 def test_upload_in_a_browser_and_watch_the_bar_reach_100(
     browser: webdriver.Chrome, local_service: str, image_server: ImageServer, tmp_path: Path
 ) -> None:
@@ -69,14 +93,10 @@ def test_upload_in_a_browser_and_watch_the_bar_reach_100(
     ]
     csv_file = tmp_path / "products.csv"
     csv_file.write_text("S. No.,Product Name,Input Image Urls\n" + "\n".join(rows) + "\n")
-    browser.get(local_service + "/")
-    browser.find_element(By.ID, "file").send_keys(str(csv_file))
-    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    deadline = time.monotonic() + 60
+    submit(browser, local_service, csv_file)
     # The upload answers with a redirect: read the bar only once the request page is there.
-    while "/requests/" not in browser.current_url or not browser.find_elements(By.ID, "percent"):
-        assert time.monotonic() < deadline, f"still on {browser.current_url}"
-        time.sleep(0.05)
+    until(browser, 60, lambda b: "/requests/" in b.current_url and b.find_element(By.ID, "percent"))
+    deadline = time.monotonic() + 60
     seen: set[str] = set()
     while browser.find_element(By.ID, "percent").text != "100%" or browser.find_element(
         By.ID, "state"
@@ -108,12 +128,12 @@ def test_a_refused_upload_shows_its_problems_in_the_browser(
 ) -> None:
     csv_file = tmp_path / "bad.csv"
     csv_file.write_text("S. No.,Product Name,Input Image Urls\n1,,ftp://x/y.jpg\n")
-    browser.get(local_service + "/")
-    browser.find_element(By.ID, "file").send_keys(str(csv_file))
-    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    deadline = time.monotonic() + 20
-    while "The upload was refused" not in (text := browser.find_element(By.TAG_NAME, "body").text):
-        assert time.monotonic() < deadline, text  # the answer page has not come
-        time.sleep(0.1)
+    submit(browser, local_service, csv_file)
+
+    def refused(b: webdriver.Chrome) -> str:
+        text: str = b.find_element(By.TAG_NAME, "body").text
+        return text if "The upload was refused" in text else ""
+
+    text = until(browser, 20, refused)
     assert "line 2, column Product Name: the product name is empty" in text
     assert "not ftp" in text
