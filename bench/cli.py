@@ -22,6 +22,7 @@ import pyvips
 import imgsvc
 from bench import codec, imageset, pipeline, procstat, report
 from bench.services import Services
+from imgsvc import resources, settings
 
 REPO = Path(__file__).parent.parent
 
@@ -180,12 +181,6 @@ def machine(versions: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def _image_concurrency(extra_env: dict[str, str]) -> int:
-    """The service's image concurrency: IMGSVC_IMAGE_CONCURRENCY, else its default (cores)."""
-    value = extra_env.get("IMGSVC_IMAGE_CONCURRENCY")
-    return int(value) if value else max(1, os.cpu_count() or 1)
-
-
 def _raise_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -257,10 +252,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     # rclone ends with the SIGTERM's status; imgsvc and the image server should end with 0.
     unclean = {name: code for name, code in exit_codes.items() if code not in (0, None) and name != "rclone"}
 
-    threads = _image_concurrency(extra_env)
+    # The ceiling runs with the settings the service ran with: its image limits and
+    # its image concurrency as the thread count.
+    config = settings.from_env({**os.environ, **extra_env})
+    threads = config.image_concurrency
     print(f"bench: ceiling, {threads} threads, {args.rounds} passes of each variant", flush=True)
     codec_results = codec.measure(
-        groups, threads=threads, rounds=args.rounds, min_seconds=args.ceiling_seconds
+        groups,
+        threads=threads,
+        rounds=args.rounds,
+        min_seconds=args.ceiling_seconds,
+        limits=resources.image_limits(config),
     )
 
     results: dict[str, Any] = {

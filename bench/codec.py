@@ -1,7 +1,8 @@
 """The ceiling: the same images through libvips alone, in this process.
 
-``service`` is the service's own ``imgsvc.compress.compress`` (so every setting is the
-service's), run in a thread pool as wide as the service's image concurrency. The
+``service`` is the service's own ``imgsvc.compress.compress`` with the service's image
+limits (so every setting is the service's, including any given with ``--env``), run
+in a thread pool as wide as the service's image concurrency. The
 other variants call pyvips directly and add one encode setting at a time, so the
 difference between two neighbours is what that setting costs:
 
@@ -29,13 +30,15 @@ import pyvips
 from bench import imageset, procstat
 from imgsvc import compress
 
-LIMITS = compress.Limits()
 CONTENDED = 0.1  # cores used by other processes above which a pass is done again
 RETRIES = 3
 
 
-def _service(data: bytes) -> int:
-    return len(compress.compress(data, LIMITS).data)
+def _service(limits: compress.Limits) -> Callable[[bytes], int]:
+    def run(data: bytes) -> int:
+        return len(compress.compress(data, limits).data)
+
+    return run
 
 
 def _variant(*, optimize: bool, autorot: bool, icc: bool) -> Callable[[bytes], int]:
@@ -74,9 +77,9 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("optimize", "+ optimize_coding", _variant(optimize=True, autorot=False, icc=False), True),
     Variant("autorot", "+ autorot", _variant(optimize=True, autorot=True, icc=False), True),
     Variant("icc", "+ icc_transform to sRGB", _variant(optimize=True, autorot=True, icc=True), True),
-    Variant("service_jpeg", "service compress()", _service, True),
+    Variant("service_jpeg", "service compress()", _service(compress.Limits()), True),
 )
-CEILING = Variant("service", "service compress()", _service, False)
+CEILING = Variant("service", "service compress()", _service(compress.Limits()), False)
 
 
 @dataclasses.dataclass
@@ -206,7 +209,12 @@ class CodecResults:
 
 
 def measure(
-    groups: dict[str, list[imageset.Item]], *, threads: int, rounds: int, min_seconds: float
+    groups: dict[str, list[imageset.Item]],
+    *,
+    threads: int,
+    rounds: int,
+    min_seconds: float,
+    limits: compress.Limits,
 ) -> CodecResults:
     """The ceiling and the variants on every group, ``rounds`` passes each, interleaved.
 
@@ -214,12 +222,14 @@ def measure(
     that a timed pass lasts at least ``min_seconds`` (a rate, not a total, is wanted).
     """
     compress.configure()
+    service = _service(limits)
+    variants = [dataclasses.replace(v, run=service) if v.key == "service_jpeg" else v for v in VARIANTS]
     plan: list[tuple[Variant, str, list[imageset.Item]]] = []
     for group, items in groups.items():
-        plan.append((CEILING, group, items))
+        plan.append((dataclasses.replace(CEILING, run=service), group, items))
         jpegs = [item for item in items if item.file.format == "jpeg"]
         if jpegs:
-            plan += [(variant, group, jpegs) for variant in VARIANTS]
+            plan += [(variant, group, jpegs) for variant in variants]
     before = procstat.status_kib(os.getpid(), "VmRSS")
     reset = _reset_peak_rss()
     meter = procstat.CpuMeter()

@@ -51,6 +51,10 @@ class Limits:
     max_frames: int = 300
     quality_factor: float = 0.5
     allow_svg: bool = False
+    # JPEG outputs up to this many pixels get Huffman tables computed for the image
+    # (optimize_coding); larger ones use the standard tables, which the encoder can
+    # stream instead of holding every coefficient twice.
+    optimize_max_pixels: int = 16_000_000
 
 
 class MemoryBudget:
@@ -83,21 +87,26 @@ budget = MemoryBudget()
 
 # Peak memory of one image in compress(), per source pixel, as measured on the corpus
 # photos: the bundled JPEG encoder (mozjpeg) keeps two copies of every DCT coefficient
-# to optimise the Huffman tables (6 bytes a pixel at 4:2:0), plus libvips' buffers. A
-# progressive source keeps all its coefficients while it is decoded; a rotated image
-# is decoded whole; other formats are whole images on the way in and out.
+# to optimise the Huffman tables (6 bytes a pixel at 4:2:0), plus libvips' buffers;
+# with the standard tables it streams. A progressive source keeps all its coefficients
+# while it is decoded; a rotated image is decoded whole; other formats are whole
+# images on the way in and out.
 _JPEG_BYTES_PER_PIXEL = 7.0
+_JPEG_STREAMED_BYTES_PER_PIXEL = 1.0
 _PROGRESSIVE_EXTRA = 3.0
 _ROTATED_EXTRA = 3.5
 _WEBP_BYTES_PER_PIXEL = 21.0
-_OTHER_BYTES_PER_PIXEL = 16.0
+_OTHER_BYTES_PER_PIXEL = 20.0
 _PER_IMAGE = 8 * 1024 * 1024
 
 
-def memory_estimate(fmt: str, pixels: int, *, progressive: bool = False, rotated: bool = False) -> int:
-    """Bytes ``compress()`` is expected to need at its peak for one image."""
+def memory_estimate(
+    fmt: str, pixels: int, *, progressive: bool = False, rotated: bool = False, optimize: bool = True
+) -> int:
+    """Bytes ``compress()`` is expected to need at its peak for one image; ``optimize``
+    says whether a JPEG output gets its own Huffman tables."""
     if fmt == "jpeg":
-        per_pixel = _JPEG_BYTES_PER_PIXEL
+        per_pixel = _JPEG_BYTES_PER_PIXEL if optimize else _JPEG_STREAMED_BYTES_PER_PIXEL
         per_pixel += _PROGRESSIVE_EXTRA if progressive else 0.0
         per_pixel += _ROTATED_EXTRA if rotated else 0.0
     elif fmt == "webp":
@@ -107,21 +116,35 @@ def memory_estimate(fmt: str, pixels: int, *, progressive: bool = False, rotated
     return _PER_IMAGE + int(pixels * per_pixel)
 
 
-_M_ARENA_MAX = -8  # glibc's mallopt parameter number
+# glibc's mallopt parameters, and the environment variables that set them at start-up
+# (which, when given, win over ours).
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+_MALLOC_TUNING = (
+    (_M_ARENA_MAX, 2, "MALLOC_ARENA_MAX"),
+    (_M_MMAP_THRESHOLD, 2 * 1024 * 1024, "MALLOC_MMAP_THRESHOLD_"),
+)
 
 
 def configure(*, allow_svg: bool = False, memory: int = 0) -> None:
     """Process-wide settings: no libvips operation cache, untrusted loaders blocked (SVG's
-    too, unless allowed), the memory budget (bytes, 0 for none), and two malloc arenas."""
+    too, unless allowed), the memory budget (bytes, 0 for none), and malloc tuned for
+    large, short-lived buffers."""
     pyvips.cache_set_max(0)
     pyvips.block_untrusted_set(True)
     pyvips.operation_block_set("VipsForeignLoadSvg", not allow_svg)
     budget.limit = memory
     # glibc gives each thread that mallocs under contention an arena of its own, and
-    # libvips' large, short-lived buffers leave them fragmented: the known remedy is to
-    # cap the arenas (the benchmark measured the worker's peak halved).
+    # serves even large blocks from them once a block of that size has been freed
+    # (its mmap threshold rises up to 32 MiB). The codec's large, short-lived buffers
+    # then leave the arenas fragmented and the process keeps the memory. The known
+    # remedies: cap the arenas, and fix the threshold so that blocks over 2 MiB are
+    # mapped and unmapped on their own (docs/performance.md has what each bought).
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, 2)
+        libc = ctypes.CDLL("libc.so.6")
+        for parameter, value, variable in _MALLOC_TUNING:
+            if variable not in os.environ:
+                libc.mallopt(parameter, value)
 
 
 def lower_priority(steps: int) -> None:
@@ -226,7 +249,13 @@ def _open(data: bytes, limits: Limits) -> tuple[pyvips.Image, str, int]:
     if orientation in (0, 1):
         options["access"] = "sequential"
     progressive = bool(header.get_typeof("jpeg-multiscan") and header.get("jpeg-multiscan"))
-    memory = memory_estimate(fmt, pixels * pages, progressive=progressive, rotated=orientation not in (0, 1))
+    memory = memory_estimate(
+        fmt,
+        pixels * pages,
+        progressive=progressive,
+        rotated=orientation not in (0, 1),
+        optimize=pixels <= limits.optimize_max_pixels,
+    )
     return _header(data, **options), fmt, memory
 
 
@@ -244,12 +273,13 @@ def _to_srgb(image: pyvips.Image) -> pyvips.Image:
     return image
 
 
-def _encode(image: pyvips.Image, fmt: str, q: int | None) -> bytes:
+def _encode(image: pyvips.Image, fmt: str, q: int | None, limits: Limits) -> bytes:
     common: dict[str, Any] = {"keep": pyvips.enums.ForeignKeep.NONE}
     if fmt == "jpeg":
         if image.hasalpha():
             image = image.flatten(background=[255])
-        return bytes(image.jpegsave_buffer(Q=q, optimize_coding=True, **common))
+        optimize = image.width * image.height <= limits.optimize_max_pixels
+        return bytes(image.jpegsave_buffer(Q=q, optimize_coding=optimize, **common))
     if fmt == "png":
         return bytes(image.pngsave_buffer(palette=True, Q=q, effort=4, **common))
     if fmt == "webp":
@@ -305,7 +335,7 @@ def _compress(data: bytes, image: pyvips.Image, fmt_in: str, limits: Limits) -> 
         image = _to_srgb(image)
         width = image.width
         height = image.get_page_height() if image.get_n_pages() > 1 else image.height
-        out = _encode(image, fmt_out, q_out)
+        out = _encode(image, fmt_out, q_out, limits)
     except pyvips.Error as exc:
         raise errors.NotAnImage(f"the image could not be decoded: {_first_line(exc)}") from exc
     if len(out) >= len(data) and fmt_out == fmt_in:

@@ -53,6 +53,7 @@ def image_limits(config: settings.Settings) -> compress.Limits:
         max_frames=config.max_frames,
         quality_factor=config.quality_factor,
         allow_svg=config.allow_svg,
+        optimize_max_pixels=config.jpeg_optimize_max_pixels,
     )
 
 

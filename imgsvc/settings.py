@@ -63,6 +63,7 @@ class Settings:
     max_image_bytes: int = 40 * MIB
     max_pixels: int = 50_000_000
     image_memory: int = 512 * MIB
+    jpeg_optimize_max_pixels: int = 16_000_000
     max_frames: int = 300
     connect_timeout: float = 10.0
     download_timeout: float = 60.0
@@ -299,6 +300,13 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
             d.image_memory // MIB,
             _non_negative_int,
             "a whole number of MiB, 0 (no limit) or more",
+        ),
+        jpeg_optimize_max_pixels=_parsed(
+            env,
+            p + "JPEG_OPTIMIZE_MAX_PIXELS",
+            d.jpeg_optimize_max_pixels,
+            _non_negative_int,
+            "a whole number of pixels, 0 (never) or more",
         ),
         max_frames=num("MAX_FRAMES", d.max_frames),
         connect_timeout=seconds("CONNECT_TIMEOUT", d.connect_timeout),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -37,6 +38,20 @@ def test_jpeg_is_reencoded_at_half_its_estimated_quality() -> None:
     out = pyvips.Image.new_from_buffer(result.data, "")
     assert (out.width, out.height) == (1280, 960)
     assert out.get_typeof("exif-data") == 0 and out.get_typeof("icc-profile-data") == 0
+
+
+def test_jpegs_over_the_optimize_limit_get_the_standard_huffman_tables() -> None:
+    """The same coefficients either way (Huffman coding is lossless): the same pixels,
+    only the optimised file is smaller."""
+    name = "bimg_northern_cardinal_bird.jpg"
+    pixels = 1920 * 1080
+    optimised = run(name, compress.Limits(optimize_max_pixels=pixels))
+    standard = run(name, compress.Limits(optimize_max_pixels=pixels - 1))
+    assert optimised.quality_out == standard.quality_out
+    assert len(optimised.data) < len(standard.data) * 0.97
+    a, b = (pyvips.Image.new_from_buffer(r.data, "") for r in (optimised, standard))
+    assert (a.width * a.height, b.width * b.height) == (pixels, pixels)
+    assert (a - b).abs().max() == 0
 
 
 def test_exif_orientation_is_applied() -> None:
@@ -163,14 +178,15 @@ import sys
 from imgsvc import compress
 compress.configure()
 data = open(sys.argv[1], "rb").read()
-image, fmt, estimate = compress._open(data, compress.Limits())
+limits = compress.Limits(optimize_max_pixels=int(sys.argv[2]))
+image, fmt, estimate = compress._open(data, limits)
 del image
 def peak():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
 before = peak()
-compress.compress(data, compress.Limits())
+compress.compress(data, limits)
 print(estimate, peak() - before)
 """
 
@@ -187,10 +203,50 @@ print(estimate, peak() - before)
         "webp_lossy_alpha_5_webp_a.webp",
     ],
 )
-def test_the_memory_estimate_covers_what_compress_takes(name: str) -> None:
-    """Measured in a fresh process (VmHWM before and after one compress())."""
+@pytest.mark.parametrize("optimize_max_pixels", [compress.Limits().optimize_max_pixels, 0])
+def test_the_memory_estimate_covers_what_compress_takes(name: str, optimize_max_pixels: int) -> None:
+    """Measured in a fresh process (VmHWM before and after one compress()), with and
+    without optimised Huffman tables."""
     out = subprocess.run(
-        [sys.executable, "-c", _MEMORY_PROBE, str(IMAGES / name)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", _MEMORY_PROBE, str(IMAGES / name), str(optimize_max_pixels)],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     estimate, measured = map(int, out.split())
     assert measured <= estimate, f"{name}: took {measured:,} bytes, estimated {estimate:,}"
+
+
+_MALLOC_PROBE = """
+import ctypes, sys
+from imgsvc import compress
+if sys.argv[1] == "configured":
+    compress.configure()
+names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in names.split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mallinfo2.restype = Info
+libc.free(libc.malloc(8 << 20))  # freeing a mapped block raises glibc's own threshold
+before = libc.mallinfo2().hblks
+block = libc.malloc(3 << 20)
+print(libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_configure_keeps_large_blocks_out_of_the_malloc_arenas() -> None:
+    """Without the fixed threshold, a 3 MiB block after a freed 8 MiB one comes from an
+    arena, where it fragments; with it, the block is mapped on its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+    def mapped_blocks(mode: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", _MALLOC_PROBE, mode], capture_output=True, text=True, check=True, env=env
+        )
+        return int(out.stdout)
+
+    assert mapped_blocks("default") == 0
+    assert mapped_blocks("configured") == 1

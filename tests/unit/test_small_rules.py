@@ -32,10 +32,13 @@ def test_settings_defaults_and_user_names() -> None:
             "AWS_SECRET_ACCESS_KEY": "b",
             "AWS_BUCKET_NAME": "bk",
             "IMGSVC_MAX_PIXELS": "1_000",
+            "IMGSVC_JPEG_OPTIMIZE_MAX_PIXELS": "0",
         }
     )
     assert (config.port, config.aws_access_key, config.aws_secret_key) == (8080, "a", "b")
     assert config.max_pixels == 1000 and config.quality_factor == 0.5
+    assert config.jpeg_optimize_max_pixels == 0
+    assert settings.from_env({}).jpeg_optimize_max_pixels == 16_000_000
     assert settings.from_env({}).aws_bucket_name is None
 
 
@@ -50,6 +53,7 @@ def test_settings_defaults_and_user_names() -> None:
         ({"WEBHOOK_URL": "ftp://x"}, "WEBHOOK_URL"),
         ({"AWS_ACCESS_KEY": "only-one"}, "AWS_SECRET_KEY"),
         ({"IMGSVC_MAX_REDIRECTS": "-1"}, "IMGSVC_MAX_REDIRECTS"),
+        ({"IMGSVC_JPEG_OPTIMIZE_MAX_PIXELS": "many"}, "IMGSVC_JPEG_OPTIMIZE_MAX_PIXELS"),
     ],
 )
 def test_a_bad_setting_names_its_variable(env: dict[str, str], name: str) -> None:
