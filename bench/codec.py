@@ -77,9 +77,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("optimize", "+ optimize_coding", _variant(optimize=True, autorot=False, icc=False), True),
     Variant("autorot", "+ autorot", _variant(optimize=True, autorot=True, icc=False), True),
     Variant("icc", "+ icc_transform to sRGB", _variant(optimize=True, autorot=True, icc=True), True),
-    Variant("service_jpeg", "service compress()", _service(compress.Limits()), True),
 )
-CEILING = Variant("service", "service compress()", _service(compress.Limits()), False)
 
 
 @dataclasses.dataclass
@@ -223,10 +221,11 @@ def measure(
     """
     compress.configure()
     service = _service(limits)
-    variants = [dataclasses.replace(v, run=service) if v.key == "service_jpeg" else v for v in VARIANTS]
+    ceiling = Variant("service", "service compress()", service, False)
+    variants = [*VARIANTS, Variant("service_jpeg", "service compress()", service, True)]
     plan: list[tuple[Variant, str, list[imageset.Item]]] = []
     for group, items in groups.items():
-        plan.append((dataclasses.replace(CEILING, run=service), group, items))
+        plan.append((ceiling, group, items))
         jpegs = [item for item in items if item.file.format == "jpeg"]
         if jpegs:
             plan += [(variant, group, jpegs) for variant in variants]
@@ -265,7 +264,7 @@ def measure(
         rounds=rounds,
         ceiling={group: measured[("service", group)][0] for group in groups},
         variants={
-            group: [measured[(v.key, group)][0] for v in VARIANTS if (v.key, group) in measured]
+            group: [measured[(v.key, group)][0] for v in variants if (v.key, group) in measured]
             for group in groups
         },
         rss_before_kib=before,

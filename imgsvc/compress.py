@@ -56,6 +56,10 @@ class Limits:
     # stream instead of holding every coefficient twice.
     optimize_max_pixels: int = 16_000_000
 
+    def optimizes(self, pixels: int) -> bool:
+        """Whether a JPEG output of ``pixels`` gets its own Huffman tables."""
+        return pixels <= self.optimize_max_pixels
+
 
 class MemoryBudget:
     """At most ``limit`` bytes of estimated codec memory in work at once in this process:
@@ -254,7 +258,7 @@ def _open(data: bytes, limits: Limits) -> tuple[pyvips.Image, str, int]:
         pixels * pages,
         progressive=progressive,
         rotated=orientation not in (0, 1),
-        optimize=pixels <= limits.optimize_max_pixels,
+        optimize=limits.optimizes(pixels),
     )
     return _header(data, **options), fmt, memory
 
@@ -278,8 +282,9 @@ def _encode(image: pyvips.Image, fmt: str, q: int | None, limits: Limits) -> byt
     if fmt == "jpeg":
         if image.hasalpha():
             image = image.flatten(background=[255])
-        optimize = image.width * image.height <= limits.optimize_max_pixels
-        return bytes(image.jpegsave_buffer(Q=q, optimize_coding=optimize, **common))
+        return bytes(
+            image.jpegsave_buffer(Q=q, optimize_coding=limits.optimizes(image.width * image.height), **common)
+        )
     if fmt == "png":
         return bytes(image.pngsave_buffer(palette=True, Q=q, effort=4, **common))
     if fmt == "webp":
