@@ -27,6 +27,9 @@ image_bytes = Counter(
 stage_duration = Histogram(
     "imgsvc_stage_duration_seconds", "Time in each stage of an image.", ["stage"], buckets=_SECONDS
 )
+source_bytes = Gauge(
+    "imgsvc_source_bytes", "Bytes of source images held, from their download to the end of their compression."
+)
 webhooks = Counter("imgsvc_webhook_deliveries_total", "Webhook attempts by outcome.", ["outcome"])
 requests_finished = Counter(
     "imgsvc_requests_finished_total", "Requests that reached a final status.", ["status"]

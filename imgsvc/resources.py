@@ -16,7 +16,67 @@ import aiohttp
 from aiohttp.abc import AbstractResolver
 from botocore.config import Config
 
-from imgsvc import __version__, compress, db, download, settings, storage
+from imgsvc import __version__, compress, db, download, metrics, settings, storage
+
+
+class SourceBudget:
+    """Bounds the bytes of source images a process holds, from the start of their
+    download to the end of their compression.
+
+    A download starts only when what is held, plus what it is expected to bring (the
+    running mean of the sources so far), fits in ``limit``, or while fewer than
+    ``min_sources`` are held, so the codec threads always have one waiting and a source
+    larger than the budget still gets through. Large sources therefore queue a few at a
+    time and small ones many at a time: memory for the one, latency hiding for the other.
+    """
+
+    def __init__(self, limit: int, min_sources: int, first_guess: int = 0) -> None:
+        self.limit = limit
+        self.min_sources = max(1, min_sources)
+        self.held = 0
+        self.sources = 0
+        # Until a source has been seen, assume a quarter of the budget each, so that a
+        # first burst of large sources does not all start at once.
+        self.typical = first_guess or max(1, limit // 4)
+        self._changed = asyncio.Event()
+
+    def _fits(self) -> bool:
+        return not self.limit or self.sources < self.min_sources or self.held + self.typical <= self.limit
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[SourceHold]:
+        """Wait for room, then hold the expected size until ``settle`` gives the real one."""
+        while not self._fits():
+            self._changed.clear()
+            await self._changed.wait()
+        hold = SourceHold(self, self.typical)
+        self.held += hold.size
+        self.sources += 1
+        metrics.source_bytes.set(self.held)
+        try:
+            yield hold
+        finally:
+            self.held -= hold.size
+            self.sources -= 1
+            metrics.source_bytes.set(self.held)
+            self._changed.set()
+
+
+@dataclasses.dataclass(slots=True)
+class SourceHold:
+    """One source's share of a SourceBudget."""
+
+    budget: SourceBudget
+    size: int
+
+    def settle(self, size: int) -> None:
+        """The source is in memory: hold its real size from now on."""
+        budget = self.budget
+        budget.held += size - self.size
+        budget.typical += (size - budget.typical) // 4
+        self.size = size
+        metrics.source_bytes.set(budget.held)
+        budget._changed.set()
 
 
 @dataclasses.dataclass(slots=True)
@@ -29,6 +89,7 @@ class Resources:
     store: storage.Storage
     images: ThreadPoolExecutor
     source_slots: asyncio.Semaphore
+    source_budget: SourceBudget
     image_slots: asyncio.Semaphore
     upload_slots: asyncio.Semaphore
 
@@ -125,6 +186,7 @@ async def opened(
             store=store,
             images=images,
             source_slots=asyncio.Semaphore(config.download_concurrency),
+            source_budget=SourceBudget(config.source_memory, config.image_concurrency + 1),
             image_slots=asyncio.Semaphore(config.image_concurrency),
             upload_slots=asyncio.Semaphore(config.upload_concurrency),
             download_limits=download_limits(config),

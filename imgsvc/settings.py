@@ -72,6 +72,8 @@ class Settings:
     quality_factor: float = 0.5
     # Images between the start of their download and the end of their compression.
     download_concurrency: int = 8 * max(1, os.cpu_count() or 1)
+    # Bytes of those images' sources held at once (see resources.SourceBudget).
+    source_memory: int = 16 * MIB
     download_per_host: int = 8
     image_concurrency: int = max(1, os.cpu_count() or 1)
     image_nice: int = 10
@@ -233,6 +235,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     def seconds(name: str, default: float) -> float:
         return _parsed(env, p + name, default, _positive_float, "a number of seconds above 0")
 
+    def mib(name: str, default: int) -> int:
+        return MIB * _parsed(
+            env, p + name, default // MIB, _non_negative_int, "a whole number of MiB, 0 (no limit) or more"
+        )
+
     def url(name: str) -> str | None:
         return _parsed(env, name, None, _http_url, "an http(s) URL")
 
@@ -293,14 +300,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         max_problems=num("MAX_PROBLEMS", d.max_problems),
         max_image_bytes=num("MAX_IMAGE_BYTES", d.max_image_bytes),
         max_pixels=num("MAX_PIXELS", d.max_pixels),
-        image_memory=MIB
-        * _parsed(
-            env,
-            p + "IMAGE_MEMORY_MB",
-            d.image_memory // MIB,
-            _non_negative_int,
-            "a whole number of MiB, 0 (no limit) or more",
-        ),
+        image_memory=mib("IMAGE_MEMORY_MB", d.image_memory),
         jpeg_optimize_max_pixels=_parsed(
             env,
             p + "JPEG_OPTIMIZE_MAX_PIXELS",
@@ -318,6 +318,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
             env, p + "QUALITY_FACTOR", d.quality_factor, _fraction, "a number above 0 and at most 1"
         ),
         download_concurrency=num("DOWNLOAD_CONCURRENCY", d.download_concurrency),
+        source_memory=mib("SOURCE_MEMORY_MB", d.source_memory),
         download_per_host=num("DOWNLOAD_PER_HOST", d.download_per_host),
         image_concurrency=num("IMAGE_CONCURRENCY", d.image_concurrency),
         image_nice=_parsed(env, p + "IMAGE_NICE", d.image_nice, _nice_steps, "a whole number from 0 to 19"),

@@ -33,11 +33,14 @@ def test_settings_defaults_and_user_names() -> None:
             "AWS_BUCKET_NAME": "bk",
             "IMGSVC_MAX_PIXELS": "1_000",
             "IMGSVC_JPEG_OPTIMIZE_MAX_PIXELS": "0",
+            "IMGSVC_SOURCE_MEMORY_MB": "4",
         }
     )
     assert (config.port, config.aws_access_key, config.aws_secret_key) == (8080, "a", "b")
     assert config.max_pixels == 1000 and config.quality_factor == 0.5
     assert config.jpeg_optimize_max_pixels == 0
+    assert config.source_memory == 4 * 1024 * 1024
+    assert settings.from_env({}).source_memory == 16 * 1024 * 1024
     assert settings.from_env({}).jpeg_optimize_max_pixels == 16_000_000
     assert settings.from_env({}).aws_bucket_name is None
 
@@ -54,6 +57,7 @@ def test_settings_defaults_and_user_names() -> None:
         ({"AWS_ACCESS_KEY": "only-one"}, "AWS_SECRET_KEY"),
         ({"IMGSVC_MAX_REDIRECTS": "-1"}, "IMGSVC_MAX_REDIRECTS"),
         ({"IMGSVC_JPEG_OPTIMIZE_MAX_PIXELS": "many"}, "IMGSVC_JPEG_OPTIMIZE_MAX_PIXELS"),
+        ({"IMGSVC_SOURCE_MEMORY_MB": "-1"}, "IMGSVC_SOURCE_MEMORY_MB"),
     ],
 )
 def test_a_bad_setting_names_its_variable(env: dict[str, str], name: str) -> None:
