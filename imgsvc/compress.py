@@ -130,6 +130,27 @@ _MALLOC_TUNING = (
 )
 
 
+# After an image estimated at this much, the freed memory is given back to the system
+# (malloc_trim), instead of staying in glibc's arenas for the next image to fragment.
+_TRIM_AFTER = 48 * 1024 * 1024
+
+
+def _libc_trim() -> Any:
+    with contextlib.suppress(OSError, AttributeError):
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+        trim.argtypes = [ctypes.c_size_t]
+        return trim
+    return None
+
+
+_malloc_trim = _libc_trim()
+
+
+def _trim() -> None:
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
 def configure(*, allow_svg: bool = False, memory: int = 0) -> None:
     """Process-wide settings: no libvips operation cache, untrusted loaders blocked (SVG's
     too, unless allowed), the memory budget (bytes, 0 for none), and malloc tuned for
@@ -328,8 +349,13 @@ def _plan(fmt: str, data: bytes, image: pyvips.Image, factor: float) -> tuple[st
 def compress(data: bytes, limits: Limits) -> models.Compressed:
     """Re-encode ``data`` at the quality rule's quality; raise PermanentError if it can't be."""
     image, fmt_in, memory = _open(data, limits)
-    with budget.hold(memory):
-        return _compress(data, image, fmt_in, limits)
+    try:
+        with budget.hold(memory):
+            return _compress(data, image, fmt_in, limits)
+    finally:
+        del image
+        if memory >= _TRIM_AFTER:
+            _trim()
 
 
 def _compress(data: bytes, image: pyvips.Image, fmt_in: str, limits: Limits) -> models.Compressed:
