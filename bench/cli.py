@@ -252,14 +252,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     # rclone ends with the SIGTERM's status; imgsvc and the image server should end with 0.
     unclean = {name: code for name, code in exit_codes.items() if code not in (0, None) and name != "rclone"}
 
-    # The ceiling runs with the settings the service ran with: its image limits and
-    # its image concurrency as the thread count.
+    # The ceiling runs with the settings the service ran with: its image limits, its
+    # image concurrency as the thread count, and its rule for large photos at once.
     config = settings.from_env({**os.environ, **extra_env})
     threads = config.image_concurrency
     print(f"bench: ceiling, {threads} threads, {args.rounds} passes of each variant", flush=True)
     codec_results = codec.measure(
         groups,
         threads=threads,
+        large_concurrency=config.large_image_concurrency,
         rounds=args.rounds,
         min_seconds=args.ceiling_seconds,
         limits=resources.image_limits(config),

@@ -186,6 +186,7 @@ class CodecResults:
     """The ceiling per size class, and the setting variants per size class."""
 
     threads: int
+    large_concurrency: int
     rounds: int
     ceiling: dict[str, Measured]
     variants: dict[str, list[Measured]]
@@ -197,6 +198,7 @@ class CodecResults:
         """Figures for the report."""
         return {
             "threads": self.threads,
+            "large_concurrency": self.large_concurrency,
             "rounds": self.rounds,
             "rss_before_kib": self.rss_before_kib,
             "peak_rss_kib": self.peak_rss_kib,
@@ -210,6 +212,7 @@ def measure(
     groups: dict[str, list[imageset.Item]],
     *,
     threads: int,
+    large_concurrency: int,
     rounds: int,
     min_seconds: float,
     limits: compress.Limits,
@@ -219,7 +222,7 @@ def measure(
     A first, untimed pass of each warms up and calibrates: short lists are repeated so
     that a timed pass lasts at least ``min_seconds`` (a rate, not a total, is wanted).
     """
-    compress.configure()
+    compress.configure(large_concurrency=large_concurrency)
     service = _service(limits)
     ceiling = Variant("service", "service compress()", service, False)
     variants = [*VARIANTS, Variant("service_jpeg", "service compress()", service, True)]
@@ -261,6 +264,7 @@ def measure(
     peak = procstat.status_kib(os.getpid(), "VmHWM") if reset else None
     return CodecResults(
         threads=threads,
+        large_concurrency=large_concurrency,
         rounds=rounds,
         ceiling={group: measured[("service", group)][0] for group in groups},
         variants={

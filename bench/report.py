@@ -150,8 +150,9 @@ def render(results: dict[str, Any]) -> str:
         f"imgsvc {m['imgsvc']} ({m['git_commit']})",
         "",
         f"Throughput: upload to final status, one request per class, median of {run['repeat']} requests; "
-        f"ceiling = the service's compress() in a {codec['threads']}-thread pool, median of "
-        f"{codec['rounds']} passes",
+        f"ceiling = the service's compress() in a {codec['threads']}-thread pool "
+        f"(at most {codec.get('large_concurrency') or codec['threads']} photos over 4 MP at once), "
+        f"median of {codec['rounds']} passes",
     ]
     rows = []
     for r in results["summary"]:

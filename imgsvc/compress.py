@@ -61,29 +61,48 @@ class Limits:
         return pixels <= self.optimize_max_pixels
 
 
+# A source of more pixels than this is a large photo: at most
+# ``MemoryBudget.large_limit`` of them are compressed at once.
+LARGE_PIXELS = 4_000_000
+
+
 class MemoryBudget:
     """At most ``limit`` bytes of estimated codec memory in work at once in this process:
     an image waits for room rather than being decoded beside others, which bounds the
     worker's memory; small images share the budget. An image larger than the whole
-    budget runs alone."""
+    budget runs alone. Apart from bytes, at most ``large_limit`` large photos at once
+    (0: no such rule), so that a thread more than there are cores, which fills the
+    codec's single-threaded moments with small images, never holds a large one."""
 
-    def __init__(self, limit: int = 0) -> None:
+    def __init__(self, limit: int = 0, large_limit: int = 0) -> None:
         self.limit = limit
+        self.large_limit = large_limit
         self._used = 0
+        self._large = 0
         self._room = threading.Condition()
 
     @contextlib.contextmanager
-    def hold(self, size: int) -> Iterator[None]:
-        """Wait (blocking this thread) until ``size`` bytes fit, and hold them meanwhile."""
+    def hold(self, size: int, *, large: bool = False) -> Iterator[None]:
+        """Wait (blocking this thread) until ``size`` bytes, and a large photo if it is one,
+        fit; hold them meanwhile."""
         share = min(size, self.limit) if self.limit else 0
+        counted = large and self.large_limit > 0
+
+        def fits() -> bool:
+            if counted and self._large >= self.large_limit:
+                return False
+            return self._used == 0 or self._used + share <= self.limit
+
         with self._room:
-            self._room.wait_for(lambda: self._used == 0 or self._used + share <= self.limit)
+            self._room.wait_for(fits)
             self._used += share
+            self._large += counted
         try:
             yield
         finally:
             with self._room:
                 self._used -= share
+                self._large -= counted
                 self._room.notify_all()
 
 
@@ -151,14 +170,15 @@ def _trim() -> None:
         _malloc_trim(0)
 
 
-def configure(*, allow_svg: bool = False, memory: int = 0) -> None:
+def configure(*, allow_svg: bool = False, memory: int = 0, large_concurrency: int = 0) -> None:
     """Process-wide settings: no libvips operation cache, untrusted loaders blocked (SVG's
-    too, unless allowed), the memory budget (bytes, 0 for none), and malloc tuned for
-    large, short-lived buffers."""
+    too, unless allowed), the memory budget (bytes, 0 for none) and how many large photos
+    at once (0 for no rule), and malloc tuned for large, short-lived buffers."""
     pyvips.cache_set_max(0)
     pyvips.block_untrusted_set(True)
     pyvips.operation_block_set("VipsForeignLoadSvg", not allow_svg)
     budget.limit = memory
+    budget.large_limit = large_concurrency
     # glibc gives each thread that mallocs under contention an arena of its own, and
     # serves even large blocks from them once a block of that size has been freed
     # (its mmap threshold rises up to 32 MiB). The codec's large, short-lived buffers
@@ -350,7 +370,7 @@ def compress(data: bytes, limits: Limits) -> models.Compressed:
     """Re-encode ``data`` at the quality rule's quality; raise PermanentError if it can't be."""
     image, fmt_in, memory = _open(data, limits)
     try:
-        with budget.hold(memory):
+        with budget.hold(memory, large=image.width * image.get_page_height() > LARGE_PIXELS):
             return _compress(data, image, fmt_in, limits)
     finally:
         del image

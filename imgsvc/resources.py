@@ -127,7 +127,11 @@ async def opened(
     resolver: AbstractResolver | None = None,
 ) -> AsyncIterator[Resources]:
     """Open everything; close it all on the way out."""
-    compress.configure(allow_svg=config.allow_svg, memory=config.image_memory)
+    compress.configure(
+        allow_svg=config.allow_svg,
+        memory=config.image_memory,
+        large_concurrency=config.large_image_concurrency,
+    )
     async with contextlib.AsyncExitStack() as stack:
         pool = await db.create_pool(database_url, max_size=pool_size)
         stack.push_async_callback(pool.close)

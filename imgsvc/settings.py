@@ -75,7 +75,10 @@ class Settings:
     # Bytes of those images' sources held at once (see resources.SourceBudget).
     source_memory: int = 16 * MIB
     download_per_host: int = 8
-    image_concurrency: int = max(1, os.cpu_count() or 1)
+    # One thread more than there are cores: compress() has single-threaded moments (header,
+    # colour profile, encoder setup) that a third image fills; large photos stay at one a core.
+    image_concurrency: int = max(1, os.cpu_count() or 1) + 1
+    large_image_concurrency: int = max(1, os.cpu_count() or 1)
     image_nice: int = 10
     upload_concurrency: int = 16
     worker_concurrency: int = 8
@@ -321,6 +324,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         source_memory=mib("SOURCE_MEMORY_MB", d.source_memory),
         download_per_host=num("DOWNLOAD_PER_HOST", d.download_per_host),
         image_concurrency=num("IMAGE_CONCURRENCY", d.image_concurrency),
+        large_image_concurrency=num("LARGE_IMAGE_CONCURRENCY", d.large_image_concurrency),
         image_nice=_parsed(env, p + "IMAGE_NICE", d.image_nice, _nice_steps, "a whole number from 0 to 19"),
         upload_concurrency=num("UPLOAD_CONCURRENCY", d.upload_concurrency),
         worker_concurrency=num("WORKER_CONCURRENCY", d.worker_concurrency),

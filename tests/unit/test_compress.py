@@ -173,6 +173,31 @@ def test_the_memory_budget_runs_big_images_one_at_a_time_and_small_ones_together
         assert max(most) == 500  # larger than the whole budget: runs, and alone
 
 
+def test_at_most_large_limit_large_photos_at_once_while_small_ones_fill_the_threads() -> None:
+    budget = compress.MemoryBudget(0, large_limit=2)
+    inside: list[str] = []
+    most_large: list[int] = []
+    most: list[int] = []
+    lock = threading.Lock()
+
+    def work(kind: str) -> None:
+        with budget.hold(1, large=kind == "large"):
+            with lock:
+                inside.append(kind)
+                most_large.append(inside.count("large"))
+                most.append(len(inside))
+            time.sleep(0.05)
+            with lock:
+                inside.remove(kind)
+
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(work, ["large"] * 6))
+        assert max(most_large) == 2
+        most.clear()
+        list(pool.map(work, ["large", "large", "small", "small", "small", "small"]))
+        assert max(most) == 3  # the third thread takes small photos beside two large ones
+
+
 _MEMORY_PROBE = """
 import sys
 from imgsvc import compress

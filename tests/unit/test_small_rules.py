@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from imgsvc import download, errors, ingest, settings, storage
@@ -34,6 +36,7 @@ def test_settings_defaults_and_user_names() -> None:
             "IMGSVC_MAX_PIXELS": "1_000",
             "IMGSVC_JPEG_OPTIMIZE_MAX_PIXELS": "0",
             "IMGSVC_SOURCE_MEMORY_MB": "4",
+            "IMGSVC_LARGE_IMAGE_CONCURRENCY": "1",
         }
     )
     assert (config.port, config.aws_access_key, config.aws_secret_key) == (8080, "a", "b")
@@ -41,6 +44,12 @@ def test_settings_defaults_and_user_names() -> None:
     assert config.jpeg_optimize_max_pixels == 0
     assert config.source_memory == 4 * 1024 * 1024
     assert settings.from_env({}).source_memory == 16 * 1024 * 1024
+    assert config.large_image_concurrency == 1
+    cores = os.cpu_count() or 1
+    assert (settings.from_env({}).image_concurrency, settings.from_env({}).large_image_concurrency) == (
+        cores + 1,
+        cores,
+    )
     assert settings.from_env({}).jpeg_optimize_max_pixels == 16_000_000
     assert settings.from_env({}).aws_bucket_name is None
 
