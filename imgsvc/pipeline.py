@@ -72,11 +72,11 @@ async def _process_claimed(res: resources.Resources, image_id: int) -> str:
         # A source slot and the source's bytes are held from the start of the download to
         # the end of compression: they bound the sources in memory, downloaded ones waiting
         # for the codec included, by count and by size.
-        async with res.source_slots, res.source_budget.hold() as held:
+        async with res.source_slots, res.source_budget.hold() as settle:
             with metrics.stage_duration.labels("download").time():
                 data = await download.fetch(res.http, task.url, res.download_limits)
             bytes_in = len(data)
-            held.settle(bytes_in)
+            settle(bytes_in)
             metrics.image_bytes.labels("in").inc(bytes_in)
             with metrics.stage_duration.labels("compress").time():
                 async with res.image_slots:

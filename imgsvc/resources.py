@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import aioboto3
@@ -44,39 +44,32 @@ class SourceBudget:
         return not self.limit or self.sources < self.min_sources or self.held + self.typical <= self.limit
 
     @contextlib.asynccontextmanager
-    async def hold(self) -> AsyncIterator[SourceHold]:
-        """Wait for room, then hold the expected size until ``settle`` gives the real one."""
+    async def hold(self) -> AsyncIterator[Callable[[int], None]]:
+        """Wait for room, then hold the expected size; the function yielded gives the real
+        size once the source is in memory."""
         while not self._fits():
             self._changed.clear()
             await self._changed.wait()
-        hold = SourceHold(self, self.typical)
-        self.held += hold.size
+        share = self.typical
+        self.held += share
         self.sources += 1
         metrics.source_bytes.set(self.held)
-        try:
-            yield hold
-        finally:
-            self.held -= hold.size
-            self.sources -= 1
+
+        def settle(size: int) -> None:
+            nonlocal share
+            self.held += size - share
+            self.typical += (size - self.typical) // 4
+            share = size
             metrics.source_bytes.set(self.held)
             self._changed.set()
 
-
-@dataclasses.dataclass(slots=True)
-class SourceHold:
-    """One source's share of a SourceBudget."""
-
-    budget: SourceBudget
-    size: int
-
-    def settle(self, size: int) -> None:
-        """The source is in memory: hold its real size from now on."""
-        budget = self.budget
-        budget.held += size - self.size
-        budget.typical += (size - budget.typical) // 4
-        self.size = size
-        metrics.source_bytes.set(budget.held)
-        budget._changed.set()
+        try:
+            yield settle
+        finally:
+            self.held -= share
+            self.sources -= 1
+            metrics.source_bytes.set(self.held)
+            self._changed.set()
 
 
 @dataclasses.dataclass(slots=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from imgsvc.resources import SourceBudget, SourceHold
+from imgsvc.resources import SourceBudget
 
 MIB = 1024 * 1024
 
@@ -20,9 +20,9 @@ class Holder:
         self.task = asyncio.create_task(self._run(budget, size))
 
     async def _run(self, budget: SourceBudget, size: int) -> None:
-        async with budget.hold() as held:
+        async with budget.hold() as settle:
             self.entered.set()
-            held.settle(size)
+            settle(size)
             await self.done.wait()
 
 
@@ -74,9 +74,9 @@ async def test_a_failed_or_cancelled_download_gives_its_share_back() -> None:
     budget = SourceBudget(8 * MIB, min_sources=1, first_guess=8 * MIB)
 
     @contextlib.asynccontextmanager
-    async def failing() -> AsyncIterator[SourceHold]:
-        async with budget.hold() as held:
-            yield held
+    async def failing() -> AsyncIterator[Callable[[int], None]]:
+        async with budget.hold() as settle:
+            yield settle
             raise ConnectionError("the source went away")
 
     with contextlib.suppress(ConnectionError):
