@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import functools
 import json
 import os
 import platform
@@ -89,6 +90,11 @@ def parser() -> argparse.ArgumentParser:
         help="make the latency phase's request last about this long, repeating the images (10)",
     )
     p.add_argument("--no-latency", action="store_true", help="skip the latency phase")
+    p.add_argument(
+        "--no-paired",
+        action="store_true",
+        help="skip the ceiling pass run right after each throughput request (the paired ratio)",
+    )
     p.add_argument("--rounds", type=_positive(int), default=3, help="passes of each ceiling variant (3)")
     p.add_argument(
         "--ceiling-seconds",
@@ -217,6 +223,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     services = Services(
         args.images_dir, extra_env=extra_env, keep=args.keep, log_dir=out.with_name(f"{out.stem}-logs")
     )
+    # The ceiling runs with the settings the service ran with: its image limits, its
+    # image concurrency as the thread count, and its rule for large photos at once.
+    config = settings.from_env({**os.environ, **extra_env})
+    threads = config.image_concurrency
+    paired = functools.partial(
+        codec.paired_pass,
+        threads=threads,
+        large_concurrency=config.large_image_concurrency,
+        limits=resources.image_limits(config),
+    )
     options = pipeline.Options(
         warmup=min(args.warmup, len(items)),
         repeat=args.repeat,
@@ -233,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         upload_rows=args.upload_rows,
         upload_repeat=args.upload_repeat,
         large_csv_mb=args.large_csv_mb,
+        paired=None if args.no_paired else paired,
     )
     try:
         print("bench: starting PostgreSQL, rclone, the image server, the API and a worker", flush=True)
@@ -252,10 +269,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     # rclone ends with the SIGTERM's status; imgsvc and the image server should end with 0.
     unclean = {name: code for name, code in exit_codes.items() if code not in (0, None) and name != "rclone"}
 
-    # The ceiling runs with the settings the service ran with: its image limits, its
-    # image concurrency as the thread count, and its rule for large photos at once.
-    config = settings.from_env({**os.environ, **extra_env})
-    threads = config.image_concurrency
     print(f"bench: ceiling, {threads} threads, {args.rounds} passes of each variant", flush=True)
     codec_results = codec.measure(
         groups,

@@ -172,6 +172,26 @@ def _quiet_pass(pool: ThreadPoolExecutor, run: Callable[[bytes], int], datas: Se
     return best
 
 
+def paired_pass(
+    datas: Sequence[bytes], *, threads: int, large_concurrency: int, limits: compress.Limits
+) -> dict[str, Any]:
+    """One ceiling pass over ``datas`` (the service's compress(), as in ``measure``), for a
+    request's images right after the request, so that the two are measured minutes apart
+    at most rather than across the whole run: this VM's speed drifts by several percent."""
+    compress.configure(large_concurrency=large_concurrency)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bench-paired") as pool:
+        list(pool.map(lambda _: None, range(threads)))
+        run = _quiet_pass(pool, _service(limits), datas)
+    return {
+        "images": len(datas),
+        "seconds": round(run.seconds, 4),
+        "images_per_s": round(len(datas) / run.seconds, 3) if run.seconds else None,
+        "cpu_seconds": round(run.cpu_seconds, 4),
+        "foreign_cores": run.foreign_cores,
+        "retries": run.retries,
+    }
+
+
 def _reset_peak_rss() -> bool:
     """Reset this process's VmHWM (Linux: write 5 to clear_refs)."""
     try:

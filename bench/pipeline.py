@@ -7,7 +7,8 @@ Phases, in one run of the services:
    ``repeat`` times one after the other (the median is reported), the harness polling
    lightly (one product a page, 10 times a second). Each batch is timed from the
    upload to the request's completed_at, with the CPU of every process tree and the
-   peak RSS of the API and the worker;
+   peak RSS of the API and the worker; then, unless ``paired`` is None, one ceiling pass
+   over the same images while the services sit idle (the paired ratio);
 3. latency: one request with the images (repeated, with new URLs, until it should
    last ``latency_seconds`` at the measured rate), while open-loop streams call
    GET /status/{id} (the full first page, as a client would) and POST /upload (a
@@ -25,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,8 @@ class Options:
     upload_rows: int
     upload_repeat: int
     large_csv_mb: float
+    # One ceiling pass over a request's sources, run right after the request; None: none.
+    paired: Callable[[list[bytes]], dict[str, Any]] | None = None
 
 
 @dataclasses.dataclass
@@ -70,6 +73,13 @@ class Measured:
     cpu_seconds: dict[str, float]
     peak_rss_kib: dict[str, int]
     machine: dict[str, Any]
+    paired: dict[str, Any] | None = None
+
+    @property
+    def paired_ratio(self) -> float | None:
+        """This request's rate over the ceiling pass right after it."""
+        rate = self.paired and self.paired.get("images_per_s")
+        return self.images_per_s / rate if rate else None
 
     @property
     def images_per_s(self) -> float:
@@ -101,6 +111,8 @@ class Measured:
             "bytes_in": self.batch.bytes_in,
             "bytes_out": self.batch.bytes_out,
             "batch": self.batch.as_json(),
+            "paired_ceiling": self.paired,
+            "paired_ratio": round(self.paired_ratio, 4) if self.paired_ratio else None,
         }
 
 
@@ -121,7 +133,10 @@ class ClassRuns:
     def as_json(self) -> dict[str, Any]:
         """The median batch's figures, the spread, and every batch."""
         rates = [m.images_per_s for m in self.runs]
+        paired = sorted(r for r in (m.paired_ratio for m in self.runs) if r)
         return self.median.as_json() | {
+            "paired_ratios": [round(r, 4) for r in paired],
+            "paired_ratio_median": round(paired[(len(paired) - 1) // 2], 4) if paired else None,
             "repeats": len(self.runs),
             "retried_because_of_other_load": self.retried,
             "images_per_s_min": round(min(rates), 3),
@@ -337,6 +352,9 @@ async def run(services: Services, items: list[imageset.Item], options: Options) 
                     measured = await _measured_batch(
                         session, services, group, group_items, sampler, roots, options.timeout
                     )
+                    if options.paired is not None:
+                        sources = [item.file.data for item in group_items]
+                        measured.paired = await asyncio.to_thread(options.paired, sources)
                     contended = measured.machine["foreign_cores"] > CONTENDED
                     (disturbed if contended else runs).append(measured)
                     if contended:

@@ -198,6 +198,15 @@ def render(results: dict[str, Any]) -> str:
             f"{name} {v * 1000:.0f}" for name, v in everything["pipeline_cpu_s_per_image_by_process"].items()
         )
         out.append(f"Pipeline CPU ms per image by process (all classes): {parts}")
+    for c in results["pipeline"]["throughput"]:
+        ratios = c.get("paired_ratios") or []
+        if ratios:
+            ceilings = [(r["paired_ceiling"] or {}).get("images_per_s") or 0 for r in c["runs"]]
+            out.append(
+                f"Paired, {_LABELS[c['group']]}: each request against a ceiling pass of its images "
+                f"right after it (ceiling {', '.join(f'{v:.2f}' for v in ceilings)} img/s): "
+                f"ratio {c['paired_ratio_median']:.3f} median, {ratios[0]:.3f}-{ratios[-1]:.3f}"
+            )
 
     out += [
         "",
