@@ -154,20 +154,21 @@ _MALLOC_TUNING = (
 _TRIM_AFTER = 48 * 1024 * 1024
 
 
-def _libc_trim() -> Any:
+def _glibc() -> Any:
+    """glibc, for mallopt and malloc_trim; None where there is none (another libc)."""
     with contextlib.suppress(OSError, AttributeError):
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-        trim.argtypes = [ctypes.c_size_t]
-        return trim
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
     return None
 
 
-_malloc_trim = _libc_trim()
+_libc = _glibc()
 
 
 def _trim() -> None:
-    if _malloc_trim is not None:
-        _malloc_trim(0)
+    if _libc is not None:
+        _libc.malloc_trim(0)
 
 
 def configure(*, allow_svg: bool = False, memory: int = 0, large_concurrency: int = 0) -> None:
@@ -185,11 +186,10 @@ def configure(*, allow_svg: bool = False, memory: int = 0, large_concurrency: in
     # then leave the arenas fragmented and the process keeps the memory. The known
     # remedies: cap the arenas, and fix the threshold so that blocks over 2 MiB are
     # mapped and unmapped on their own (docs/performance.md has what each bought).
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
+    if _libc is not None:
         for parameter, value, variable in _MALLOC_TUNING:
             if variable not in os.environ:
-                libc.mallopt(parameter, value)
+                _libc.mallopt(parameter, value)
 
 
 def lower_priority(steps: int) -> None:
