@@ -227,11 +227,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # image concurrency as the thread count, and its rule for large photos at once.
     config = settings.from_env({**os.environ, **extra_env})
     threads = config.image_concurrency
+    limits = resources.image_limits(config)
     paired = functools.partial(
-        codec.paired_pass,
-        threads=threads,
-        large_concurrency=config.large_image_concurrency,
-        limits=resources.image_limits(config),
+        codec.paired_pass, threads=threads, large_concurrency=config.large_image_concurrency, limits=limits
     )
     options = pipeline.Options(
         warmup=min(args.warmup, len(items)),
@@ -276,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         large_concurrency=config.large_image_concurrency,
         rounds=args.rounds,
         min_seconds=args.ceiling_seconds,
-        limits=resources.image_limits(config),
+        limits=limits,
     )
 
     results: dict[str, Any] = {
