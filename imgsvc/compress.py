@@ -203,10 +203,53 @@ def lower_priority(steps: int) -> None:
         os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + steps)
 
 
-def _first_line(exc: pyvips.Error) -> str:
-    text = str(exc.detail or exc.message or "").strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0][:200] if lines else "unknown error"
+def _first_line(exc: pyvips.Error) -> str | None:
+    """The first line libvips logged for ``exc``, or None if the log was empty."""
+    lines = [line.strip() for line in str(exc.detail or "").splitlines() if line.strip()]
+    return lines[0][:200] if lines else None
+
+
+class _ErrorGate:
+    """libvips logs errors in one buffer for the whole process, and pyvips empties it
+    whenever it raises: with images converted side by side, an exception can carry
+    another image's message, or none. So a failed conversion is run again alone: it
+    waits for the conversions under way to finish and holds new ones back, which makes
+    the log its own."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._running = 0
+        self._waiting_alone = 0
+        self._alone = False
+
+    @contextlib.contextmanager
+    def side_by_side(self) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._alone and not self._waiting_alone)
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._running -= 1
+                self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._changed:
+            self._waiting_alone += 1
+            self._changed.wait_for(lambda: not self._alone and not self._running)
+            self._waiting_alone -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._alone = False
+                self._changed.notify_all()
+
+
+_errors = _ErrorGate()
 
 
 def _header(data: bytes, **options: Any) -> pyvips.Image:
@@ -368,7 +411,8 @@ def _plan(fmt: str, data: bytes, image: pyvips.Image, factor: float) -> tuple[st
 
 def compress(data: bytes, limits: Limits) -> models.Compressed:
     """Re-encode ``data`` at the quality rule's quality; raise PermanentError if it can't be."""
-    image, fmt_in, memory = _open(data, limits)
+    with _errors.side_by_side():
+        image, fmt_in, memory = _open(data, limits)
     try:
         with budget.hold(memory, large=image.width * image.get_page_height() > LARGE_PIXELS):
             return _compress(data, image, fmt_in, limits)
@@ -378,35 +422,49 @@ def compress(data: bytes, limits: Limits) -> models.Compressed:
             _trim()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Converted:
+    data: bytes
+    format_out: str
+    quality_in: int | None
+    quality_out: int | None
+    width: int
+    height: int
+
+
+def _convert(data: bytes, image: pyvips.Image, fmt_in: str, limits: Limits) -> _Converted:
+    fmt_out, q_in, q_out = _plan(fmt_in, data, image, limits.quality_factor)
+    if image.get_n_pages() == 1 or fmt_in not in _ANIMATED:
+        image = image.autorot()
+    image = _to_srgb(image)
+    width = image.width
+    height = image.get_page_height() if image.get_n_pages() > 1 else image.height
+    return _Converted(_encode(image, fmt_out, q_out, limits), fmt_out, q_in, q_out, width, height)
+
+
 def _compress(data: bytes, image: pyvips.Image, fmt_in: str, limits: Limits) -> models.Compressed:
     try:
-        fmt_out, q_in, q_out = _plan(fmt_in, data, image, limits.quality_factor)
-        if image.get_n_pages() == 1 or fmt_in not in _ANIMATED:
-            image = image.autorot()
-        image = _to_srgb(image)
-        width = image.width
-        height = image.get_page_height() if image.get_n_pages() > 1 else image.height
-        out = _encode(image, fmt_out, q_out, limits)
-    except pyvips.Error as exc:
-        raise errors.NotAnImage(f"the image could not be decoded: {_first_line(exc)}") from exc
-    if len(out) >= len(data) and fmt_out == fmt_in:
-        return models.Compressed(
-            data=data,
-            format_in=fmt_in,
-            format_out=fmt_in,
-            width=width,
-            height=height,
-            quality_in=q_in,
-            quality_out=q_in,
-            kept_original=True,
-        )
+        with _errors.side_by_side():
+            converted = _convert(data, image, fmt_in, limits)
+    except pyvips.Error:
+        # Run again alone for a reason that is this image's own. The alone run waits
+        # while holding this image's share of the budget; what it waits for already
+        # holds theirs, so the two never wait on each other.
+        with _errors.alone():
+            pyvips.vips_lib.vips_error_clear()  # lines no exception took
+            try:
+                converted = _convert(data, _open(data, limits)[0], fmt_in, limits)
+            except pyvips.Error as alone:
+                reason = _first_line(alone) or str(alone.message)
+                raise errors.NotAnImage(f"the image could not be decoded: {reason}") from alone
+    kept = len(converted.data) >= len(data) and converted.format_out == fmt_in
     return models.Compressed(
-        data=out,
+        data=data if kept else converted.data,
         format_in=fmt_in,
-        format_out=fmt_out,
-        width=width,
-        height=height,
-        quality_in=q_in,
-        quality_out=q_out,
-        kept_original=False,
+        format_out=converted.format_out,
+        width=converted.width,
+        height=converted.height,
+        quality_in=converted.quality_in,
+        quality_out=converted.quality_in if kept else converted.quality_out,
+        kept_original=kept,
     )

@@ -117,6 +117,37 @@ def test_bad_bytes_fail_with_a_reason(data: bytes, words: str) -> None:
         compress.compress(data, LIMITS)
 
 
+def _damaged_png() -> bytes:
+    data = bytearray((IMAGES / "kodak_kodim23.png").read_bytes())
+    start = data.find(b"IDAT") + 5000
+    data[start : start + 100] = bytes(100)  # zeroes in the middle of the compressed pixels
+    return bytes(data)
+
+
+def test_failures_side_by_side_each_keep_their_own_reason() -> None:
+    """libvips logs errors in one buffer per process: without the error gate, images
+    failing at once swapped or lost their reasons about half the time."""
+    compress.configure()
+    sources = {
+        "jpeg": ((IMAGES / "truncated_jpeg_BlueSquare.jpg").read_bytes(), "premature end of JPEG"),
+        "png": (_damaged_png(), "libpng read error"),
+        "good": ((IMAGES / "png_palette_trns.png").read_bytes(), None),
+    }
+
+    def outcome(kind: str) -> tuple[str, str]:
+        data, _ = sources[kind]
+        try:
+            compress.compress(data, LIMITS)
+        except errors.NotAnImage as exc:
+            return kind, str(exc)
+        return kind, "done"
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(outcome, ["jpeg", "png", "good"] * 40))
+    wrong = [(kind, said) for kind, said in outcomes if (sources[kind][1] or "done") not in said]
+    assert not wrong, wrong[:5]
+
+
 _NICE_PROBE = """
 import glob, sys
 from concurrent.futures import ThreadPoolExecutor
