@@ -76,10 +76,20 @@ async def translated() -> AsyncIterator[None]:
         raise errors.DatabaseUnavailable(f"the database is not answering ({type(exc).__name__})") from exc
 
 
+async def _keep_session(conn: Connection) -> None:
+    """A connection goes back to the pool as it is. asyncpg's default sends
+    ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on every release, a
+    round trip for state our queries never leave: no SET, LISTEN or cursor outside a
+    transaction, and the one advisory lock (migrations) is released before its own
+    pool closes. An open transaction is still rolled back by asyncpg first."""
+
+
 async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> Pool:
     """Open a connection pool."""
     async with translated():
-        pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, command_timeout=60)
+        pool = await asyncpg.create_pool(
+            url, min_size=min_size, max_size=max_size, command_timeout=60, reset=_keep_session
+        )
     assert pool is not None
     return pool
 

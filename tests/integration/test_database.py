@@ -195,3 +195,21 @@ async def test_migrate_is_idempotent_and_checked(database_url: str, postgres: ob
 async def test_an_unreachable_database_is_a_transient_error() -> None:
     with pytest.raises(errors.DatabaseUnavailable):
         await db.create_pool("postgresql://postgres@127.0.0.1:1/none")
+
+
+async def test_a_pooled_connection_is_released_without_a_reset_round_trip(database_url: str) -> None:
+    """The pool hands a connection back as it was (no RESET ALL on release), and a
+    transaction left open is still rolled back."""
+    pool = await db.create_pool(database_url, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute("SET application_name = 'kept'")
+        assert await pool.fetchval("SHOW application_name") == "kept"
+        conn = await pool.acquire()
+        transaction = conn.transaction()
+        await transaction.start()
+        await conn.execute("CREATE TABLE left_open (x int)")
+        await pool.release(conn)
+        assert await pool.fetchval("SELECT to_regclass('left_open')") is None
+    finally:
+        await pool.close()
