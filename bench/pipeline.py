@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -263,6 +264,10 @@ async def _latency_phase(
         waiter = asyncio.create_task(uploaded.wait())
         await asyncio.wait([batch_task, waiter], return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
+        # This process's own objects frozen, so that a full collection here does not
+        # hold back probes and count as the service's latency.
+        gc.collect()
+        gc.freeze()
         streams = [
             asyncio.create_task(load.open_loop("GET /status/{id}", options.status_rate, get_status, stop)),
             asyncio.create_task(
@@ -274,6 +279,7 @@ async def _latency_phase(
         finally:
             stop.set()
             results = await asyncio.gather(*streams)
+            gc.unfreeze()
         cpu = meter.stop()
     measured = Measured("all", items, batch, cpu["trees"], sampler.window(), cpu)
     return measured, [r.summary() for r in results]

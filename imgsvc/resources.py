@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -176,6 +177,12 @@ async def opened(
             initargs=(config.image_nice,),
         )
         stack.callback(images.shutdown, wait=True, cancel_futures=True)
+        # What start-up made (modules, the S3 client's service model, the pools: about
+        # 100,000 objects) lives as long as the process. Frozen, the collector's full
+        # passes skip it; each took about 20 ms of a busy event loop, and set the
+        # GET /status p99 under load.
+        gc.collect()
+        gc.freeze()
         yield Resources(
             settings=config,
             pool=pool,
