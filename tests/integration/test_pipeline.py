@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import uuid
 from typing import Any
 
@@ -148,3 +149,10 @@ async def test_a_worker_runs_the_queue_with_retries(
         await res.pool.fetchval("SELECT status FROM requests WHERE id = $1", uuid.UUID(rid))
         == "completed_with_errors"
     )
+
+
+async def test_start_up_objects_are_frozen_out_of_the_collector(res: resources.Resources) -> None:
+    """What resources.opened made is in the permanent generation, so a full collection
+    does not walk it while the event loop waits."""
+    assert gc.is_tracked(res.store) and gc.get_freeze_count() > 0
+    assert not any(obj is res.store for obj in gc.get_objects())
