@@ -13,7 +13,7 @@ import functools
 import json
 import re
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -301,19 +301,28 @@ async def get_request_for_finish(pool: Pool, request_id: uuid.UUID) -> dict[str,
     return dict(row) if row is not None else None
 
 
-async def get_output_rows(pool: Pool, request_id: uuid.UUID) -> list[report.Row]:
-    """The products of a request, in order, with input and output URLs in order."""
-    async with translated():
-        rows = await pool.fetch(queries()["get_output_rows"], request_id)
-    return [
-        report.Row(
-            serial=r["serial"],
-            name=r["name"],
-            input_urls=tuple(r["input_urls"]),
-            output_urls=tuple(r["output_urls"]),
-        )
-        for r in rows
-    ]
+async def output_rows(
+    pool: Pool, request_id: uuid.UUID, chunk: int = 2000
+) -> AsyncGenerator[list[report.Row], None]:
+    """The products of a request in order, with input and output URLs in order, a chunk
+    at a time through a cursor: a request of 100,000 products is never in memory whole.
+    Close it (contextlib.aclosing) to give the connection back early."""
+    async with translated(), pool.acquire() as conn, conn.transaction():
+        rows: list[report.Row] = []
+        async for r in conn.cursor(queries()["get_output_rows"], request_id, prefetch=chunk):
+            rows.append(
+                report.Row(
+                    serial=r["serial"],
+                    name=r["name"],
+                    input_urls=tuple(r["input_urls"]),
+                    output_urls=tuple(r["output_urls"]),
+                )
+            )
+            if len(rows) == chunk:
+                yield rows
+                rows = []
+        if rows:
+            yield rows
 
 
 async def set_output_csv(conn: Connection, request_id: uuid.UUID, key: str, url: str) -> None:

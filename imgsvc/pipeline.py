@@ -10,8 +10,10 @@ rule with their own attempt limit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
+import tempfile
 import uuid
 
 from imgsvc import db, download, errors, logs, metrics, models, notify, report, resources, storage
@@ -56,6 +58,8 @@ async def process_image(res: resources.Resources, image_id: int) -> str:
         logger.info("image %s: interrupted by shutdown, queued again", image_id)
         raise
 
+
+OUTPUT_CSV_IN_MEMORY = 8 * 1024 * 1024
 
 INTERRUPTED = "interrupted: the worker stopped before this image was finished; queued again"
 
@@ -197,10 +201,15 @@ async def complete_request(res: resources.Resources, request_id: str) -> str:
     info = await db.get_request_for_finish(res.pool, rid)
     if info is None or not models.RequestStatus(info["status"]).is_final:
         return "not finished"
-    data = report.render_csv(await db.get_output_rows(res.pool, rid))
     key = storage.csv_key(res.settings.s3_prefix, request_id)
-    async with res.upload_slots:
-        url = await res.store.put(key, data, "text/csv; charset=utf-8")
+    # Written as its rows are read, into memory up to a few MiB and to a temporary file
+    # beyond: the output of a 100,000-product request is about 70 MB of CSV.
+    with tempfile.SpooledTemporaryFile(max_size=OUTPUT_CSV_IN_MEMORY) as out:
+        async with contextlib.aclosing(db.output_rows(res.pool, rid)) as rows:
+            async for data in report.stream_csv(rows):
+                out.write(data)
+        async with res.upload_slots:
+            url = await res.store.put(key, out, "text/csv; charset=utf-8")
     webhook_url = info["webhook_url"] or res.settings.webhook_url
     async with db.translated(), res.pool.acquire() as conn, conn.transaction():
         await db.set_output_csv(conn, rid, key, url)

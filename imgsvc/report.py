@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-from collections.abc import Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
 from imgsvc import ingest
 
@@ -26,13 +26,22 @@ class Row:
     output_urls: tuple[str | None, ...]
 
 
-def render_csv(rows: Iterable[Row]) -> bytes:
-    """The output CSV as UTF-8 bytes, quoted wherever a value needs it."""
+def render_csv(rows: Iterable[Row], *, header: bool = True) -> bytes:
+    """The output CSV as UTF-8 bytes, quoted wherever a value needs it; without the
+    header line for the chunks after the first."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(HEADER)
+    if header:
+        writer.writerow(HEADER)
     for row in rows:
         writer.writerow(
             [row.serial, row.name, ",".join(row.input_urls), ",".join(url or "" for url in row.output_urls)]
         )
     return out.getvalue().encode("utf-8")
+
+
+async def stream_csv(chunks: AsyncIterable[Iterable[Row]]) -> AsyncIterator[bytes]:
+    """The output CSV as its rows are read: the header, then each chunk's lines."""
+    yield render_csv(())
+    async for chunk in chunks:
+        yield render_csv(chunk, header=False)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 from urllib.parse import quote
 
 import botocore.exceptions
@@ -33,8 +34,9 @@ def csv_key(prefix: str, request_id: str) -> str:
 class Storage(Protocol):
     """Stores bytes under a key and says where a person can open them."""
 
-    async def put(self, key: str, data: bytes, content_type: str) -> str:
-        """Store ``data`` under ``key``; return its public URL."""
+    async def put(self, key: str, data: bytes | IO[bytes], content_type: str) -> str:
+        """Store ``data`` (bytes, or a seekable file read from its start) under ``key``;
+        return its public URL."""
         ...
 
     async def check(self) -> None:
@@ -50,7 +52,9 @@ class S3Storage:
         self.bucket = bucket
         self.public_url = public_url.rstrip("/")
 
-    async def put(self, key: str, data: bytes, content_type: str) -> str:
+    async def put(self, key: str, data: bytes | IO[bytes], content_type: str) -> str:
+        if not isinstance(data, bytes):
+            data.seek(0)
         try:
             await self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
         except botocore.exceptions.ClientError as exc:
@@ -84,20 +88,24 @@ class LocalStorage:
         self.root = root
         self.public_url = public_url.rstrip("/")
 
-    def _write(self, key: str, data: bytes) -> None:
+    def _write(self, key: str, data: bytes | IO[bytes]) -> None:
         path = self.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
         try:
             with os.fdopen(fd, "wb") as out:
-                out.write(data)
+                if isinstance(data, bytes):
+                    out.write(data)
+                else:
+                    data.seek(0)
+                    shutil.copyfileobj(data, out)
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    async def put(self, key: str, data: bytes, content_type: str) -> str:
+    async def put(self, key: str, data: bytes | IO[bytes], content_type: str) -> str:
         try:
             await asyncio.to_thread(self._write, key, data)
         except OSError as exc:

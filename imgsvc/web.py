@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -312,9 +312,18 @@ async def output_csv(request: Request) -> Response:
             f"the request is still {info['status']} ({finished} of {info['total']} "
             "images finished); the output CSV exists once all are",
         )
-    data = report.render_csv(await db.get_output_rows(res.pool, request_id))
-    return Response(
-        data,
+    rows = db.output_rows(res.pool, request_id)
+    first = await anext(rows, None)  # a database that is away answers 503 here, not a cut 200
+
+    async def chunks() -> AsyncGenerator[list[report.Row], None]:
+        async with contextlib.aclosing(rows):
+            if first is not None:
+                yield first
+            async for chunk in rows:
+                yield chunk
+
+    return StreamingResponse(
+        report.stream_csv(chunks()),
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="{request_id}-output.csv"'},
     )

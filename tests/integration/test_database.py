@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -211,5 +212,25 @@ async def test_a_pooled_connection_is_released_without_a_reset_round_trip(databa
         await conn.execute("CREATE TABLE left_open (x int)")
         await pool.release(conn)
         assert await pool.fetchval("SELECT to_regclass('left_open')") is None
+    finally:
+        await pool.close()
+
+
+async def test_output_rows_come_in_chunks_in_input_order_and_give_the_connection_back(
+    database_url: str,
+) -> None:
+    pool = await db.create_pool(database_url, max_size=1)
+    try:
+        rid = uuid.UUID(await store_request(pool, [product(n, 2) for n in range(1, 6)]))
+        chunks = [chunk async for chunk in db.output_rows(pool, rid, chunk=2)]
+        assert [len(chunk) for chunk in chunks] == [2, 2, 1]
+        rows = [row for chunk in chunks for row in chunk]
+        assert [row.serial for row in rows] == ["1.", "2.", "3.", "4.", "5."]
+        assert rows[0].input_urls == ("http://img.test/1/0.jpg", "http://img.test/1/1.jpg")
+        assert rows[0].output_urls == (None, None)  # nothing processed yet
+        async with contextlib.aclosing(db.output_rows(pool, rid, chunk=2)) as reading:
+            async for _ in reading:
+                break
+        assert await asyncio.wait_for(pool.fetchval("SELECT 1"), 5) == 1  # the one connection is back
     finally:
         await pool.close()

@@ -6,6 +6,7 @@ import asyncio
 import csv
 import io
 import json
+import tempfile
 import uuid
 from typing import Any
 
@@ -190,3 +191,14 @@ async def test_finishing_twice_writes_no_second_event(
     )
     assert await pipeline.deliver_webhook(res, (await delivery(res, rid))["id"]) == "already settled"
     assert len(receiver.posts(path)) == 1
+
+
+async def test_a_csv_spilled_to_a_temporary_file_is_uploaded_whole(
+    res: resources.Resources, s3: S3Server
+) -> None:
+    body = b"".join(f"{n},Product {n},http://a/{n}.jpg,\r\n".encode() for n in range(20_000))
+    with tempfile.SpooledTemporaryFile(max_size=64 * 1024) as spooled:
+        spooled.write(body)
+        spooled.rollover()  # on disk, as a large output CSV is
+        await res.store.put("spilled/output.csv", spooled, "text/csv; charset=utf-8")
+    assert s3.get("spilled/output.csv") == (body, "text/csv; charset=utf-8")

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -124,3 +125,18 @@ def test_webhook_settings_are_checked(env: dict[str, str], name: str) -> None:
         settings.from_env(env)
     assert caught.value.name == name
     assert "not base64!" not in caught.value.message  # a secret is never echoed
+
+
+async def test_the_streamed_csv_is_the_whole_csv_in_chunks() -> None:
+    rows = [
+        report.Row(serial=str(n), name=f"P {n}", input_urls=(f"http://a/{n}.jpg",), output_urls=(None,))
+        for n in range(1, 6)
+    ]
+
+    async def chunks() -> AsyncIterator[list[report.Row]]:
+        for start in range(0, len(rows), 2):
+            yield rows[start : start + 2]
+
+    streamed = [part async for part in report.stream_csv(chunks())]
+    assert len(streamed) == 4  # the header, then three chunks
+    assert b"".join(streamed) == report.render_csv(rows)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +133,13 @@ def test_literal_hosts_and_schemes_are_checked_before_connecting(url: str, error
 )
 def test_credentials_in_urls_are_hidden(url: str, shown: str) -> None:
     assert ingest.redact_url(url) == shown
+
+
+async def test_local_storage_stores_bytes_and_files_from_their_start(tmp_path: Path) -> None:
+    store = storage.LocalStorage(tmp_path, "http://files.test/files")
+    assert await store.put("r/a.jpg", b"bytes", "image/jpeg") == "http://files.test/files/r/a.jpg"
+    with tempfile.SpooledTemporaryFile(max_size=4) as spooled:  # spills to disk past 4 bytes
+        spooled.write(b"S. No.,Product Name\r\n")
+        await store.put("r/output.csv", spooled, "text/csv")
+    assert (tmp_path / "r/a.jpg").read_bytes() == b"bytes"
+    assert (tmp_path / "r/output.csv").read_bytes() == b"S. No.,Product Name\r\n"
