@@ -19,7 +19,7 @@ from procrastinate import exceptions as procrastinate_exceptions
 from procrastinate import retry
 from procrastinate.jobs import Job
 
-from imgsvc import errors, pipeline, resources, settings
+from imgsvc import errors, logs, pipeline, resources, settings
 
 logger = logging.getLogger("imgsvc.jobs")
 
@@ -58,6 +58,7 @@ async def _resources() -> resources.Resources:
     """This process's resources; opened on first use when procrastinate's CLI hosts us."""
     res: resources.Resources | None = _state.get("resources")
     if res is None:
+        logs.quiet_libraries()  # procrastinate's CLI set up logging, not imgsvc's
         stack = contextlib.AsyncExitStack()
         res = await stack.enter_async_context(resources.opened(_config(), _database_url()))
         _state["resources"] = res
@@ -92,8 +93,21 @@ class WebhookBackoffRetry(BackoffRetry):
     webhook = True
 
 
+class _Connector(procrastinate.PsycopgConnector):
+    """procrastinate's connector, which also closes the resources opened on first use
+    when procrastinate's CLI hosts the worker (the CLI closes the app's connector as it
+    stops; ``imgsvc worker`` and ``imgsvc serve`` close their own)."""
+
+    async def close_async(self) -> None:
+        stack: contextlib.AsyncExitStack | None = _state.pop("stack", None)
+        if stack is not None:
+            _state.pop("resources", None)
+            await stack.aclose()
+        await super().close_async()
+
+
 app = procrastinate.App(
-    connector=procrastinate.PsycopgConnector(pool_factory=_make_pool),
+    connector=_Connector(pool_factory=_make_pool),
     import_paths=["imgsvc.jobs"],
 )
 

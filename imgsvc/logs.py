@@ -74,6 +74,11 @@ class _Json(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+def quiet_libraries() -> None:
+    """libvips reports every finished thread pool at INFO, a line or two an image."""
+    logging.getLogger("pyvips").setLevel(logging.WARNING)
+
+
 def configure(level: str, fmt: str) -> None:
     """Send every log line to stderr in the chosen format."""
     handler = logging.StreamHandler()
@@ -85,7 +90,7 @@ def configure(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("pyvips").setLevel(logging.WARNING)
+    quiet_libraries()
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True

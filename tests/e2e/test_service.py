@@ -167,6 +167,7 @@ async def test_api_and_separate_workers_share_the_queue(
         assert per_worker[0][0] == 12  # every image done once
         for worker in workers:
             assert "process_image" in worker.output(), worker.output()[-2000:]
+            assert "VIPS:" not in worker.output()  # libvips' INFO lines stay out of the log
     finally:
         assert_clean_exit(*workers, api)
 

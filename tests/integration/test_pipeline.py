@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import pyvips
 
-from imgsvc import errors, jobs, models, pipeline, quality, resources
+from imgsvc import errors, jobs, models, pipeline, quality, resources, settings
 from tests.conftest import store_request, with_settings
 from tests.servers import IMAGES, ImageServer, S3Server
 
@@ -156,3 +156,17 @@ async def test_start_up_objects_are_frozen_out_of_the_collector(res: resources.R
     does not walk it while the event loop waits."""
     assert gc.is_tracked(res.store) and gc.get_freeze_count() > 0
     assert not any(obj is res.store for obj in gc.get_objects())
+
+
+async def test_resources_opened_under_procrastinates_cli_close_with_its_app(
+    config: settings.Settings, database_url: str
+) -> None:
+    """procrastinate's CLI hosts the tasks without imgsvc's start-up: the first task opens
+    the resources, and the CLI closing the app closes them."""
+    jobs.use(database_url, config)
+    jobs._state.pop("resources", None)  # another test's, already closed
+    async with jobs.app.open_async():
+        res = await jobs._resources()
+        assert not res.pool.is_closing()
+    assert res.pool.is_closing()
+    assert "resources" not in jobs._state
