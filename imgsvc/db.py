@@ -384,8 +384,8 @@ async def cancel_request(conn: Connection, request_id: uuid.UUID) -> tuple[str |
     before: str | None = await conn.fetchval(q["lock_request"], request_id)
     if before is None or models.RequestStatus(before).is_final:
         return before, 0, None
-    await conn.execute(q["mark_cancel_requested"], request_id)
     cancelled = int((await conn.execute(q["cancel_images"], request_id)).split()[-1])
+    await conn.execute(q["mark_cancel_requested"], request_id, cancelled)
     final: str | None = await conn.fetchval(q["finish_request_if_done"], request_id)
     return before, cancelled, final
 

@@ -84,7 +84,10 @@ WITH finished AS (
     WHERE id = $1 AND status IN ('queued', 'processing')
     RETURNING request_id
 ), touched AS (
-    UPDATE requests SET updated_at = now() WHERE id = (SELECT request_id FROM finished)
+    UPDATE requests
+    SET updated_at = now(), done_count = done_count + 1,
+        done_bytes_in = done_bytes_in + coalesce($5, 0), done_bytes_out = done_bytes_out + $6
+    WHERE id = (SELECT request_id FROM finished)
 )
 SELECT EXISTS (SELECT 1 FROM finished) AS finished,
        EXISTS (SELECT 1 FROM images WHERE request_id = $2 AND id <> $1
@@ -98,7 +101,8 @@ WITH finished AS (
     WHERE id = $1 AND status IN ('queued', 'processing')
     RETURNING request_id
 ), touched AS (
-    UPDATE requests SET updated_at = now() WHERE id = (SELECT request_id FROM finished)
+    UPDATE requests SET updated_at = now(), failed_count = failed_count + 1
+    WHERE id = (SELECT request_id FROM finished)
 )
 SELECT EXISTS (SELECT 1 FROM finished) AS finished,
        EXISTS (SELECT 1 FROM images WHERE request_id = $2 AND id <> $1
@@ -142,7 +146,10 @@ UPDATE images SET status = 'cancelled', error = 'cancelled before it was process
 WHERE request_id = $1 AND status = 'queued';
 
 -- mark_cancel_requested --
-UPDATE requests SET cancel_requested_at = coalesce(cancel_requested_at, now()), updated_at = now()
+-- After cancel_images, with how many it cancelled.
+UPDATE requests
+SET cancel_requested_at = coalesce(cancel_requested_at, now()), updated_at = now(),
+    cancelled_count = cancelled_count + $2
 WHERE id = $1;
 
 -- job_counts --

@@ -234,3 +234,59 @@ async def test_output_rows_come_in_chunks_in_input_order_and_give_the_connection
         assert await asyncio.wait_for(pool.fetchval("SELECT 1"), 5) == 1  # the one connection is back
     finally:
         await pool.close()
+
+
+PROGRESS_FROM_IMAGES = """
+SELECT count(*) FILTER (WHERE status = 'queued') AS queued,
+       count(*) FILTER (WHERE status = 'processing') AS processing,
+       count(*) FILTER (WHERE status = 'done') AS done,
+       count(*) FILTER (WHERE status = 'failed') AS failed,
+       count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+       coalesce(sum(bytes_in) FILTER (WHERE status = 'done'), 0)::bigint AS bytes_in,
+       coalesce(sum(bytes_out) FILTER (WHERE status = 'done'), 0)::bigint AS bytes_out
+FROM images WHERE request_id = $1
+"""
+PROGRESS_VIEW = """
+SELECT queued, processing, done, failed, cancelled, bytes_in, bytes_out, total, percent
+FROM request_progress WHERE request_id = $1
+"""
+
+
+async def test_request_progress_counts_agree_with_the_images_through_every_change(
+    database_url: str,
+) -> None:
+    """The view reads counters kept on the request row: after claims, releases, done and
+    failed images finishing side by side, a second finish of the same image and a
+    cancel, they match a count of the images themselves."""
+    pool = await db.create_pool(database_url, max_size=8)
+    try:
+        rid = await store_request(pool, [product(n, 3) for n in range(1, 5)])  # 12 images
+        ids = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
+        rid_uuid = uuid.UUID(rid)
+
+        async def agree() -> None:
+            counted = dict(await pool.fetchrow(PROGRESS_FROM_IMAGES, rid_uuid))
+            view = dict(await pool.fetchrow(PROGRESS_VIEW, rid_uuid))
+            assert {k: view[k] for k in counted} == counted
+            assert view["total"] == 12
+            finished = counted["done"] + counted["failed"] + counted["cancelled"]
+            assert view["percent"] == round(100 * finished / 12, 1)
+
+        await agree()
+        for image_id in ids[:8]:
+            await db.claim_image(pool, image_id)
+        await db.release_image(pool, ids[7], "attempt 1: timed out")
+        await agree()
+        await _finish_concurrently(pool, rid, ids[:6], fail={ids[1], ids[4]})
+        await agree()
+        await _finish_concurrently(pool, rid, ids[:1], fail=set())  # already done: no change
+        await agree()
+        async with pool.acquire() as conn, conn.transaction():
+            _, cancelled, final = await db.cancel_request(conn, rid_uuid)
+        assert (cancelled, final) == (5, None)  # image 7 is still processing
+        await agree()
+        await _finish_concurrently(pool, rid, ids[6:7], fail=set())
+        await agree()
+        assert await pool.fetchval("SELECT status FROM requests") == "cancelled"
+    finally:
+        await pool.close()
