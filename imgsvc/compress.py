@@ -422,24 +422,21 @@ def compress(data: bytes, limits: Limits) -> models.Compressed:
             _trim()
 
 
-@dataclasses.dataclass(frozen=True)
-class _Converted:
-    data: bytes
-    format_out: str
-    quality_in: int | None
-    quality_out: int | None
-    width: int
-    height: int
-
-
-def _convert(data: bytes, image: pyvips.Image, fmt_in: str, limits: Limits) -> _Converted:
+def _convert(data: bytes, image: pyvips.Image, fmt_in: str, limits: Limits) -> models.Compressed:
     fmt_out, q_in, q_out = _plan(fmt_in, data, image, limits.quality_factor)
     if image.get_n_pages() == 1 or fmt_in not in _ANIMATED:
         image = image.autorot()
     image = _to_srgb(image)
-    width = image.width
-    height = image.get_page_height() if image.get_n_pages() > 1 else image.height
-    return _Converted(_encode(image, fmt_out, q_out, limits), fmt_out, q_in, q_out, width, height)
+    return models.Compressed(
+        data=_encode(image, fmt_out, q_out, limits),
+        format_in=fmt_in,
+        format_out=fmt_out,
+        width=image.width,
+        height=image.get_page_height() if image.get_n_pages() > 1 else image.height,
+        quality_in=q_in,
+        quality_out=q_out,
+        kept_original=False,
+    )
 
 
 def _compress(data: bytes, image: pyvips.Image, fmt_in: str, limits: Limits) -> models.Compressed:
@@ -457,14 +454,6 @@ def _compress(data: bytes, image: pyvips.Image, fmt_in: str, limits: Limits) -> 
             except pyvips.Error as alone:
                 reason = _first_line(alone) or str(alone.message)
                 raise errors.NotAnImage(f"the image could not be decoded: {reason}") from alone
-    kept = len(converted.data) >= len(data) and converted.format_out == fmt_in
-    return models.Compressed(
-        data=data if kept else converted.data,
-        format_in=fmt_in,
-        format_out=converted.format_out,
-        width=converted.width,
-        height=converted.height,
-        quality_in=converted.quality_in,
-        quality_out=converted.quality_in if kept else converted.quality_out,
-        kept_original=kept,
-    )
+    if len(converted.data) >= len(data) and converted.format_out == fmt_in:
+        return dataclasses.replace(converted, data=data, quality_out=converted.quality_in, kept_original=True)
+    return converted
