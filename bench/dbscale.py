@@ -6,9 +6,10 @@ In a private PostgreSQL (migrated with `imgsvc migrate`), makes one request per 
 with that many products and images, half of them done, and times with EXPLAIN ANALYZE
 (best of 5) the service's own named queries, read from its queries.sql:
 
-- ``finish_image_done``: run for every image, in the transaction that holds the
-  request row's lock (``lock_request``); timed inside a transaction that is rolled back;
-- ``finish_request_if_done``: for the image that finishes a request (it counts them all);
+- ``finish_image``: run for every image (it locks the request row, records the image
+  and counts it on the request); timed inside a transaction that is rolled back;
+- ``finish_request_if_done``: after a cancel, for a request with nothing left running
+  (it counts all its images);
 - ``get_request``: the summary behind every GET /status.
 
 A query the service no longer has is reported as missing.
@@ -97,7 +98,7 @@ def main() -> None:
             [sys.executable, "-m", "imgsvc", "migrate"], env=env, check=True, capture_output=True, timeout=120
         )
         print(
-            "images   finish_image_done (every image)   finish_request_if_done (last image)"
+            "images   finish_image (every image)   finish_request_if_done (after a cancel)"
             "   get_request (every GET /status)"
         )
         for size in sizes:
@@ -110,21 +111,25 @@ def main() -> None:
             values = {
                 1: open_image,
                 2: f"'{request_id}'::uuid",
-                3: "'k'",
-                4: "'http://127.0.0.1/out'",
-                5: "1000",
-                6: "500",
-                7: "100",
-                8: "100",
-                9: "'jpeg'",
-                10: "'jpeg'",
-                11: "90",
-                12: "45",
-                13: "false",
+                3: "'done'",
+                4: "NULL",
+                5: "'k'",
+                6: "'http://127.0.0.1/out'",
+                7: "1000",
+                8: "500",
+                9: "100",
+                10: "100",
+                11: "'jpeg'",
+                12: "'jpeg'",
+                13: "90",
+                14: "45",
+                15: "false",
+                16: "'requests'",
+                17: "'finish_request'",
             }
             cells = []
             for name, params, rollback in (
-                ("finish_image_done", values, True),
+                ("finish_image", values, True),
                 ("finish_request_if_done", {1: values[2]}, False),
                 ("get_request", {1: values[2]}, False),
             ):
@@ -132,10 +137,10 @@ def main() -> None:
                     cells.append(f"{'missing':>12}")
                     continue
                 sql = queries[name]
-                for number in sorted(params, reverse=True):  # $13 before $1
+                for number in sorted(params, reverse=True):  # $17 before $1
                     sql = sql.replace(f"${number}", params[number])
                 cells.append(f"{_best_ms(cluster, sql, rollback=rollback):9.2f} ms")
-            print(f"{size:>7}   {cells[0]:>30}   {cells[1]:>36}   {cells[2]:>31}")
+            print(f"{size:>7}   {cells[0]:>26}   {cells[1]:>39}   {cells[2]:>31}")
     finally:
         cluster.remove()
         shutil.rmtree(root, ignore_errors=True)

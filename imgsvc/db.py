@@ -196,20 +196,21 @@ def _replayed(earlier: asyncpg.Record) -> Inserted:
     )
 
 
-async def claim_image(pool: Pool, image_id: int) -> models.ImageTask | None:
-    """Mark an image as processing; None when it is already finished."""
+async def claim_images(pool: Pool, image_ids: list[int]) -> list[models.ImageTask]:
+    """Mark images as processing, in one round trip; those already finished are left out."""
     async with translated():
-        row = await pool.fetchrow(queries()["claim_image"], image_id)
-    if row is None:
-        return None
-    return models.ImageTask(
-        image_id=row["id"],
-        request_id=row["request_id"],
-        serial_number=row["serial_number"],
-        position=row["position"],
-        url=row["input_url"],
-        attempts=row["attempts"],
-    )
+        rows = await pool.fetch(queries()["claim_images"], image_ids)
+    return [
+        models.ImageTask(
+            image_id=row["id"],
+            request_id=row["request_id"],
+            serial_number=row["serial_number"],
+            position=row["position"],
+            url=row["input_url"],
+            attempts=row["attempts"],
+        )
+        for row in rows
+    ]
 
 
 async def requeue_image(pool: Pool, image_id: int, reason: str, queue: str, task: str) -> bool:
@@ -244,45 +245,32 @@ class Stored:
 
 
 async def finish_image(
-    conn: Connection,
-    image_id: int,
-    request_id: str,
+    pool: Pool,
+    task: models.ImageTask,
+    *,
     result: models.Compressed | None,
     stored: Stored | None,
     error: str | None,
-    bytes_in: int | None = None,
+    bytes_in: int | None,
+    finish_job: tuple[str, str],
 ) -> str | None:
-    """Record an image's final state; return the request's final status if this finished it.
-
-    Run inside a transaction. The request row is locked first, so when the last two
-    images of a request finish at once on two workers, the second waits for the first
-    and sees its image finished: exactly one of them finishes the request.
-    """
-    q = queries()
-    rid = uuid.UUID(request_id)
-    await conn.execute(q["lock_request"], rid)
+    """Record an image's final state, in one statement; return the request's final
+    status if this image was its last, having queued ``finish_job`` (queue, task) for
+    it in the same transaction. Exactly one image finishes a request, even when its
+    last images finish at the same moment on several workers; an image already
+    finished is left as it is."""
     if result is not None and stored is not None:
-        row = await conn.fetchrow(
-            q["finish_image_done"],
-            image_id,
-            rid,
-            stored.key,
-            stored.url,
-            bytes_in,
-            len(result.data),
-            result.width,
-            result.height,
-            result.format_in,
-            result.format_out,
-            result.quality_in,
-            result.quality_out,
-            result.kept_original,
-        )
+        outcome: tuple[Any, ...] = (
+            str(models.ImageStatus.DONE), None, stored.key, stored.url, bytes_in, len(result.data),
+            result.width, result.height, result.format_in, result.format_out,
+            result.quality_in, result.quality_out, result.kept_original,
+        )  # fmt: skip
     else:
-        row = await conn.fetchrow(q["finish_image_failed"], image_id, rid, error, bytes_in)
-    if not row["finished"] or row["open"]:
-        return None
-    status: str | None = await conn.fetchval(q["finish_request_if_done"], rid)
+        outcome = (str(models.ImageStatus.FAILED), error, None, None, bytes_in, *[None] * 8)
+    async with translated():
+        status: str | None = await pool.fetchval(
+            queries()["finish_image"], task.image_id, uuid.UUID(task.request_id), *outcome, *finish_job
+        )
     return status
 
 
@@ -388,6 +376,22 @@ async def cancel_request(conn: Connection, request_id: uuid.UUID) -> tuple[str |
     await conn.execute(q["mark_cancel_requested"], request_id, cancelled)
     final: str | None = await conn.fetchval(q["finish_request_if_done"], request_id)
     return before, cancelled, final
+
+
+async def unfinished_requests(pool: Pool, limit: int) -> list[uuid.UUID]:
+    """Open requests with no image left to run (see ``finish_unfinished``)."""
+    async with translated():
+        rows = await pool.fetch(queries()["unfinished_requests"], limit)
+    return [row[0] for row in rows]
+
+
+async def finish_unfinished(conn: Connection, request_id: uuid.UUID) -> str | None:
+    """In the caller's transaction, give an open request with no image left to run its
+    final status, from a count of its images; None if it is not such a request."""
+    q = queries()
+    await conn.execute(q["lock_request"], request_id)
+    status: str | None = await conn.fetchval(q["finish_request_if_done"], request_id)
+    return status
 
 
 async def job_counts(pool: Pool) -> list[tuple[str, str, int]]:

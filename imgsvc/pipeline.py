@@ -30,11 +30,14 @@ DELIVER_WEBHOOK = "deliver_webhook"
 
 
 async def process_images(res: resources.Resources, image_ids: list[int]) -> list[str]:
-    """A job's batch of images, side by side (the semaphores bound the work). Each image
-    ends on its own; if any failed transiently, TransientError is raised once all are
-    done, so the job runs again later, and then skips the images already finished."""
+    """A job's batch of images, claimed together, then side by side (the semaphores bound
+    the work). Each image ends on its own; if any failed transiently, TransientError is
+    raised once all are done, so the job runs again later, and then skips the images
+    already finished."""
+    claimed = {task.image_id: task for task in await db.claim_images(res.pool, image_ids)}
     outcomes = await asyncio.gather(
-        *(process_image(res, image_id) for image_id in image_ids), return_exceptions=True
+        *(_process(res, claimed[image_id]) for image_id in image_ids if image_id in claimed),
+        return_exceptions=True,
     )
     for outcome in outcomes:
         if isinstance(outcome, BaseException) and not isinstance(outcome, errors.TransientError):
@@ -44,31 +47,39 @@ async def process_images(res: resources.Resources, image_ids: list[int]) -> list
         raise errors.TransientError(
             f"{len(transient)} of {len(image_ids)} images will be retried: {transient[0].message}"
         )
-    return [str(outcome) for outcome in outcomes]
+    finished = iter(outcomes)
+    return [str(next(finished)) if image_id in claimed else ALREADY_FINISHED for image_id in image_ids]
 
 
 async def process_image(res: resources.Resources, image_id: int) -> str:
-    """Take one image through the stages; return its final status, or raise TransientError."""
+    """Claim one image and take it through the stages; return its final status (or that
+    it was already finished), or raise TransientError."""
+    claimed = await db.claim_images(res.pool, [image_id])
+    return await _process(res, claimed[0]) if claimed else ALREADY_FINISHED
+
+
+async def _process(res: resources.Resources, task: models.ImageTask) -> str:
     try:
-        return await _process_claimed(res, image_id)
+        return await _process_claimed(res, task)
     except asyncio.CancelledError:
         # The worker is stopping and its graceful time is up: procrastinate ends this
         # job as aborted and will not retry it, so the image gets a job of its own.
-        await asyncio.shield(db.requeue_image(res.pool, image_id, INTERRUPTED, IMAGE_QUEUE, PROCESS_IMAGES))
-        logger.info("image %s: interrupted by shutdown, queued again", image_id)
+        await asyncio.shield(
+            db.requeue_image(res.pool, task.image_id, INTERRUPTED, IMAGE_QUEUE, PROCESS_IMAGES)
+        )
+        logger.info("image %s: interrupted by shutdown, queued again", task.image_id)
         raise
 
 
 OUTPUT_CSV_IN_MEMORY = 8 * 1024 * 1024
 
+ALREADY_FINISHED = "already finished"
 INTERRUPTED = "interrupted: the worker stopped before this image was finished; queued again"
 
 
-async def _process_claimed(res: resources.Resources, image_id: int) -> str:
+async def _process_claimed(res: resources.Resources, task: models.ImageTask) -> str:
+    image_id = task.image_id
     logs.image_id.set(image_id)
-    task = await db.claim_image(res.pool, image_id)
-    if task is None:
-        return "already finished"
     logs.request_id.set(task.request_id)
     final_attempt = task.attempts >= res.settings.max_attempts
     bytes_in: int | None = None
@@ -135,6 +146,14 @@ async def requeue_orphans(res: resources.Resources, limit: int = 1000) -> int:
                 async with res.pool.acquire() as conn:
                     await db.defer_job(conn, REQUEST_QUEUE, task, {key: row_id})
                 count += 1
+        # A request is finished by the statement that records its last image, going by
+        # the counters on its row; if those were ever wrong, a count finishes it here.
+        for rid in await db.unfinished_requests(res.pool, limit):
+            async with res.pool.acquire() as conn, conn.transaction():
+                status = await db.finish_unfinished(conn, rid)
+                if status is not None:
+                    await finish_request(conn, str(rid), models.RequestStatus(status))
+                    count += 1
     if count:
         logger.warning("queued %s unfinished items again that had no job", count)
     return count
@@ -159,19 +178,31 @@ async def record(
     error: str | None = None,
     bytes_in: int | None = None,
 ) -> None:
-    """Store an image's final state and, if it was the request's last, finish the request."""
-    async with db.translated(), res.pool.acquire() as conn, conn.transaction():
-        status = await db.finish_image(conn, task.image_id, task.request_id, result, stored, error, bytes_in)
-        if status is not None:
-            await finish_request(conn, task.request_id, models.RequestStatus(status))
+    """Store an image's final state and, if it was the request's last, finish the request
+    (the statement that records the image queues the request's finishing job)."""
+    status = await db.finish_image(
+        res.pool,
+        task,
+        result=result,
+        stored=stored,
+        error=error,
+        bytes_in=bytes_in,
+        finish_job=(REQUEST_QUEUE, FINISH_REQUEST),
+    )
+    if status is not None:
+        _finished(task.request_id, models.RequestStatus(status))
+
+
+def _finished(request_id: str, status: models.RequestStatus) -> None:
+    logger.info("request %s finished: %s", request_id, status)
+    metrics.requests_finished.labels(str(status)).inc()
 
 
 async def finish_request(conn: db.Connection, request_id: str, status: models.RequestStatus) -> None:
-    """The moment a request reaches its final state: called exactly once per request,
-    inside the transaction that records its last image. What follows runs as a job,
-    queued in that same transaction, so it cannot be lost or queued twice."""
-    logger.info("request %s finished: %s", request_id, status)
-    metrics.requests_finished.labels(str(status)).inc()
+    """A cancel left nothing running: the request is final in the caller's transaction,
+    which queues what follows as a job, so it cannot be lost or queued twice. (When a
+    request's last image finishes, the statement that records it does the same.)"""
+    _finished(request_id, status)
     await db.defer_job(
         conn, REQUEST_QUEUE, FINISH_REQUEST, {"request_id": request_id}, queueing_lock=f"finish:{request_id}"
     )

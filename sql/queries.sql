@@ -48,22 +48,21 @@ FROM (SELECT batch, jsonb_agg(id ORDER BY id) AS ids
             FROM images WHERE request_id = $1) numbered
       GROUP BY batch) batches;
 
--- claim_image --
--- A worker starts on an image (and on its request, if it was still queued), in one
--- round trip; nothing is returned when the image is already finished.
+-- claim_images --
+-- A worker starts on a job's images (and on their request, if it was still queued), in
+-- one round trip; the images already finished are not returned.
 WITH claimed AS (
     UPDATE images i
     SET status = 'processing', attempts = i.attempts + 1, started_at = coalesce(i.started_at, now())
     FROM products p
-    WHERE i.id = $1 AND p.id = i.product_id AND i.status IN ('queued', 'processing')
+    WHERE i.id = ANY($1::bigint[]) AND p.id = i.product_id AND i.status IN ('queued', 'processing')
     RETURNING i.id, i.request_id, p.serial_number, i.position, i.input_url, i.attempts
 ), started AS (
     UPDATE requests r
     SET status = 'processing', started_at = now(), updated_at = now()
-    FROM claimed c
-    WHERE r.id = c.request_id AND r.status = 'queued'
+    WHERE r.id IN (SELECT request_id FROM claimed) AND r.status = 'queued'
 )
-SELECT id, request_id::text, serial_number, position, input_url, attempts FROM claimed;
+SELECT id, request_id::text, serial_number, position, input_url, attempts FROM claimed ORDER BY id;
 
 -- release_image --
 -- A transient failure: back to the queue, with the reason, for the next attempt.
@@ -72,54 +71,71 @@ UPDATE images SET status = 'queued', error = $2 WHERE id = $1 AND status = 'proc
 -- lock_request --
 SELECT status FROM requests WHERE id = $1 FOR UPDATE;
 
--- finish_image_done --
--- Run with the request row locked. One round trip: record the image, touch the
--- request, and say whether any other image of it still waits or runs (an index
--- look-up: finishing an image costs the same in a request of 10 or 100,000).
-WITH finished AS (
+-- finish_image --
+-- An image's final state ($3: 'done' or 'failed'), in one round trip and one
+-- transaction: lock the request row (first, as cancelling does), record the image,
+-- count it on the request, and if it was the request's last open image, give the
+-- request its final status and queue procrastinate's finish_request job ($16 queue,
+-- $17 task). The counters decide, not a count of the images: this statement's
+-- snapshot predates its wait for the lock, but UPDATE works on the newest committed
+-- row, so when the last two images finish at once, exactly one sees the total.
+-- Returns the final status when this image finished the request; no row or NULL else.
+WITH locked AS (
+    SELECT id FROM requests WHERE id = $2 FOR UPDATE
+), finished AS (
     UPDATE images
-    SET status = 'done', error = NULL, output_key = $3, output_url = $4, bytes_in = $5,
-        bytes_out = $6, width = $7, height = $8, format_in = $9, format_out = $10,
-        quality_in = $11, quality_out = $12, kept_original = $13, finished_at = now()
-    WHERE id = $1 AND status IN ('queued', 'processing')
-    RETURNING request_id
-), touched AS (
-    UPDATE requests
-    SET updated_at = now(), done_count = done_count + 1,
-        done_bytes_in = done_bytes_in + coalesce($5, 0), done_bytes_out = done_bytes_out + $6
-    WHERE id = (SELECT request_id FROM finished)
+    SET status = $3, error = $4, output_key = $5, output_url = $6, bytes_in = coalesce($7, bytes_in),
+        bytes_out = $8, width = $9, height = $10, format_in = $11, format_out = $12,
+        quality_in = $13, quality_out = $14, kept_original = $15, finished_at = now()
+    WHERE id = $1 AND status IN ('queued', 'processing') AND EXISTS (SELECT FROM locked)
+    RETURNING request_id, (status = 'done')::int AS done, (status = 'failed')::int AS failed
+), counted AS (
+    UPDATE requests r
+    SET done_count = r.done_count + f.done, failed_count = r.failed_count + f.failed,
+        done_bytes_in = r.done_bytes_in + f.done * coalesce($7, 0),
+        done_bytes_out = r.done_bytes_out + f.done * coalesce($8, 0),
+        status = CASE
+            WHEN r.status NOT IN ('queued', 'processing')
+                 OR r.done_count + f.done + r.failed_count + f.failed + r.cancelled_count < r.image_count
+                THEN r.status
+            WHEN r.cancel_requested_at IS NOT NULL THEN 'cancelled'
+            WHEN r.failed_count + f.failed = 0 THEN 'completed'
+            WHEN r.done_count + f.done = 0 THEN 'failed'
+            ELSE 'completed_with_errors' END,
+        completed_at = CASE
+            WHEN r.status IN ('queued', 'processing')
+                 AND r.done_count + f.done + r.failed_count + f.failed + r.cancelled_count >= r.image_count
+                THEN now() ELSE r.completed_at END,
+        updated_at = now()
+    FROM finished f
+    WHERE r.id = f.request_id
+    RETURNING r.id, r.status, r.completed_at = now() AS closed
+), queued AS (
+    SELECT procrastinate_defer_jobs_v1(ARRAY[
+        ROW($16, $17, 0, NULL, 'finish:' || c.id::text, jsonb_build_object('request_id', c.id::text),
+            NULL)::procrastinate_job_to_defer_v1])
+    FROM counted c WHERE c.closed
 )
-SELECT EXISTS (SELECT 1 FROM finished) AS finished,
-       EXISTS (SELECT 1 FROM images WHERE request_id = $2 AND id <> $1
-               AND status IN ('queued', 'processing')) AS open;
-
--- finish_image_failed --
--- As finish_image_done, for an image that failed.
-WITH finished AS (
-    UPDATE images
-    SET status = 'failed', error = $3, bytes_in = coalesce($4, bytes_in), finished_at = now()
-    WHERE id = $1 AND status IN ('queued', 'processing')
-    RETURNING request_id
-), touched AS (
-    UPDATE requests SET updated_at = now(), failed_count = failed_count + 1
-    WHERE id = (SELECT request_id FROM finished)
-)
-SELECT EXISTS (SELECT 1 FROM finished) AS finished,
-       EXISTS (SELECT 1 FROM images WHERE request_id = $2 AND id <> $1
-               AND status IN ('queued', 'processing')) AS open;
+SELECT c.status FROM counted c WHERE c.closed AND EXISTS (SELECT FROM queued);
 
 -- finish_request_if_done --
--- Run with the request row locked: the statement sees every other image's
--- committed state, so exactly one caller moves the request to its final status.
+-- With the request row locked (after a cancel, or by the maintenance task): counts the
+-- images, seeing every other image's committed state, and when none is left to run,
+-- gives the request its final status and sets its counters from the count.
 UPDATE requests r
 SET status = CASE WHEN r.cancel_requested_at IS NOT NULL THEN 'cancelled'
                   WHEN c.failed = 0 THEN 'completed'
                   WHEN c.done = 0 THEN 'failed'
                   ELSE 'completed_with_errors' END,
+    done_count = c.done, failed_count = c.failed, cancelled_count = c.cancelled,
+    done_bytes_in = c.bytes_in, done_bytes_out = c.bytes_out,
     completed_at = now(), updated_at = now()
 FROM (SELECT count(*) FILTER (WHERE status = 'done') AS done,
              count(*) FILTER (WHERE status = 'failed') AS failed,
-             count(*) FILTER (WHERE status NOT IN ('done', 'failed', 'cancelled')) AS open
+             count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+             count(*) FILTER (WHERE status NOT IN ('done', 'failed', 'cancelled')) AS open,
+             coalesce(sum(bytes_in) FILTER (WHERE status = 'done'), 0) AS bytes_in,
+             coalesce(sum(bytes_out) FILTER (WHERE status = 'done'), 0) AS bytes_out
       FROM images WHERE request_id = $1) c
 WHERE r.id = $1 AND r.status IN ('queued', 'processing') AND c.open = 0
 RETURNING r.status;
@@ -229,6 +245,15 @@ WHERE i.status IN ('queued', 'processing')
                   WHERE j.status IN ('todo', 'doing') AND j.task_name = $1
                     AND j.args->'image_ids' @> to_jsonb(i.id))
 LIMIT $2;
+
+-- unfinished_requests --
+-- Requests still open with no image left to run: none, while the counters on the
+-- request row agree with its images (the maintenance task finishes any it finds).
+SELECT r.id FROM requests r
+WHERE r.status IN ('queued', 'processing')
+  AND NOT EXISTS (SELECT 1 FROM images i
+                  WHERE i.request_id = r.id AND i.status IN ('queued', 'processing'))
+LIMIT $1;
 
 -- orphaned_requests --
 -- Final requests whose output CSV was never written, with no live finishing job.

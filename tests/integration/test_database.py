@@ -135,14 +135,29 @@ async def _finish_concurrently(
     )
 
     async def finish(image_id: int) -> str | None:
-        async with pool.acquire() as conn:
-            await barrier.wait()
-            async with conn.transaction():
-                if image_id in fail:
-                    return await db.finish_image(conn, image_id, request_id, None, None, "broken", None)
-                return await db.finish_image(conn, image_id, request_id, result, stored, None, 10)
+        task = models.ImageTask(image_id, request_id, serial_number=1, position=1, url="", attempts=1)
+        await barrier.wait()
+        if image_id in fail:
+            return await db.finish_image(
+                pool, task, result=None, stored=None, error="broken", bytes_in=None, finish_job=FINISH_JOB
+            )
+        return await db.finish_image(
+            pool, task, result=result, stored=stored, error=None, bytes_in=10, finish_job=FINISH_JOB
+        )
 
     return await asyncio.gather(*(finish(i) for i in image_ids))
+
+
+FINISH_JOB = (pipeline.REQUEST_QUEUE, pipeline.FINISH_REQUEST)
+
+
+async def _finish_jobs(pool: db.Pool, request_id: str) -> int:
+    count: int = await pool.fetchval(
+        "SELECT count(*) FROM procrastinate_jobs WHERE task_name = $1 AND args->>'request_id' = $2",
+        pipeline.FINISH_REQUEST,
+        request_id,
+    )
+    return count
 
 
 async def test_the_last_images_finishing_at_once_finish_the_request_exactly_once(database_url: str) -> None:
@@ -163,6 +178,37 @@ async def test_the_last_images_finishing_at_once_finish_the_request_exactly_once
                 "SELECT status, completed_at FROM requests WHERE id = $1", uuid.UUID(rid)
             )
             assert row["status"] == expected and row["completed_at"] is not None
+            assert await _finish_jobs(pool, rid) == 1
+    finally:
+        await pool.close()
+
+
+async def test_finishes_that_waited_for_the_request_lock_still_finish_it(database_url: str) -> None:
+    # Each finishing statement takes its snapshot before it waits for the request row,
+    # so neither sees the other's image as finished: only the request's counters, read
+    # from the newest row after the wait, can tell the second one that it was the last.
+    pool = await db.create_pool(database_url, max_size=8)
+    try:
+        rid = await store_request(pool, [product(1, 3)])
+        ids = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
+        async with pool.acquire() as holder:
+            lock = holder.transaction()
+            await lock.start()
+            await holder.execute("SELECT 1 FROM requests WHERE id = $1 FOR UPDATE", uuid.UUID(rid))
+            pending = asyncio.ensure_future(_finish_concurrently(pool, rid, ids, {ids[0]}))
+            waiting = (
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            while await pool.fetchval(waiting) < len(ids):
+                await asyncio.sleep(0.01)
+            await lock.commit()
+        outcomes = await pending
+        assert sorted(o for o in outcomes if o is not None) == ["completed_with_errors"], outcomes
+        view = await pool.fetchrow("SELECT * FROM request_progress WHERE request_id = $1", uuid.UUID(rid))
+        counts = (view["status"], view["done"], view["failed"], view["queued"])
+        assert counts == ("completed_with_errors", 2, 1, 0)
+        assert await _finish_jobs(pool, rid) == 1
     finally:
         await pool.close()
 
@@ -175,8 +221,9 @@ async def test_a_finished_image_is_not_finished_again(database_url: str) -> None
         first = await _finish_concurrently(pool, rid, [image_id], {image_id})
         again = await _finish_concurrently(pool, rid, [image_id], set())
         assert first == ["failed"] and again == [None]
+        assert await _finish_jobs(pool, rid) == 1
         assert await pool.fetchval("SELECT status FROM images") == "failed"
-        assert await db.claim_image(pool, image_id) is None
+        assert await db.claim_images(pool, [image_id]) == []
     finally:
         await pool.close()
 
@@ -273,8 +320,7 @@ async def test_request_progress_counts_agree_with_the_images_through_every_chang
             assert view["percent"] == round(100 * finished / 12, 1)
 
         await agree()
-        for image_id in ids[:8]:
-            await db.claim_image(pool, image_id)
+        assert [task.image_id for task in await db.claim_images(pool, ids[:8])] == ids[:8]
         await db.release_image(pool, ids[7], "attempt 1: timed out")
         await agree()
         await _finish_concurrently(pool, rid, ids[:6], fail={ids[1], ids[4]})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from imgsvc import jobs, models, pipeline, resources
+from imgsvc import db, jobs, models, pipeline, resources
 from tests.conftest import store_request
 from tests.servers import ImageServer, WebhookReceiver
 
@@ -44,3 +44,23 @@ async def test_images_requests_and_webhooks_without_jobs_are_queued_again(
             await asyncio.sleep(0.05)
     assert await res.pool.fetchval("SELECT output_csv_url FROM requests WHERE id = $1", uuid.UUID(rid))
     assert await res.pool.fetchval("SELECT state FROM webhook_deliveries") == "delivered"
+
+
+async def test_a_request_whose_counters_went_wrong_is_finished_by_a_count(res: resources.Resources) -> None:
+    url = "http://img.test/a.jpg"
+    products = [models.Product(line=2, serial="1", serial_number=1, name="P", urls=(url, url))]
+    rid = await store_request(res.pool, products)
+    ids = [row["id"] for row in await res.pool.fetch("SELECT id FROM images ORDER BY id")]
+    first, second = await db.claim_images(res.pool, ids)
+    await pipeline.record(res, first, error="gone")
+    # A hand-made edit leaves the counters short: the last image cannot tell it is last.
+    await res.pool.execute("UPDATE requests SET failed_count = 0")
+    await pipeline.record(res, second, error="gone too")
+    assert await res.pool.fetchval("SELECT status FROM requests") == "processing"
+    await res.pool.execute("DELETE FROM procrastinate_jobs")
+
+    assert await pipeline.requeue_orphans(res) == 1
+    view = await res.pool.fetchrow("SELECT status, failed, queued FROM request_progress")
+    assert tuple(view) == ("failed", 2, 0)
+    assert await res.pool.fetchval("SELECT args->>'request_id' FROM procrastinate_jobs") == rid
+    assert await pipeline.requeue_orphans(res) == 0
