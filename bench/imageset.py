@@ -47,7 +47,10 @@ class SourceFile:
     """One distinct file of the folder, read once."""
 
     name: str
-    data: bytes
+    # Not in the repr: at the end of asyncio.run, Python 3.11 formats the repr of the
+    # run's result (through its SIGINT handler), and the bytes of a run of large photos
+    # ran to gigabytes.
+    data: bytes = dataclasses.field(repr=False)
     width: int
     height: int
     format: str
