@@ -33,6 +33,11 @@ UNAVAILABLE = (  # what asyncpg raises when the database is away
     asyncpg.exceptions.ConnectionFailureError,
 )
 
+CONFLICTS = (  # rolled back so that another transaction can go on; worth a retry
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+)
+
 
 def sql_dir() -> Path:
     """The folder of the SQL files: inside the installed package, or the source tree's."""
@@ -69,11 +74,14 @@ def queries() -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def translated() -> AsyncIterator[None]:
-    """Turn asyncpg's connection failures into DatabaseUnavailable."""
+    """Turn asyncpg's connection failures into DatabaseUnavailable, and the conflicts
+    PostgreSQL resolves by rolling one side back into DatabaseConflict."""
     try:
         yield
     except UNAVAILABLE as exc:
         raise errors.DatabaseUnavailable(f"the database is not answering ({type(exc).__name__})") from exc
+    except CONFLICTS as exc:
+        raise errors.DatabaseConflict(f"the database stopped a conflicting change ({exc.sqlstate})") from exc
 
 
 async def _keep_session(conn: Connection) -> None:

@@ -104,3 +104,8 @@ class TransientError(ImgsvcError):
 
 class DatabaseUnavailable(TransientError):
     """The database is not answering."""
+
+
+class DatabaseConflict(TransientError):
+    """The database rolled a statement back over a conflict with another (a deadlock);
+    running it again succeeds."""

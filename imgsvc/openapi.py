@@ -46,7 +46,10 @@ _PER_PAGE = {
 }
 _COMMON_ERRORS = {
     "401": _error("An API key is needed (only when the server has IMGSVC_API_KEYS)."),
-    "503": _error("The database is not answering; try again after Retry-After seconds."),
+    "503": _error(
+        "The database is not answering, or rolled the change back over a conflict with "
+        "another (a deadlock); try again after Retry-After seconds."
+    ),
 }
 
 _SCHEMAS: dict[str, Any] = {

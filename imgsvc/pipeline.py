@@ -34,11 +34,18 @@ async def process_images(res: resources.Resources, image_ids: list[int]) -> list
     the work). Each image ends on its own; if any failed transiently, TransientError is
     raised once all are done, so the job runs again later, and then skips the images
     already finished."""
-    claimed = {task.image_id: task for task in await db.claim_images(res.pool, image_ids)}
-    outcomes = await asyncio.gather(
-        *(_process(res, claimed[image_id]) for image_id in image_ids if image_id in claimed),
-        return_exceptions=True,
-    )
+    started: set[int] = set()
+    try:
+        claimed = {task.image_id: task for task in await db.claim_images(res.pool, image_ids)}
+        outcomes = await asyncio.gather(
+            *(_process(res, claimed[image_id], started) for image_id in image_ids if image_id in claimed),
+            return_exceptions=True,
+        )
+    except asyncio.CancelledError:
+        # Stopped during the claim, or before an image's own handler (in _process) was
+        # in place: those images are queued again here.
+        await asyncio.shield(_requeue(res, [i for i in image_ids if i not in started]))
+        raise
     for outcome in outcomes:
         if isinstance(outcome, BaseException) and not isinstance(outcome, errors.TransientError):
             raise outcome
@@ -54,21 +61,24 @@ async def process_images(res: resources.Resources, image_ids: list[int]) -> list
 async def process_image(res: resources.Resources, image_id: int) -> str:
     """Claim one image and take it through the stages; return its final status (or that
     it was already finished), or raise TransientError."""
-    claimed = await db.claim_images(res.pool, [image_id])
-    return await _process(res, claimed[0]) if claimed else ALREADY_FINISHED
+    return (await process_images(res, [image_id]))[0]
 
 
-async def _process(res: resources.Resources, task: models.ImageTask) -> str:
+async def _process(res: resources.Resources, task: models.ImageTask, started: set[int]) -> str:
+    started.add(task.image_id)
     try:
         return await _process_claimed(res, task)
     except asyncio.CancelledError:
-        # The worker is stopping and its graceful time is up: procrastinate ends this
-        # job as aborted and will not retry it, so the image gets a job of its own.
-        await asyncio.shield(
-            db.requeue_image(res.pool, task.image_id, INTERRUPTED, IMAGE_QUEUE, PROCESS_IMAGES)
-        )
-        logger.info("image %s: interrupted by shutdown, queued again", task.image_id)
+        await asyncio.shield(_requeue(res, [task.image_id]))
         raise
+
+
+async def _requeue(res: resources.Resources, image_ids: list[int]) -> None:
+    """The worker is stopping and its graceful time is up: procrastinate ends the job as
+    aborted and will not retry it, so each unfinished image gets a job of its own."""
+    for image_id in image_ids:
+        if await db.requeue_image(res.pool, image_id, INTERRUPTED, IMAGE_QUEUE, PROCESS_IMAGES):
+            logger.info("image %s: interrupted by shutdown, queued again", image_id)
 
 
 OUTPUT_CSV_IN_MEMORY = 8 * 1024 * 1024

@@ -550,6 +550,15 @@ async def _unavailable(request: Request, exc: Exception) -> Response:
     )
 
 
+async def _conflict(request: Request, exc: Exception) -> Response:
+    logger.warning("database conflict: %s", exc)
+    return _json(
+        {"error": "conflict", "message": "another change to the same request got in the way; try again"},
+        503,
+        headers={"Retry-After": "1"},
+    )
+
+
 async def _internal(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return _json({"error": "internal", "message": "internal error; it has been logged"}, 500)
@@ -559,6 +568,7 @@ _ERROR_HANDLERS = {
     errors.UploadError: _upload_error,
     HTTPException: _http_error,
     errors.DatabaseUnavailable: _unavailable,
+    errors.DatabaseConflict: _conflict,
     Exception: _internal,
 }
 

@@ -50,12 +50,19 @@ FROM (SELECT batch, jsonb_agg(id ORDER BY id) AS ids
 
 -- claim_images --
 -- A worker starts on a job's images (and on their request, if it was still queued), in
--- one round trip; the images already finished are not returned.
-WITH claimed AS (
+-- one round trip; the images already finished are not returned. While the request is
+-- queued, its row is locked before any image, as finishing and cancelling lock them, so
+-- a claim and a cancel wait for each other instead of deadlocking.
+WITH locked AS (
+    SELECT r.id FROM requests r
+    WHERE r.id IN (SELECT request_id FROM images WHERE id = ANY($1::bigint[])) AND r.status = 'queued'
+    FOR UPDATE
+), claimed AS (
     UPDATE images i
     SET status = 'processing', attempts = i.attempts + 1, started_at = coalesce(i.started_at, now())
     FROM products p
     WHERE i.id = ANY($1::bigint[]) AND p.id = i.product_id AND i.status IN ('queued', 'processing')
+      AND (SELECT count(*) FROM locked) >= 0  -- only so that the lock above is taken first
     RETURNING i.id, i.request_id, p.serial_number, i.position, i.input_url, i.attempts
 ), started AS (
     UPDATE requests r
@@ -81,7 +88,7 @@ SELECT status FROM requests WHERE id = $1 FOR UPDATE;
 -- row, so when the last two images finish at once, exactly one sees the total.
 -- Returns the final status when this image finished the request; no row or NULL else.
 WITH locked AS (
-    SELECT id FROM requests WHERE id = $2 FOR UPDATE
+    SELECT id, status FROM requests WHERE id = $2 FOR UPDATE
 ), finished AS (
     UPDATE images
     SET status = $3, error = $4, output_key = $5, output_url = $6, bytes_in = coalesce($7, bytes_in),
@@ -109,7 +116,9 @@ WITH locked AS (
         updated_at = now()
     FROM finished f
     WHERE r.id = f.request_id
-    RETURNING r.id, r.status, r.completed_at = now() AS closed
+    -- Closed here: open when locked (the lock returns the newest row), final now.
+    RETURNING r.id, r.status, r.status NOT IN ('queued', 'processing')
+        AND (SELECT l.status FROM locked l) IN ('queued', 'processing') AS closed
 ), queued AS (
     SELECT procrastinate_defer_jobs_v1(ARRAY[
         ROW($16, $17, 0, NULL, 'finish:' || c.id::text, jsonb_build_object('request_id', c.id::text),

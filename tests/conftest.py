@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -125,3 +126,27 @@ def hostile() -> Iterator[servers.HostileServer]:
     server.start()
     yield server
     server.stop()
+
+
+@contextlib.asynccontextmanager
+async def request_row_locked(pool: db.Pool, request_id: str) -> AsyncIterator[db.Connection]:
+    """Hold a request's row lock in an open transaction on a connection of its own."""
+    async with pool.acquire() as holder, holder.transaction():
+        await holder.execute("SELECT 1 FROM requests WHERE id = $1 FOR UPDATE", uuid.UUID(request_id))
+        yield holder
+
+
+async def wait_for_lock_waits(pool: db.Pool, count: int, pending: asyncio.Future[Any]) -> None:
+    """Return once ``count`` sessions of this database wait for a lock; fail if ``pending``
+    ends first, or after 10 s."""
+    query = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    deadline = asyncio.get_running_loop().time() + 10
+    while await pool.fetchval(query) < count:
+        if pending.done():
+            pending.result()  # its exception, if it has one
+            raise AssertionError("finished without waiting for the lock")
+        assert asyncio.get_running_loop().time() < deadline, "nothing waited for the lock"
+        await asyncio.sleep(0.01)

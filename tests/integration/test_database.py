@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from imgsvc import db, errors, migrate, models, pipeline
-from tests.conftest import store_request
+from tests.conftest import request_row_locked, store_request, wait_for_lock_waits
 
 
 def product(serial: int, images: int) -> models.Product:
@@ -191,24 +191,69 @@ async def test_finishes_that_waited_for_the_request_lock_still_finish_it(databas
     try:
         rid = await store_request(pool, [product(1, 3)])
         ids = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
-        async with pool.acquire() as holder:
-            lock = holder.transaction()
-            await lock.start()
-            await holder.execute("SELECT 1 FROM requests WHERE id = $1 FOR UPDATE", uuid.UUID(rid))
+        async with request_row_locked(pool, rid):
             pending = asyncio.ensure_future(_finish_concurrently(pool, rid, ids, {ids[0]}))
-            waiting = (
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            )
-            while await pool.fetchval(waiting) < len(ids):
-                await asyncio.sleep(0.01)
-            await lock.commit()
+            await wait_for_lock_waits(pool, len(ids), pending)
         outcomes = await pending
         assert sorted(o for o in outcomes if o is not None) == ["completed_with_errors"], outcomes
         view = await pool.fetchrow("SELECT * FROM request_progress WHERE request_id = $1", uuid.UUID(rid))
         counts = (view["status"], view["done"], view["failed"], view["queued"])
         assert counts == ("completed_with_errors", 2, 1, 0)
         assert await _finish_jobs(pool, rid) == 1
+    finally:
+        await pool.close()
+
+
+async def test_finishing_locks_the_request_before_the_image(database_url: str) -> None:
+    # The order cancelling takes them in: the other order deadlocks with a cancel.
+    pool = await db.create_pool(database_url, max_size=4)
+    try:
+        rid = await store_request(pool, [product(1, 2)])
+        ids = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
+        await db.claim_images(pool, ids)
+        async with request_row_locked(pool, rid) as holder:
+            pending = asyncio.ensure_future(_finish_concurrently(pool, rid, ids[:1], set()))
+            await wait_for_lock_waits(pool, 1, pending)
+            # The waiting finish holds no lock on its image yet.
+            await holder.execute("SELECT 1 FROM images WHERE id = $1 FOR UPDATE NOWAIT", ids[0])
+        assert await pending == [None]
+    finally:
+        await pool.close()
+
+
+async def test_a_claim_and_a_cancel_of_a_queued_request_do_not_deadlock(database_url: str) -> None:
+    pool = await db.create_pool(database_url, max_size=4)
+    try:
+        rid = await store_request(pool, [product(1, 2)])
+        ids = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
+        async with request_row_locked(pool, rid) as holder:
+            claim = asyncio.ensure_future(db.claim_images(pool, ids))
+            await wait_for_lock_waits(pool, 1, claim)
+            # The claim waits for the request row without holding its images, so the
+            # cancel can take them.
+            assert (await db.cancel_request(holder, uuid.UUID(rid)))[1:] == (2, "cancelled")
+        assert await claim == []
+        assert await pool.fetchval("SELECT status FROM requests") == "cancelled"
+    finally:
+        await pool.close()
+
+
+async def test_a_deadlock_is_a_conflict_worth_a_retry(database_url: str) -> None:
+    pool = await db.create_pool(database_url, max_size=2)
+    try:
+        await store_request(pool, [product(1, 2)])
+        a, b = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
+        barrier = asyncio.Barrier(2)
+
+        async def lock(first: int, second: int) -> None:
+            async with db.translated(), pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT 1 FROM images WHERE id = $1 FOR UPDATE", first)
+                await barrier.wait()
+                await conn.execute("SELECT 1 FROM images WHERE id = $1 FOR UPDATE", second)
+
+        outcomes = await asyncio.gather(lock(a, b), lock(b, a), return_exceptions=True)
+        assert sorted(type(o).__name__ for o in outcomes) == ["DatabaseConflict", "NoneType"], outcomes
+        assert all(o is None or isinstance(o, errors.TransientError) for o in outcomes)
     finally:
         await pool.close()
 

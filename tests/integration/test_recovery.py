@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
+import pytest
+
 from imgsvc import db, jobs, models, pipeline, resources
-from tests.conftest import store_request
+from tests.conftest import request_row_locked, store_request, wait_for_lock_waits
 from tests.servers import ImageServer, WebhookReceiver
 
 
@@ -64,3 +67,24 @@ async def test_a_request_whose_counters_went_wrong_is_finished_by_a_count(res: r
     assert tuple(view) == ("failed", 2, 0)
     assert await res.pool.fetchval("SELECT args->>'request_id' FROM procrastinate_jobs") == rid
     assert await pipeline.requeue_orphans(res) == 0
+
+
+async def test_images_of_a_job_stopped_while_claiming_them_are_queued_again(res: resources.Resources) -> None:
+    # The worker's graceful time runs out while the job waits to claim its images:
+    # procrastinate will not run that job again, so each image gets a job of its own.
+    url = "http://img.test/a.jpg"
+    products = [models.Product(line=2, serial="1", serial_number=1, name="P", urls=(url, url))]
+    rid = await store_request(res.pool, products)
+    ids = [row["id"] for row in await res.pool.fetch("SELECT id FROM images ORDER BY id")]
+    await res.pool.execute("DELETE FROM procrastinate_jobs")  # the job is the one below
+    async with request_row_locked(res.pool, rid):
+        job = asyncio.ensure_future(pipeline.process_images(res, ids))
+        await wait_for_lock_waits(res.pool, 1, job)
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+    rows = await res.pool.fetch("SELECT status, error FROM images ORDER BY id")
+    assert [tuple(row) for row in rows] == [("queued", pipeline.INTERRUPTED)] * 2
+    jobs = await res.pool.fetch("SELECT status, args->'image_ids' AS ids FROM procrastinate_jobs ORDER BY id")
+    own = [(job["status"], json.loads(job["ids"])) for job in jobs]
+    assert own == [("todo", [ids[0]]), ("todo", [ids[1]])]
