@@ -15,10 +15,11 @@ import datetime
 import io
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 FINAL = frozenset({"completed", "completed_with_errors", "failed"})
 
@@ -247,3 +248,37 @@ async def open_loop(
             task.cancel()
         result.unfinished = len(pending)
     return result
+
+
+async def loop_lag(session: aiohttp.ClientSession, base: str) -> dict[str, float]:
+    """The API's ``imgsvc_event_loop_lag_seconds`` histogram now: cumulative count by
+    upper bound (``le``), from its /metrics."""
+    async with session.get(base + "/metrics") as response:
+        text = await response.text()
+    return {
+        sample.labels["le"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "imgsvc_event_loop_lag_seconds"
+        for sample in family.samples
+        if sample.name.endswith("_bucket")
+    }
+
+
+def lag_summary(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, Any]:
+    """What the loop-lag histogram gained between two reads: how many timers fired, how
+    many were over 50 ms late, and the upper bound of the latest one's bucket."""
+    gained = {le: after.get(le, 0.0) - before.get(le, 0.0) for le in after}
+    timers = gained.get("+Inf", 0.0)
+    latest = next((le for le in sorted(gained, key=float) if gained[le] >= timers), None) if timers else None
+    return {"timers": int(timers), "over_50ms": int(timers - gained.get("0.05", 0.0)), "latest_le_s": latest}
+
+
+async def watch_own_loop(lags: list[float], interval: float = 0.1) -> None:
+    """Until cancelled, append to ``lags`` how late a timer fires every ``interval``
+    seconds on this process's loop: the same measure as the API's metric, for the
+    benchmark's own loop, whose stalls would count as the service's latency."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + interval
+        await asyncio.sleep(interval)
+        lags.append(max(0.0, loop.time() - due))

@@ -157,6 +157,7 @@ class PipelineResults:
     throughput: list[ClassRuns]
     latency_batch: Measured | None
     latency: list[dict[str, Any]]
+    api_loop_lag: dict[str, Any] | None  # the API's event-loop lag during the latency phase
     profile: dict[str, Any] | None
     peak_rss_kib: dict[str, int]
     vm_hwm_kib: dict[str, int | None]
@@ -170,6 +171,7 @@ class PipelineResults:
             "throughput": [c.as_json() for c in self.throughput],
             "latency_batch": self.latency_batch.as_json() if self.latency_batch else None,
             "latency": self.latency,
+            "api_loop_lag": self.api_loop_lag,
             "profile": self.profile,
             "peak_rss_kib_whole_run": self.peak_rss_kib,
             "vm_hwm_kib": self.vm_hwm_kib,
@@ -219,7 +221,7 @@ async def _latency_phase(
     sampler: procstat.RssSampler,
     roots: dict[str, int],
     options: Options,
-) -> tuple[Measured, list[dict[str, Any]]]:
+) -> tuple[Measured, list[dict[str, Any]], dict[str, Any]]:
     uploaded = asyncio.Event()
     stop = asyncio.Event()
     request: dict[str, str] = {}
@@ -268,6 +270,9 @@ async def _latency_phase(
         # hold back probes and count as the service's latency.
         gc.collect()
         gc.freeze()
+        lag_before = await load.loop_lag(probes, services.api_base)
+        own_lags: list[float] = []
+        own_watch = asyncio.create_task(load.watch_own_loop(own_lags))
         streams = [
             asyncio.create_task(load.open_loop("GET /status/{id}", options.status_rate, get_status, stop)),
             asyncio.create_task(
@@ -280,9 +285,14 @@ async def _latency_phase(
             stop.set()
             results = await asyncio.gather(*streams)
             gc.unfreeze()
+        own_watch.cancel()
+        lag = load.lag_summary(lag_before, await load.loop_lag(probes, services.api_base))
+        lag["bench_timers"] = len(own_lags)
+        lag["bench_over_50ms"] = sum(1 for x in own_lags if x > 0.05)
+        lag["bench_max_ms"] = round(1000 * max(own_lags, default=0.0), 1)
         cpu = meter.stop()
     measured = Measured("all", items, batch, cpu["trees"], sampler.window(), cpu)
-    return measured, [r.summary() for r in results]
+    return measured, [r.summary() for r in results], lag
 
 
 async def _profile_phase(
@@ -333,6 +343,7 @@ async def run(services: Services, items: list[imageset.Item], options: Options) 
     throughput: list[ClassRuns] = []
     latency_batch: Measured | None = None
     latency: list[dict[str, Any]] = []
+    api_loop_lag: dict[str, Any] | None = None
     profile: dict[str, Any] | None = None
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
@@ -381,7 +392,7 @@ async def run(services: Services, items: list[imageset.Item], options: Options) 
                     f"{options.status_rate:g}/s and POST /upload at {options.upload_rate:g}/s (open loop)",
                     flush=True,
                 )
-                latency_batch, latency = await _latency_phase(
+                latency_batch, latency, api_loop_lag = await _latency_phase(
                     session, services, latency_items, sampler, roots, options
                 )
             if options.profile:
@@ -409,6 +420,7 @@ async def run(services: Services, items: list[imageset.Item], options: Options) 
         throughput=throughput,
         latency_batch=latency_batch,
         latency=latency,
+        api_loop_lag=api_loop_lag,
         profile=profile,
         peak_rss_kib=peaks,
         vm_hwm_kib=hwm,

@@ -269,6 +269,14 @@ def render(results: dict[str, Any]) -> str:
         out += _table(
             ["endpoint", "rate/s", "sent", "ok", "failed", "p50 ms", "p90 ms", "p99 ms", "max ms"], rows
         )
+        lag = pipeline.get("api_loop_lag")
+        if lag and lag["timers"]:
+            out.append(
+                f"The API's event loop meanwhile (imgsvc_event_loop_lag_seconds): {lag['timers']} timers, "
+                f"{lag['over_50ms']} of them over 50 ms late, the latest by at most {lag['latest_le_s']} s; "
+                f"this benchmark's own loop, which sends the probes: {lag['bench_over_50ms']} of "
+                f"{lag['bench_timers']} over 50 ms late, the latest by {lag['bench_max_ms']} ms"
+            )
 
     rss, hwm = pipeline["peak_rss_kib_whole_run"], pipeline["vm_hwm_kib"]
     per_phase = ", ".join(

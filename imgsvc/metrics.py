@@ -3,6 +3,8 @@ the API serves them at /metrics; a standalone worker on IMGSVC_METRICS_PORT."""
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -39,3 +41,20 @@ jobs = Gauge(
     "Jobs in the queue by queue and state (read from the database when scraped).",
     ["queue", "state"],
 )
+event_loop_lag = Histogram(
+    "imgsvc_event_loop_lag_seconds",
+    "How late a timer fired on this process's event loop (one every 0.1 s): the time "
+    "anything held the loop, during which no request or image moved.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+
+LAG_INTERVAL = 0.1
+
+
+async def watch_event_loop(interval: float = LAG_INTERVAL) -> None:
+    """Record, until cancelled, how late a timer fires every ``interval`` seconds."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + interval
+        await asyncio.sleep(interval)
+        event_loop_lag.observe(max(0.0, loop.time() - due))

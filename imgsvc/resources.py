@@ -112,6 +112,12 @@ def image_limits(config: settings.Settings) -> compress.Limits:
     )
 
 
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 @contextlib.asynccontextmanager
 async def opened(
     config: settings.Settings,
@@ -183,6 +189,8 @@ async def opened(
         # GET /status p99 under load.
         gc.collect()
         gc.freeze()
+        watcher = asyncio.get_running_loop().create_task(metrics.watch_event_loop())
+        stack.push_async_callback(_stop, watcher)
         yield Resources(
             settings=config,
             pool=pool,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import time
 import urllib.request
@@ -78,6 +79,8 @@ async def test_health_readiness_and_metrics(ops: tuple[str, str, Process], image
     assert 'imgsvc_image_bytes_total{direction="in"}' in text
     assert 'imgsvc_jobs{queue="images",state="todo"} 0.0' in text
     assert 'imgsvc_requests_finished_total{status="completed_with_errors"} 1.0' in text
+    lag_count = re.search(r"^imgsvc_event_loop_lag_seconds_count (\S+)$", text, re.MULTILINE)
+    assert lag_count is not None and float(lag_count.group(1)) > 0  # the API's loop is watched
 
 
 async def test_cancel_stops_queued_images_and_fires_the_webhook(
