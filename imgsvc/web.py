@@ -541,22 +541,17 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _json({"error": "http_error", "message": exc.detail}, exc.status_code, headers=exc.headers)
 
 
-async def _unavailable(request: Request, exc: Exception) -> Response:
-    logger.warning("database unavailable: %s", exc)
-    return _json(
-        {"error": "unavailable", "message": "the database is not answering; try again"},
-        503,
-        headers={"Retry-After": "5"},
-    )
+# A database error worth trying again: its code, message and Retry-After seconds.
+_TRY_AGAIN: dict[type[Exception], tuple[str, str, int]] = {
+    errors.DatabaseUnavailable: ("unavailable", "the database is not answering; try again", 5),
+    errors.DatabaseConflict: ("conflict", "another change to the same request got in the way; try again", 1),
+}
 
 
-async def _conflict(request: Request, exc: Exception) -> Response:
-    logger.warning("database conflict: %s", exc)
-    return _json(
-        {"error": "conflict", "message": "another change to the same request got in the way; try again"},
-        503,
-        headers={"Retry-After": "1"},
-    )
+async def _try_again(request: Request, exc: Exception) -> Response:
+    code, message, seconds = next(v for kind, v in _TRY_AGAIN.items() if isinstance(exc, kind))
+    logger.warning("database %s: %s", code, exc)
+    return _json({"error": code, "message": message}, 503, headers={"Retry-After": str(seconds)})
 
 
 async def _internal(request: Request, exc: Exception) -> Response:
@@ -567,8 +562,7 @@ async def _internal(request: Request, exc: Exception) -> Response:
 _ERROR_HANDLERS = {
     errors.UploadError: _upload_error,
     HTTPException: _http_error,
-    errors.DatabaseUnavailable: _unavailable,
-    errors.DatabaseConflict: _conflict,
+    **dict.fromkeys(_TRY_AGAIN, _try_again),
     Exception: _internal,
 }
 
