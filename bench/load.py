@@ -266,11 +266,11 @@ async def loop_lag(session: aiohttp.ClientSession, base: str) -> dict[str, float
 
 def lag_summary(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, Any]:
     """What the loop-lag histogram gained between two reads: how many timers fired, how
-    many were over 50 ms late, and the upper bound of the latest one's bucket."""
+    many were over 50 ms late, and the upper bound of the bucket of the most late."""
     gained = {le: after.get(le, 0.0) - before.get(le, 0.0) for le in after}
     timers = gained.get("+Inf", 0.0)
     latest = next((le for le in sorted(gained, key=float) if gained[le] >= timers), None) if timers else None
-    return {"timers": int(timers), "over_50ms": int(timers - gained.get("0.05", 0.0)), "latest_le_s": latest}
+    return {"timers": int(timers), "over_50ms": int(timers - gained.get("0.05", 0.0)), "max_lag_le_s": latest}
 
 
 async def watch_own_loop(lags: list[float], interval: float = 0.1) -> None:

@@ -1,7 +1,8 @@
 """Queries over asyncpg. The SQL lives in ``sql/queries.sql`` as named blocks, loaded once.
 
-asyncpg's connection errors become ``DatabaseUnavailable`` here, so callers see a
-transient error they may retry, and the API answers 503.
+asyncpg's connection errors become ``DatabaseUnavailable`` here, and deadlocks and
+serialization failures ``DatabaseConflict``, so callers see a transient error they may
+retry, and the API answers 503.
 """
 
 from __future__ import annotations

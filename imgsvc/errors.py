@@ -11,7 +11,8 @@ is called (``raise ... from exc``); the rest of the code sees only these.
      │    ├── SourceTooLarge    bytes, pixels or frames over a limit
      │    └── NotAnImage        bytes that no allowed loader reads
      └── TransientError         worth another try later (timeouts, 5xx, 429, S3, DB)
-          └── DatabaseUnavailable
+          ├── DatabaseUnavailable
+          └── DatabaseConflict  a deadlock or serialization failure, rolled back
 
 A message is what a person reads: it says what was wrong and where (line, column,
 URL, limit), never a stack trace or a library's message as-is.
@@ -107,5 +108,5 @@ class DatabaseUnavailable(TransientError):
 
 
 class DatabaseConflict(TransientError):
-    """The database rolled a statement back over a conflict with another (a deadlock);
-    running it again succeeds."""
+    """The database rolled a statement back over a conflict with another (a deadlock or a
+    serialization failure); running it again usually succeeds."""

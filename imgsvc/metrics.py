@@ -43,8 +43,9 @@ jobs = Gauge(
 )
 event_loop_lag = Histogram(
     "imgsvc_event_loop_lag_seconds",
-    "How late a timer fired on this process's event loop (one every 0.1 s): the time "
-    "anything held the loop, during which no request or image moved.",
+    "How late a timer set every 0.1 s fired on this process's event loop: time the loop "
+    "was held, or the process was not given a CPU. HTTP requests and the steps between "
+    "an image's stages wait meanwhile; compression in its threads goes on.",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 

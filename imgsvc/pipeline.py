@@ -34,17 +34,18 @@ async def process_images(res: resources.Resources, image_ids: list[int]) -> list
     the work). Each image ends on its own; if any failed transiently, TransientError is
     raised once all are done, so the job runs again later, and then skips the images
     already finished."""
-    started: set[int] = set()
     try:
         claimed = {task.image_id: task for task in await db.claim_images(res.pool, image_ids)}
         outcomes = await asyncio.gather(
-            *(_process(res, claimed[image_id], started) for image_id in image_ids if image_id in claimed),
+            *(_process_claimed(res, claimed[image_id]) for image_id in image_ids if image_id in claimed),
             return_exceptions=True,
         )
     except asyncio.CancelledError:
-        # Stopped during the claim, or before an image's own handler (in _process) was
-        # in place: those images are queued again here.
-        await asyncio.shield(_requeue(res, [i for i in image_ids if i not in started]))
+        # The worker is stopping and its graceful time is up (or the job was aborted):
+        # procrastinate will not run this job again, so every image of it that is not
+        # finished, whether claimed, waiting, running or released after a transient
+        # failure, gets a job of its own. The images' own tasks have ended by now.
+        await asyncio.shield(_requeue(res, image_ids))
         raise
     for outcome in outcomes:
         if isinstance(outcome, BaseException) and not isinstance(outcome, errors.TransientError):
@@ -64,21 +65,20 @@ async def process_image(res: resources.Resources, image_id: int) -> str:
     return (await process_images(res, [image_id]))[0]
 
 
-async def _process(res: resources.Resources, task: models.ImageTask, started: set[int]) -> str:
-    started.add(task.image_id)
-    try:
-        return await _process_claimed(res, task)
-    except asyncio.CancelledError:
-        await asyncio.shield(_requeue(res, [task.image_id]))
-        raise
-
-
 async def _requeue(res: resources.Resources, image_ids: list[int]) -> None:
-    """The worker is stopping and its graceful time is up: procrastinate ends the job as
-    aborted and will not retry it, so each unfinished image gets a job of its own."""
+    """A job of its own for each unfinished image of ``image_ids``. One the database does
+    not take now stays for the maintenance task, rather than turning the stop into an
+    error that procrastinate would retry the whole job for."""
     for image_id in image_ids:
-        if await db.requeue_image(res.pool, image_id, INTERRUPTED, IMAGE_QUEUE, PROCESS_IMAGES):
-            logger.info("image %s: interrupted by shutdown, queued again", image_id)
+        try:
+            queued = await db.requeue_image(res.pool, image_id, INTERRUPTED, IMAGE_QUEUE, PROCESS_IMAGES)
+        except errors.TransientError as exc:
+            logger.warning(
+                "image %s: not queued again (%s); the maintenance task will", image_id, exc.message
+            )
+            continue
+        if queued:
+            logger.info("image %s: interrupted, queued again", image_id)
 
 
 OUTPUT_CSV_IN_MEMORY = 8 * 1024 * 1024

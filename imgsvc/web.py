@@ -544,7 +544,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 # A database error worth trying again: its code, message and Retry-After seconds.
 _TRY_AGAIN: dict[type[Exception], tuple[str, str, int]] = {
     errors.DatabaseUnavailable: ("unavailable", "the database is not answering; try again", 5),
-    errors.DatabaseConflict: ("conflict", "another change to the same request got in the way; try again", 1),
+    errors.DatabaseConflict: ("conflict", "a concurrent change got in the way; try again", 1),
 }
 
 

@@ -62,7 +62,10 @@ WITH locked AS (
     SET status = 'processing', attempts = i.attempts + 1, started_at = coalesce(i.started_at, now())
     FROM products p
     WHERE i.id = ANY($1::bigint[]) AND p.id = i.product_id AND i.status IN ('queued', 'processing')
-      AND (SELECT count(*) FROM locked) >= 0  -- only so that the lock above is taken first
+      -- Only there to take the lock above first: PostgreSQL runs an uncorrelated
+      -- subquery once, before the rows it filters (not a documented promise; the
+      -- claim-and-cancel test in tests/integration/test_database.py checks it).
+      AND (SELECT count(*) FROM locked) >= 0
     RETURNING i.id, i.request_id, p.serial_number, i.position, i.input_url, i.attempts
 ), started AS (
     UPDATE requests r

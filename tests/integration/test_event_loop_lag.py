@@ -23,4 +23,4 @@ async def test_a_held_event_loop_shows_in_the_lag_metric(res: resources.Resource
     before = _observations_over(0.1)
     time.sleep(0.3)  # holds the loop, as blocking work in a handler would
     await asyncio.sleep(2 * metrics.LAG_INTERVAL)
-    assert _observations_over(0.1) == before + 1  # late by 0.2-0.3 s
+    assert _observations_over(0.1) >= before + 1  # late by 0.2-0.3 s

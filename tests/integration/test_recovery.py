@@ -85,6 +85,32 @@ async def test_images_of_a_job_stopped_while_claiming_them_are_queued_again(res:
             await job
     rows = await res.pool.fetch("SELECT status, error FROM images ORDER BY id")
     assert [tuple(row) for row in rows] == [("queued", pipeline.INTERRUPTED)] * 2
-    jobs = await res.pool.fetch("SELECT status, args->'image_ids' AS ids FROM procrastinate_jobs ORDER BY id")
-    own = [(job["status"], json.loads(job["ids"])) for job in jobs]
+    rows = await res.pool.fetch("SELECT status, args->'image_ids' AS ids FROM procrastinate_jobs ORDER BY id")
+    own = [(row["status"], json.loads(row["ids"])) for row in rows]
     assert own == [("todo", [ids[0]]), ("todo", [ids[1]])]
+
+
+async def test_a_stopped_job_queues_again_its_released_images_too(
+    res: resources.Resources, image_server: ImageServer
+) -> None:
+    # One image failed transiently (back to 'queued', to be retried with the job) while
+    # another still runs when the worker stops: procrastinate will not retry the job, so
+    # both need a job of their own.
+    urls = (image_server.url("/status/503"), image_server.url("/slow/5000/kodak_kodim23.png"))
+    products = [models.Product(line=2, serial="1", serial_number=1, name="P", urls=urls)]
+    await store_request(res.pool, products)
+    ids = [row["id"] for row in await res.pool.fetch("SELECT id FROM images ORDER BY position")]
+    await res.pool.execute("DELETE FROM procrastinate_jobs")  # the job is the one below
+    job = asyncio.ensure_future(pipeline.process_images(res, ids))
+    statuses = "SELECT array_agg(status ORDER BY position) FROM images"
+    deadline = asyncio.get_running_loop().time() + 10
+    while await res.pool.fetchval(statuses) != ["queued", "processing"]:
+        assert not job.done() and asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.02)
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    rows = await res.pool.fetch("SELECT status, error FROM images ORDER BY position")
+    assert [tuple(row) for row in rows] == [("queued", pipeline.INTERRUPTED)] * 2
+    queued = await res.pool.fetch("SELECT args->'image_ids' AS ids FROM procrastinate_jobs ORDER BY id")
+    assert [json.loads(row["ids"]) for row in queued] == [[ids[0]], [ids[1]]]
