@@ -69,25 +69,37 @@ async def test_a_request_whose_counters_went_wrong_is_finished_by_a_count(res: r
     assert await pipeline.requeue_orphans(res) == 0
 
 
+async def _one_job(res: resources.Resources, *urls: str) -> tuple[str, list[int]]:
+    """A request of one product with ``urls``, its jobs gone: the job is the test's."""
+    products = [models.Product(line=2, serial="1", serial_number=1, name="P", urls=urls)]
+    rid = await store_request(res.pool, products)
+    ids = [row["id"] for row in await res.pool.fetch("SELECT id FROM images ORDER BY position")]
+    await res.pool.execute("DELETE FROM procrastinate_jobs")
+    return rid, ids
+
+
+async def _stop(job: asyncio.Future[list[str]]) -> None:
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+
+
+async def _assert_each_queued_again(res: resources.Resources, ids: list[int]) -> None:
+    rows = await res.pool.fetch("SELECT status, error FROM images ORDER BY position")
+    assert [tuple(row) for row in rows] == [("queued", pipeline.INTERRUPTED)] * len(ids)
+    rows = await res.pool.fetch("SELECT status, args->'image_ids' AS ids FROM procrastinate_jobs ORDER BY id")
+    assert [(row["status"], json.loads(row["ids"])) for row in rows] == [("todo", [i]) for i in ids]
+
+
 async def test_images_of_a_job_stopped_while_claiming_them_are_queued_again(res: resources.Resources) -> None:
     # The worker's graceful time runs out while the job waits to claim its images:
     # procrastinate will not run that job again, so each image gets a job of its own.
-    url = "http://img.test/a.jpg"
-    products = [models.Product(line=2, serial="1", serial_number=1, name="P", urls=(url, url))]
-    rid = await store_request(res.pool, products)
-    ids = [row["id"] for row in await res.pool.fetch("SELECT id FROM images ORDER BY id")]
-    await res.pool.execute("DELETE FROM procrastinate_jobs")  # the job is the one below
+    rid, ids = await _one_job(res, "http://img.test/a.jpg", "http://img.test/b.jpg")
     async with request_row_locked(res.pool, rid):
         job = asyncio.ensure_future(pipeline.process_images(res, ids))
         await wait_for_lock_waits(res.pool, 1, job)
-        job.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await job
-    rows = await res.pool.fetch("SELECT status, error FROM images ORDER BY id")
-    assert [tuple(row) for row in rows] == [("queued", pipeline.INTERRUPTED)] * 2
-    rows = await res.pool.fetch("SELECT status, args->'image_ids' AS ids FROM procrastinate_jobs ORDER BY id")
-    own = [(row["status"], json.loads(row["ids"])) for row in rows]
-    assert own == [("todo", [ids[0]]), ("todo", [ids[1]])]
+        await _stop(job)
+    await _assert_each_queued_again(res, ids)
 
 
 async def test_a_stopped_job_queues_again_its_released_images_too(
@@ -96,21 +108,14 @@ async def test_a_stopped_job_queues_again_its_released_images_too(
     # One image failed transiently (back to 'queued', to be retried with the job) while
     # another still runs when the worker stops: procrastinate will not retry the job, so
     # both need a job of their own.
-    urls = (image_server.url("/status/503"), image_server.url("/slow/5000/kodak_kodim23.png"))
-    products = [models.Product(line=2, serial="1", serial_number=1, name="P", urls=urls)]
-    await store_request(res.pool, products)
-    ids = [row["id"] for row in await res.pool.fetch("SELECT id FROM images ORDER BY position")]
-    await res.pool.execute("DELETE FROM procrastinate_jobs")  # the job is the one below
+    _, ids = await _one_job(
+        res, image_server.url("/status/503"), image_server.url("/slow/5000/kodak_kodim23.png")
+    )
     job = asyncio.ensure_future(pipeline.process_images(res, ids))
     statuses = "SELECT array_agg(status ORDER BY position) FROM images"
     deadline = asyncio.get_running_loop().time() + 10
     while await res.pool.fetchval(statuses) != ["queued", "processing"]:
         assert not job.done() and asyncio.get_running_loop().time() < deadline
         await asyncio.sleep(0.02)
-    job.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await job
-    rows = await res.pool.fetch("SELECT status, error FROM images ORDER BY position")
-    assert [tuple(row) for row in rows] == [("queued", pipeline.INTERRUPTED)] * 2
-    queued = await res.pool.fetch("SELECT args->'image_ids' AS ids FROM procrastinate_jobs ORDER BY id")
-    assert [json.loads(row["ids"]) for row in queued] == [[ids[0]], [ids[1]]]
+    await _stop(job)
+    await _assert_each_queued_again(res, ids)
