@@ -209,9 +209,10 @@ def _finished(request_id: str, status: models.RequestStatus) -> None:
 
 
 async def finish_request(conn: db.Connection, request_id: str, status: models.RequestStatus) -> None:
-    """A cancel left nothing running: the request is final in the caller's transaction,
-    which queues what follows as a job, so it cannot be lost or queued twice. (When a
-    request's last image finishes, the statement that records it does the same.)"""
+    """A cancel, or the maintenance task's count, found nothing left to run: the request
+    is final in the caller's transaction, which queues what follows as a job, so it
+    cannot be lost or queued twice. (When a request's last image finishes, the statement
+    that records it does the same.)"""
     _finished(request_id, status)
     await db.defer_job(
         conn, REQUEST_QUEUE, FINISH_REQUEST, {"request_id": request_id}, queueing_lock=f"finish:{request_id}"
