@@ -15,6 +15,13 @@ from imgsvc import db, errors, migrate, models, pipeline
 from tests.conftest import request_row_locked, store_request, wait_for_lock_waits
 
 
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[db.Pool]:
+    opened = await db.create_pool(database_url, max_size=8)
+    yield opened
+    await opened.close()
+
+
 def product(serial: int, images: int) -> models.Product:
     return models.Product(
         line=serial + 1,
@@ -25,64 +32,51 @@ def product(serial: int, images: int) -> models.Product:
     )
 
 
-async def test_a_request_is_stored_with_one_job_per_image(database_url: str) -> None:
-    pool = await db.create_pool(database_url)
-    try:
-        rid = await store_request(pool, [product(1, 2), product(2, 3)])
-        images = await pool.fetch(
-            "SELECT id, position FROM images WHERE request_id = $1 ORDER BY id", uuid.UUID(rid)
-        )
-        job_rows = await pool.fetch("SELECT task_name, queue_name, args, status FROM procrastinate_jobs")
-        assert len(images) == 5
-        assert sorted(i for j in job_rows for i in json.loads(j["args"])["image_ids"]) == [
-            i["id"] for i in images
-        ]
-        assert {(j["task_name"], j["queue_name"], j["status"]) for j in job_rows} == {
-            (pipeline.PROCESS_IMAGES, pipeline.IMAGE_QUEUE, "todo")
-        }
-        names = await pool.fetch("SELECT serial, name, position FROM products ORDER BY position")
-        assert [tuple(r) for r in names] == [("1.", "Product 1", 1), ("2.", "Product 2", 2)]
-    finally:
-        await pool.close()
+async def test_a_request_is_stored_with_one_job_per_image(pool: db.Pool) -> None:
+    rid = await store_request(pool, [product(1, 2), product(2, 3)])
+    images = await pool.fetch(
+        "SELECT id, position FROM images WHERE request_id = $1 ORDER BY id", uuid.UUID(rid)
+    )
+    job_rows = await pool.fetch("SELECT task_name, queue_name, args, status FROM procrastinate_jobs")
+    assert len(images) == 5
+    assert sorted(i for j in job_rows for i in json.loads(j["args"])["image_ids"]) == [
+        i["id"] for i in images
+    ]
+    assert {(j["task_name"], j["queue_name"], j["status"]) for j in job_rows} == {
+        (pipeline.PROCESS_IMAGES, pipeline.IMAGE_QUEUE, "todo")
+    }
+    names = await pool.fetch("SELECT serial, name, position FROM products ORDER BY position")
+    assert [tuple(r) for r in names] == [("1.", "Product 1", 1), ("2.", "Product 2", 2)]
 
 
-async def test_images_are_queued_in_batches_in_input_order(database_url: str) -> None:
-    pool = await db.create_pool(database_url)
-    try:
-        stored = await db.insert_request(
-            pool,
-            file_name=None,
-            webhook_url=None,
-            products=[product(1, 3), product(2, 2)],
-            queue=pipeline.IMAGE_QUEUE,
-            task=pipeline.PROCESS_IMAGES,
-            images_per_job=2,
-        )
-        ids = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
-        batches = [
-            json.loads(r["args"])["image_ids"]
-            for r in await pool.fetch("SELECT args FROM procrastinate_jobs ORDER BY id")
-        ]
-        assert stored.images == 5 and batches == [ids[0:2], ids[2:4], ids[4:5]]
-    finally:
-        await pool.close()
+async def test_images_are_queued_in_batches_in_input_order(pool: db.Pool) -> None:
+    stored = await db.insert_request(
+        pool,
+        file_name=None,
+        webhook_url=None,
+        products=[product(1, 3), product(2, 2)],
+        queue=pipeline.IMAGE_QUEUE,
+        task=pipeline.PROCESS_IMAGES,
+        images_per_job=2,
+    )
+    ids = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
+    batches = [
+        json.loads(r["args"])["image_ids"]
+        for r in await pool.fetch("SELECT args FROM procrastinate_jobs ORDER BY id")
+    ]
+    assert stored.images == 5 and batches == [ids[0:2], ids[2:4], ids[4:5]]
 
 
-async def test_no_request_without_its_jobs_and_no_job_without_its_request(database_url: str) -> None:
-    pool = await db.create_pool(database_url)
-    try:
-        # Break the enqueue step: the request, products and images inserted before it
-        # must vanish with it.
-        await pool.execute(
-            "ALTER FUNCTION procrastinate_defer_jobs_v1(procrastinate_job_to_defer_v1[]) "
-            "RENAME TO defer_disabled"
-        )
-        with pytest.raises(asyncpg.UndefinedFunctionError):
-            await store_request(pool, [product(1, 3)])
-        for table in ("requests", "products", "images", "procrastinate_jobs"):
-            assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0, table
-    finally:
-        await pool.close()
+async def test_no_request_without_its_jobs_and_no_job_without_its_request(pool: db.Pool) -> None:
+    # Break the enqueue step: the request, products and images inserted before it
+    # must vanish with it.
+    await pool.execute(
+        "ALTER FUNCTION procrastinate_defer_jobs_v1(procrastinate_job_to_defer_v1[]) RENAME TO defer_disabled"
+    )
+    with pytest.raises(asyncpg.UndefinedFunctionError):
+        await store_request(pool, [product(1, 3)])
+    for table in ("requests", "products", "images", "procrastinate_jobs"):
+        assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0, table
 
 
 async def test_a_problem_found_late_in_a_streamed_file_undoes_everything(database_url: str) -> None:
@@ -160,117 +154,90 @@ async def _finish_jobs(pool: db.Pool, request_id: str) -> int:
     return count
 
 
-async def test_the_last_images_finishing_at_once_finish_the_request_exactly_once(database_url: str) -> None:
-    pool = await db.create_pool(database_url, max_size=8)
-    try:
-        for round_ in range(15):
-            rid = await store_request(pool, [product(1, 2), product(2, 2)])
-            ids = [
-                r["id"]
-                for r in await pool.fetch("SELECT id FROM images WHERE request_id = $1", uuid.UUID(rid))
-            ]
-            fail = set(ids[: round_ % 3])  # none, one or two failures
-            outcomes = await _finish_concurrently(pool, rid, ids, fail)
-            finished = [o for o in outcomes if o is not None]
-            expected = "completed" if not fail else "completed_with_errors"
-            assert finished == [expected], outcomes
-            row = await pool.fetchrow(
-                "SELECT status, completed_at FROM requests WHERE id = $1", uuid.UUID(rid)
-            )
-            assert row["status"] == expected and row["completed_at"] is not None
-            assert await _finish_jobs(pool, rid) == 1
-    finally:
-        await pool.close()
+async def test_the_last_images_finishing_at_once_finish_the_request_exactly_once(pool: db.Pool) -> None:
+    for round_ in range(15):
+        rid = await store_request(pool, [product(1, 2), product(2, 2)])
+        ids = [
+            r["id"] for r in await pool.fetch("SELECT id FROM images WHERE request_id = $1", uuid.UUID(rid))
+        ]
+        fail = set(ids[: round_ % 3])  # none, one or two failures
+        outcomes = await _finish_concurrently(pool, rid, ids, fail)
+        finished = [o for o in outcomes if o is not None]
+        expected = "completed" if not fail else "completed_with_errors"
+        assert finished == [expected], outcomes
+        row = await pool.fetchrow("SELECT status, completed_at FROM requests WHERE id = $1", uuid.UUID(rid))
+        assert row["status"] == expected and row["completed_at"] is not None
+        assert await _finish_jobs(pool, rid) == 1
 
 
-async def test_finishes_that_waited_for_the_request_lock_still_finish_it(database_url: str) -> None:
+async def test_finishes_that_waited_for_the_request_lock_still_finish_it(pool: db.Pool) -> None:
     # Each finishing statement takes its snapshot before it waits for the request row,
     # so neither sees the other's image as finished: only the request's counters, read
     # from the newest row after the wait, can tell the second one that it was the last.
-    pool = await db.create_pool(database_url, max_size=8)
-    try:
-        rid = await store_request(pool, [product(1, 3)])
-        ids = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
-        async with request_row_locked(pool, rid):
-            pending = asyncio.ensure_future(_finish_concurrently(pool, rid, ids, {ids[0]}))
-            await wait_for_lock_waits(pool, len(ids), pending)
-        outcomes = await pending
-        assert sorted(o for o in outcomes if o is not None) == ["completed_with_errors"], outcomes
-        view = await pool.fetchrow("SELECT * FROM request_progress WHERE request_id = $1", uuid.UUID(rid))
-        counts = (view["status"], view["done"], view["failed"], view["queued"])
-        assert counts == ("completed_with_errors", 2, 1, 0)
-        assert await _finish_jobs(pool, rid) == 1
-    finally:
-        await pool.close()
+    rid = await store_request(pool, [product(1, 3)])
+    ids = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
+    async with request_row_locked(pool, rid):
+        pending = asyncio.ensure_future(_finish_concurrently(pool, rid, ids, {ids[0]}))
+        await wait_for_lock_waits(pool, len(ids), pending)
+    outcomes = await pending
+    assert sorted(o for o in outcomes if o is not None) == ["completed_with_errors"], outcomes
+    view = await pool.fetchrow("SELECT * FROM request_progress WHERE request_id = $1", uuid.UUID(rid))
+    counts = (view["status"], view["done"], view["failed"], view["queued"])
+    assert counts == ("completed_with_errors", 2, 1, 0)
+    assert await _finish_jobs(pool, rid) == 1
 
 
-async def test_finishing_locks_the_request_before_the_image(database_url: str) -> None:
+async def test_finishing_locks_the_request_before_the_image(pool: db.Pool) -> None:
     # The order cancelling takes them in: the other order deadlocks with a cancel.
-    pool = await db.create_pool(database_url, max_size=4)
-    try:
-        rid = await store_request(pool, [product(1, 2)])
-        ids = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
-        await db.claim_images(pool, ids)
-        async with request_row_locked(pool, rid) as holder:
-            pending = asyncio.ensure_future(_finish_concurrently(pool, rid, ids[:1], set()))
-            await wait_for_lock_waits(pool, 1, pending)
-            # The waiting finish holds no lock on its image yet.
-            await holder.execute("SELECT 1 FROM images WHERE id = $1 FOR UPDATE NOWAIT", ids[0])
-        assert await pending == [None]
-    finally:
-        await pool.close()
+    rid = await store_request(pool, [product(1, 2)])
+    ids = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
+    await db.claim_images(pool, ids)
+    async with request_row_locked(pool, rid) as holder:
+        pending = asyncio.ensure_future(_finish_concurrently(pool, rid, ids[:1], set()))
+        await wait_for_lock_waits(pool, 1, pending)
+        # The waiting finish holds no lock on its image yet.
+        await holder.execute("SELECT 1 FROM images WHERE id = $1 FOR UPDATE NOWAIT", ids[0])
+    assert await pending == [None]
 
 
-async def test_a_claim_and_a_cancel_of_a_queued_request_do_not_deadlock(database_url: str) -> None:
-    pool = await db.create_pool(database_url, max_size=4)
-    try:
-        rid = await store_request(pool, [product(1, 2)])
-        ids = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
-        async with request_row_locked(pool, rid) as holder:
-            claim = asyncio.ensure_future(db.claim_images(pool, ids))
-            await wait_for_lock_waits(pool, 1, claim)
-            # The claim waits for the request row without holding its images, so the
-            # cancel can take them.
-            assert (await db.cancel_request(holder, uuid.UUID(rid)))[1:] == (2, "cancelled")
-        assert await claim == []
-        assert await pool.fetchval("SELECT status FROM requests") == "cancelled"
-    finally:
-        await pool.close()
+async def test_a_claim_and_a_cancel_of_a_queued_request_do_not_deadlock(pool: db.Pool) -> None:
+    rid = await store_request(pool, [product(1, 2)])
+    ids = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
+    async with request_row_locked(pool, rid) as holder:
+        claim = asyncio.ensure_future(db.claim_images(pool, ids))
+        await wait_for_lock_waits(pool, 1, claim)
+        # The claim waits for the request row without holding its images, so the
+        # cancel can take them.
+        assert (await db.cancel_request(holder, uuid.UUID(rid)))[1:] == (2, "cancelled")
+    assert await claim == []
+    assert await pool.fetchval("SELECT status FROM requests") == "cancelled"
 
 
-async def test_a_deadlock_is_a_conflict_worth_a_retry(database_url: str) -> None:
-    pool = await db.create_pool(database_url, max_size=2)
-    try:
-        await store_request(pool, [product(1, 2)])
-        a, b = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
-        barrier = asyncio.Barrier(2)
+async def test_a_deadlock_is_a_conflict_worth_a_retry(pool: db.Pool) -> None:
+    await store_request(pool, [product(1, 2)])
+    a, b = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
+    barrier = asyncio.Barrier(2)
 
-        async def lock(first: int, second: int) -> None:
-            async with db.translated(), pool.acquire() as conn, conn.transaction():
-                await conn.execute("SELECT 1 FROM images WHERE id = $1 FOR UPDATE", first)
-                await barrier.wait()
-                await conn.execute("SELECT 1 FROM images WHERE id = $1 FOR UPDATE", second)
+    async def lock(first: int, second: int) -> None:
+        async with db.translated(), pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT 1 FROM images WHERE id = $1 FOR UPDATE", first)
+            await barrier.wait()
+            await conn.execute("SELECT 1 FROM images WHERE id = $1 FOR UPDATE", second)
 
-        outcomes = await asyncio.gather(lock(a, b), lock(b, a), return_exceptions=True)
-        assert sorted(type(o).__name__ for o in outcomes) == ["DatabaseConflict", "NoneType"], outcomes
-        assert all(o is None or isinstance(o, errors.TransientError) for o in outcomes)
-    finally:
-        await pool.close()
+    outcomes = await asyncio.gather(lock(a, b), lock(b, a), return_exceptions=True)
+    assert sorted(type(o).__name__ for o in outcomes) == ["DatabaseConflict", "NoneType"], outcomes
+    assert all(o is None or isinstance(o, errors.TransientError) for o in outcomes)
 
 
-async def test_a_finished_image_is_not_finished_again(database_url: str) -> None:
-    pool = await db.create_pool(database_url)
-    try:
-        rid = await store_request(pool, [product(1, 1)])
-        (image_id,) = [r["id"] for r in await pool.fetch("SELECT id FROM images")]
-        first = await _finish_concurrently(pool, rid, [image_id], {image_id})
-        again = await _finish_concurrently(pool, rid, [image_id], set())
-        assert first == ["failed"] and again == [None]
-        assert await _finish_jobs(pool, rid) == 1
-        assert await pool.fetchval("SELECT status FROM images") == "failed"
-        assert await db.claim_images(pool, [image_id]) == []
-    finally:
-        await pool.close()
+async def test_a_finished_image_is_not_finished_again(pool: db.Pool) -> None:
+    rid = await store_request(pool, [product(1, 1)])
+    (image_id,) = [r["id"] for r in await pool.fetch("SELECT id FROM images")]
+    first = await _finish_concurrently(pool, rid, [image_id], {image_id})
+    again = await _finish_concurrently(pool, rid, [image_id], set())
+    assert first == ["failed"] and again == [None]
+    assert await _finish_jobs(pool, rid) == 1
+    assert await pool.fetchval("SELECT status FROM images") == "failed"
+    assert await db.claim_images(pool, [image_id]) == []
 
 
 async def test_migrate_is_idempotent_and_checked(database_url: str, postgres: object) -> None:
