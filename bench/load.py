@@ -271,14 +271,3 @@ def lag_summary(before: Mapping[str, float], after: Mapping[str, float]) -> dict
     timers = gained.get("+Inf", 0.0)
     latest = next((le for le in sorted(gained, key=float) if gained[le] >= timers), None) if timers else None
     return {"timers": int(timers), "over_50ms": int(timers - gained.get("0.05", 0.0)), "max_lag_le_s": latest}
-
-
-async def watch_own_loop(lags: list[float], interval: float = 0.1) -> None:
-    """Until cancelled, append to ``lags`` how late a timer fires every ``interval``
-    seconds on this process's loop: the same measure as the API's metric, for the
-    benchmark's own loop, whose stalls would count as the service's latency."""
-    loop = asyncio.get_running_loop()
-    while True:
-        due = loop.time() + interval
-        await asyncio.sleep(interval)
-        lags.append(max(0.0, loop.time() - due))

@@ -35,6 +35,7 @@ import aiohttp
 
 from bench import imageset, load, procstat, profiling, uploads
 from bench.services import Services
+from imgsvc import metrics
 
 MAX_EXPANSION = 50  # at most this many copies of the image list in one request
 CONTENDED = 0.1  # cores used by other processes above which a request is sent again
@@ -272,7 +273,8 @@ async def _latency_phase(
         gc.freeze()
         lag_before = await load.loop_lag(probes, services.api_base)
         own_lags: list[float] = []
-        own_watch = asyncio.create_task(load.watch_own_loop(own_lags))
+        # The API's measure of its loop, on this one: its stalls would count as the service's.
+        own_watch = asyncio.create_task(metrics.watch_event_loop(own_lags.append))
         streams = [
             asyncio.create_task(load.open_loop("GET /status/{id}", options.status_rate, get_status, stop)),
             asyncio.create_task(

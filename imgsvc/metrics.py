@@ -4,6 +4,7 @@ the API serves them at /metrics; a standalone worker on IMGSVC_METRICS_PORT."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -52,10 +53,13 @@ event_loop_lag = Histogram(
 LAG_INTERVAL = 0.1
 
 
-async def watch_event_loop(interval: float = LAG_INTERVAL) -> None:
-    """Record, until cancelled, how late a timer fires every ``interval`` seconds."""
+async def watch_event_loop(
+    record: Callable[[float], None] = event_loop_lag.observe, interval: float = LAG_INTERVAL
+) -> None:
+    """Until cancelled, ``record`` how late (seconds) a timer fires every ``interval``
+    seconds on the running loop; into the histogram above unless told otherwise."""
     loop = asyncio.get_running_loop()
     while True:
         due = loop.time() + interval
         await asyncio.sleep(interval)
-        event_loop_lag.observe(max(0.0, loop.time() - due))
+        record(max(0.0, loop.time() - due))
