@@ -87,48 +87,44 @@ SELECT status FROM requests WHERE id = $1 FOR UPDATE;
 -- count it on the request, and if it was the request's last open image, give the
 -- request its final status and queue procrastinate's finish_request job ($16 queue,
 -- $17 task). The counters decide, not a count of the images: this statement's
--- snapshot predates its wait for the lock, but UPDATE works on the newest committed
+-- snapshot predates its wait for the lock, but the lock returns the newest committed
 -- row, so when the last two images finish at once, exactly one sees the total.
--- Returns the final status when this image finished the request; no row or NULL else.
+-- Returns the final status when this image finished the request; no row else.
 WITH locked AS (
-    SELECT id, status FROM requests WHERE id = $2 FOR UPDATE
+    SELECT id, status, done_count + failed_count + cancelled_count AS ended, image_count
+    FROM requests WHERE id = $2 FOR UPDATE
 ), finished AS (
-    UPDATE images
-    SET status = $3, error = $4, output_key = $5, output_url = $6, bytes_in = coalesce($7, bytes_in),
+    UPDATE images i
+    SET status = $3, error = $4, output_key = $5, output_url = $6, bytes_in = coalesce($7, i.bytes_in),
         bytes_out = $8, width = $9, height = $10, format_in = $11, format_out = $12,
         quality_in = $13, quality_out = $14, kept_original = $15, finished_at = now()
-    WHERE id = $1 AND status IN ('queued', 'processing') AND EXISTS (SELECT FROM locked)
-    RETURNING request_id, (status = 'done')::int AS done, (status = 'failed')::int AS failed
+    FROM locked l
+    WHERE i.id = $1 AND i.status IN ('queued', 'processing')
+    RETURNING i.request_id, (i.status = 'done')::int AS done, (i.status = 'failed')::int AS failed,
+              l.status IN ('queued', 'processing') AND l.ended + 1 >= l.image_count AS closes
 ), counted AS (
     UPDATE requests r
     SET done_count = r.done_count + f.done, failed_count = r.failed_count + f.failed,
         done_bytes_in = r.done_bytes_in + f.done * coalesce($7, 0),
         done_bytes_out = r.done_bytes_out + f.done * coalesce($8, 0),
         status = CASE
-            WHEN r.status NOT IN ('queued', 'processing')
-                 OR r.done_count + f.done + r.failed_count + f.failed + r.cancelled_count < r.image_count
-                THEN r.status
+            WHEN NOT f.closes THEN r.status
             WHEN r.cancel_requested_at IS NOT NULL THEN 'cancelled'
             WHEN r.failed_count + f.failed = 0 THEN 'completed'
             WHEN r.done_count + f.done = 0 THEN 'failed'
             ELSE 'completed_with_errors' END,
-        completed_at = CASE
-            WHEN r.status IN ('queued', 'processing')
-                 AND r.done_count + f.done + r.failed_count + f.failed + r.cancelled_count >= r.image_count
-                THEN now() ELSE r.completed_at END,
+        completed_at = CASE WHEN f.closes THEN now() ELSE r.completed_at END,
         updated_at = now()
     FROM finished f
     WHERE r.id = f.request_id
-    -- Closed here: open when locked (the lock returns the newest row), final now.
-    RETURNING r.id, r.status, r.status NOT IN ('queued', 'processing')
-        AND (SELECT l.status FROM locked l) IN ('queued', 'processing') AS closed
+    RETURNING r.id, r.status, f.closes
 ), queued AS (
     SELECT procrastinate_defer_jobs_v1(ARRAY[
         ROW($16, $17, 0, NULL, 'finish:' || c.id::text, jsonb_build_object('request_id', c.id::text),
             NULL)::procrastinate_job_to_defer_v1])
-    FROM counted c WHERE c.closed
+    FROM counted c WHERE c.closes
 )
-SELECT c.status FROM counted c WHERE c.closed AND EXISTS (SELECT FROM queued);
+SELECT c.status FROM counted c WHERE c.closes AND EXISTS (SELECT FROM queued);
 
 -- finish_request_if_done --
 -- With the request row locked (after a cancel, or by the maintenance task): counts the
