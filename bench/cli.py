@@ -97,6 +97,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rounds", type=_positive(int), default=3, help="passes of each ceiling variant (3)")
     p.add_argument(
+        "--no-settings",
+        action="store_true",
+        help="measure only the ceiling at the end, not what each encode setting costs (for long runs)",
+    )
+    p.add_argument(
         "--ceiling-seconds",
         type=_positive(float),
         default=1.0,
@@ -275,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rounds=args.rounds,
         min_seconds=args.ceiling_seconds,
         limits=limits,
+        settings=not args.no_settings,
     )
 
     results: dict[str, Any] = {

@@ -236,8 +236,10 @@ def measure(
     rounds: int,
     min_seconds: float,
     limits: compress.Limits,
+    settings: bool = True,
 ) -> CodecResults:
-    """The ceiling and the variants on every group, ``rounds`` passes each, interleaved.
+    """The ceiling and (with ``settings``) the variants on every group, ``rounds`` passes
+    each, interleaved.
 
     A first, untimed pass of each warms up and calibrates: short lists are repeated so
     that a timed pass lasts at least ``min_seconds`` (a rate, not a total, is wanted).
@@ -249,7 +251,7 @@ def measure(
     plan: list[tuple[Variant, str, list[imageset.Item]]] = []
     for group, items in groups.items():
         plan.append((ceiling, group, items))
-        jpegs = [item for item in items if item.file.format == "jpeg"]
+        jpegs = [item for item in items if item.file.format == "jpeg"] if settings else []
         if jpegs:
             plan += [(variant, group, jpegs) for variant in variants]
     before = procstat.status_kib(os.getpid(), "VmRSS")

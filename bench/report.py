@@ -138,6 +138,46 @@ def _large_uploads(large: dict[str, Any]) -> list[str]:
     return out
 
 
+def _settings_table(variants_by_group: dict[str, list[dict[str, Any]]], run: dict[str, Any]) -> list[str]:
+    """What each encode setting costs, one added at a time."""
+    out = [
+        "",
+        "Encode settings, one added at a time (JPEG sources, same pool; CPU = this process, all threads)",
+    ]
+    rows = []
+    for group, variants in variants_by_group.items():
+        previous: float | None = None
+        for v in variants:
+            cpu = v["cpu_ms_per_image"]
+            delta = "" if previous is None or v["variant"] == "service_jpeg" else f"{cpu - previous:+.1f}"
+            if v["variant"] != "service_jpeg":
+                previous = cpu
+            rows.append(
+                [
+                    _LABELS[group] if v is variants[0] else "",
+                    v["label"],
+                    str(v["distinct_images"]),
+                    _num(v["images_per_s"], 1),
+                    _num(v["megapixels_per_s"], 1),
+                    _num(cpu, 1),
+                    delta,
+                    _num(v["cpu_ms_per_megapixel"], 1),
+                    _num((v["out_bytes_per_image"] or 0) / 1024, 0),
+                ]
+            )
+    out += _table(
+        ["class", "setting", "images", "img/s", "MP/s", "CPU ms/img", "+/- ms", "CPU ms/MP", "out KiB/img"],
+        rows,
+        align_left=2,
+    )
+    icc = run["icc_images"]
+    rot = run["rotated_images"]
+    out.append(
+        f"({icc} of {run['images']} images have an ICC profile; {rot} have an EXIF orientation other than 1)"
+    )
+    return out
+
+
 def render(results: dict[str, Any]) -> str:
     """The whole report as text."""
     m, run = results["machine"], results["run"]
@@ -208,41 +248,10 @@ def render(results: dict[str, Any]) -> str:
                 f"ratio {c['paired_ratio_median']:.3f} median, {ratios[0]:.3f}-{ratios[-1]:.3f}"
             )
 
-    out += [
-        "",
-        "Encode settings, one added at a time (JPEG sources, same pool; CPU = this process, all threads)",
-    ]
-    rows = []
-    for group, variants in codec["variants"].items():
-        previous: float | None = None
-        for v in variants:
-            cpu = v["cpu_ms_per_image"]
-            delta = "" if previous is None or v["variant"] == "service_jpeg" else f"{cpu - previous:+.1f}"
-            if v["variant"] != "service_jpeg":
-                previous = cpu
-            rows.append(
-                [
-                    _LABELS[group] if v is variants[0] else "",
-                    v["label"],
-                    str(v["distinct_images"]),
-                    _num(v["images_per_s"], 1),
-                    _num(v["megapixels_per_s"], 1),
-                    _num(cpu, 1),
-                    delta,
-                    _num(v["cpu_ms_per_megapixel"], 1),
-                    _num((v["out_bytes_per_image"] or 0) / 1024, 0),
-                ]
-            )
-    out += _table(
-        ["class", "setting", "images", "img/s", "MP/s", "CPU ms/img", "+/- ms", "CPU ms/MP", "out KiB/img"],
-        rows,
-        align_left=2,
-    )
-    icc = run["icc_images"]
-    rot = run["rotated_images"]
-    out.append(
-        f"({icc} of {run['images']} images have an ICC profile; {rot} have an EXIF orientation other than 1)"
-    )
+    if any(codec["variants"].values()):
+        out += _settings_table(codec["variants"], run)
+    else:
+        out += ["", "Encode settings: not measured (--no-settings, or no JPEG sources)"]
 
     pipeline = results["pipeline"]
     if pipeline["latency"]:
