@@ -207,6 +207,7 @@ class CodecResults:
 
     threads: int
     large_concurrency: int
+    progressive_solo_pixels: int
     rounds: int
     ceiling: dict[str, Measured]
     variants: dict[str, list[Measured]]
@@ -219,6 +220,7 @@ class CodecResults:
         return {
             "threads": self.threads,
             "large_concurrency": self.large_concurrency,
+            "progressive_solo_pixels": self.progressive_solo_pixels,
             "rounds": self.rounds,
             "rss_before_kib": self.rss_before_kib,
             "peak_rss_kib": self.peak_rss_kib,
@@ -287,6 +289,7 @@ def measure(
     return CodecResults(
         threads=threads,
         large_concurrency=large_concurrency,
+        progressive_solo_pixels=limits.progressive_solo_pixels,
         rounds=rounds,
         ceiling={group: measured[("service", group)][0] for group in groups},
         variants={

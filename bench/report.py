@@ -191,8 +191,13 @@ def render(results: dict[str, Any]) -> str:
         "",
         f"Throughput: upload to final status, one request per class, median of {run['repeat']} requests; "
         f"ceiling = the service's compress() in a {codec['threads']}-thread pool "
-        f"(at most {codec.get('large_concurrency') or codec['threads']} photos over 4 MP at once), "
-        f"median of {codec['rounds']} passes",
+        f"(at most {codec.get('large_concurrency') or codec['threads']} photos over 4 MP at once"
+        + (
+            f", progressive JPEGs over {solo / 1e6:g} MP one at a time), "
+            if (solo := codec.get("progressive_solo_pixels"))
+            else "), "
+        )
+        + f"median of {codec['rounds']} passes",
     ]
     rows = []
     for r in results["summary"]:

@@ -18,7 +18,7 @@ import re
 import threading
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyvips
 from PIL import Image as PillowImage
@@ -55,10 +55,19 @@ class Limits:
     # (optimize_coding); larger ones use the standard tables, which the encoder can
     # stream instead of holding every coefficient twice.
     optimize_max_pixels: int = 16_000_000
+    # A progressive JPEG of more pixels than this is compressed beside no other such
+    # image (0: no such rule). Its decoder holds every DCT coefficient of the image from
+    # the first row to the last, 3 bytes a pixel at 4:2:0: two 24 MP ones at once are what
+    # takes a worker past 300 MB.
+    progressive_solo_pixels: int = 16_000_000
 
     def optimizes(self, pixels: int) -> bool:
         """Whether a JPEG output of ``pixels`` gets its own Huffman tables."""
         return pixels <= self.optimize_max_pixels
+
+    def solo(self, pixels: int, *, progressive: bool) -> bool:
+        """Whether a source of ``pixels`` must be compressed beside no other such source."""
+        return progressive and 0 < self.progressive_solo_pixels < pixels
 
 
 # A source of more pixels than this is a large photo: at most
@@ -72,24 +81,26 @@ class MemoryBudget:
     worker's memory; small images share the budget. An image larger than the whole
     budget runs alone. Apart from bytes, at most ``large_limit`` large photos at once
     (0: no such rule), so that a thread more than there are cores, which fills the
-    codec's single-threaded moments with small images, never holds a large one."""
+    codec's single-threaded moments with small images, never holds a large one; and
+    ``solo`` images one at a time, beside others that are not."""
 
     def __init__(self, limit: int = 0, large_limit: int = 0) -> None:
         self.limit = limit
         self.large_limit = large_limit
         self._used = 0
         self._large = 0
+        self._solo = 0
         self._room = threading.Condition()
 
     @contextlib.contextmanager
-    def hold(self, size: int, *, large: bool = False) -> Iterator[None]:
-        """Wait (blocking this thread) until ``size`` bytes, and a large photo if it is one,
-        fit; hold them meanwhile."""
+    def hold(self, size: int, *, large: bool = False, solo: bool = False) -> Iterator[None]:
+        """Wait (blocking this thread) until ``size`` bytes, a large photo if it is one and
+        a solo image if it is one, fit; hold them meanwhile."""
         share = min(size, self.limit) if self.limit else 0
         counted = large and self.large_limit > 0
 
         def fits() -> bool:
-            if counted and self._large >= self.large_limit:
+            if (counted and self._large >= self.large_limit) or (solo and self._solo):
                 return False
             return self._used == 0 or self._used + share <= self.limit
 
@@ -97,12 +108,14 @@ class MemoryBudget:
             self._room.wait_for(fits)
             self._used += share
             self._large += counted
+            self._solo += solo
         try:
             yield
         finally:
             with self._room:
                 self._used -= share
                 self._large -= counted
+                self._solo -= solo
                 self._room.notify_all()
 
 
@@ -296,14 +309,22 @@ def _open_with_pillow(data: bytes, limits: Limits) -> tuple[pyvips.Image, str] |
     return image.copy(interpretation="srgb"), fmt
 
 
-def _open(data: bytes, limits: Limits) -> tuple[pyvips.Image, str, int]:
+class _Opened(NamedTuple):
+    image: pyvips.Image
+    fmt: str
+    memory: int  # the peak bytes its compression is expected to take
+    solo: bool  # to be compressed beside no other such image (Limits.solo)
+
+
+def _open(data: bytes, limits: Limits) -> _Opened:
     """Read the header only, identify the format and apply the limits; with the image,
-    its format and the memory its compression is expected to take."""
+    its format and what its compression is expected to need."""
     if not data:
         raise errors.NotAnImage("the source is empty (0 bytes)")
-    opened = _open_with_pillow(data, limits)
-    if opened is not None:
-        return (*opened, memory_estimate(opened[1], opened[0].width * opened[0].height))
+    pillow = _open_with_pillow(data, limits)
+    if pillow is not None:
+        pixels, kind = pillow
+        return _Opened(pixels, kind, memory_estimate(kind, pixels.width * pixels.height), solo=False)
     header = _header(data)
     loader = str(header.get("vips-loader"))
     fmt = _FORMATS.get(loader)
@@ -344,7 +365,9 @@ def _open(data: bytes, limits: Limits) -> tuple[pyvips.Image, str, int]:
         rotated=orientation not in (0, 1),
         optimize=limits.optimizes(pixels),
     )
-    return _header(data, **options), fmt, memory
+    return _Opened(
+        _header(data, **options), fmt, memory, solo=limits.solo(pixels * pages, progressive=progressive)
+    )
 
 
 def _to_srgb(image: pyvips.Image) -> pyvips.Image:
@@ -412,9 +435,9 @@ def _plan(fmt: str, data: bytes, image: pyvips.Image, factor: float) -> tuple[st
 def compress(data: bytes, limits: Limits) -> models.Compressed:
     """Re-encode ``data`` at the quality rule's quality; raise PermanentError if it can't be."""
     with _errors.side_by_side():
-        image, fmt_in, memory = _open(data, limits)
+        image, fmt_in, memory, solo = _open(data, limits)
     try:
-        with budget.hold(memory, large=image.width * image.get_page_height() > LARGE_PIXELS):
+        with budget.hold(memory, large=image.width * image.get_page_height() > LARGE_PIXELS, solo=solo):
             return _compress(data, image, fmt_in, limits)
     finally:
         del image
@@ -450,7 +473,7 @@ def _compress(data: bytes, image: pyvips.Image, fmt_in: str, limits: Limits) -> 
         with _errors.alone():
             pyvips.vips_lib.vips_error_clear()  # lines no exception took
             try:
-                converted = _convert(data, _open(data, limits)[0], fmt_in, limits)
+                converted = _convert(data, _open(data, limits).image, fmt_in, limits)
             except pyvips.Error as alone:
                 reason = _first_line(alone) or str(alone.message)
                 raise errors.NotAnImage(f"the image could not be decoded: {reason}") from alone

@@ -109,6 +109,7 @@ def image_limits(config: settings.Settings) -> compress.Limits:
         quality_factor=config.quality_factor,
         allow_svg=config.allow_svg,
         optimize_max_pixels=config.jpeg_optimize_max_pixels,
+        progressive_solo_pixels=config.progressive_solo_pixels,
     )
 
 

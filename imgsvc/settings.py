@@ -64,6 +64,7 @@ class Settings:
     max_pixels: int = 50_000_000
     image_memory: int = 512 * MIB
     jpeg_optimize_max_pixels: int = 16_000_000
+    progressive_solo_pixels: int = 16_000_000
     max_frames: int = 300
     connect_timeout: float = 10.0
     download_timeout: float = 60.0
@@ -310,6 +311,13 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
             d.jpeg_optimize_max_pixels,
             _non_negative_int,
             "a whole number of pixels, 0 (never) or more",
+        ),
+        progressive_solo_pixels=_parsed(
+            env,
+            p + "PROGRESSIVE_SOLO_PIXELS",
+            d.progressive_solo_pixels,
+            _non_negative_int,
+            "a whole number of pixels, 0 (no such rule) or more",
         ),
         max_frames=num("MAX_FRAMES", d.max_frames),
         connect_timeout=seconds("CONNECT_TIMEOUT", d.connect_timeout),

@@ -229,13 +229,80 @@ def test_at_most_large_limit_large_photos_at_once_while_small_ones_fill_the_thre
         assert max(most) == 3  # the third thread takes small photos beside two large ones
 
 
+def test_solo_images_run_one_at_a_time_while_others_run_beside_them() -> None:
+    budget = compress.MemoryBudget(0, large_limit=2)
+    inside: list[str] = []
+    most_solo: list[int] = []
+    most: list[int] = []
+    lock = threading.Lock()
+
+    def work(kind: str) -> None:
+        with budget.hold(1, large=True, solo=kind == "solo"):
+            with lock:
+                inside.append(kind)
+                most_solo.append(inside.count("solo"))
+                most.append(len(inside))
+            time.sleep(0.05)
+            with lock:
+                inside.remove(kind)
+
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(work, ["solo"] * 4))
+        assert max(most_solo) == 1
+        most.clear()
+        list(pool.map(work, ["solo", "solo", "other", "other", "solo", "other"]))
+        assert max(most_solo) == 1
+        assert max(most) == 2  # a solo image beside one that is not, within the large limit
+
+
+def test_progressive_jpegs_over_the_limit_are_solo_and_nothing_else_is() -> None:
+    low = compress.Limits(progressive_solo_pixels=1_000_000)
+    progressive = (IMAGES / "mei_Panasonic_DMC-LC70.jpg").read_bytes()  # 1.2 MP, progressive
+    baseline = (IMAGES / "bimg_northern_cardinal_bird.jpg").read_bytes()  # 2.1 MP, baseline
+    assert compress._open(progressive, low).solo
+    assert not compress._open(baseline, low).solo
+    assert not compress._open(progressive, LIMITS).solo  # the default: over 16 MP
+    assert not compress._open(progressive, compress.Limits(progressive_solo_pixels=0)).solo
+
+
+def test_compress_runs_solo_images_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    compress.configure(large_concurrency=0)
+    low = compress.Limits(progressive_solo_pixels=1_000_000)
+    progressive = (IMAGES / "mei_Panasonic_DMC-LC70.jpg").read_bytes()
+    baseline = (IMAGES / "bimg_northern_cardinal_bird.jpg").read_bytes()
+    running: list[bytes] = []
+    most_progressive: list[int] = []
+    most: list[int] = []
+    lock = threading.Lock()
+    convert = compress._compress
+
+    def watched(data: bytes, *args: object) -> models.Compressed:
+        with lock:
+            running.append(data)
+            most_progressive.append(running.count(progressive))
+            most.append(len(running))
+        try:
+            time.sleep(0.02)
+            return convert(data, *args)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                running.remove(data)
+
+    monkeypatch.setattr(compress, "_compress", watched)
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda data: compress.compress(data, low), [progressive, baseline] * 4))
+    assert all(r.format_out == "jpeg" for r in results)
+    assert max(most_progressive) == 1
+    assert max(most) >= 2  # baseline images still ran beside them
+
+
 _MEMORY_PROBE = """
 import sys
 from imgsvc import compress
 compress.configure()
 data = open(sys.argv[1], "rb").read()
 limits = compress.Limits(optimize_max_pixels=int(sys.argv[2]))
-image, fmt, estimate = compress._open(data, limits)
+image, fmt, estimate, _solo = compress._open(data, limits)
 del image
 def peak():
     for line in open("/proc/self/status"):

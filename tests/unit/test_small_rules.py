@@ -39,6 +39,7 @@ def test_settings_defaults_and_user_names() -> None:
             "IMGSVC_JPEG_OPTIMIZE_MAX_PIXELS": "0",
             "IMGSVC_SOURCE_MEMORY_MB": "4",
             "IMGSVC_LARGE_IMAGE_CONCURRENCY": "1",
+            "IMGSVC_PROGRESSIVE_SOLO_PIXELS": "0",
         }
     )
     assert (config.port, config.aws_access_key, config.aws_secret_key) == (8080, "a", "b")
@@ -53,6 +54,7 @@ def test_settings_defaults_and_user_names() -> None:
         cores,
     )
     assert settings.from_env({}).jpeg_optimize_max_pixels == 16_000_000
+    assert (config.progressive_solo_pixels, settings.from_env({}).progressive_solo_pixels) == (0, 16_000_000)
     assert settings.from_env({}).aws_bucket_name is None
 
 
@@ -69,6 +71,7 @@ def test_settings_defaults_and_user_names() -> None:
         ({"IMGSVC_MAX_REDIRECTS": "-1"}, "IMGSVC_MAX_REDIRECTS"),
         ({"IMGSVC_JPEG_OPTIMIZE_MAX_PIXELS": "many"}, "IMGSVC_JPEG_OPTIMIZE_MAX_PIXELS"),
         ({"IMGSVC_SOURCE_MEMORY_MB": "-1"}, "IMGSVC_SOURCE_MEMORY_MB"),
+        ({"IMGSVC_PROGRESSIVE_SOLO_PIXELS": "-5"}, "IMGSVC_PROGRESSIVE_SOLO_PIXELS"),
     ],
 )
 def test_a_bad_setting_names_its_variable(env: dict[str, str], name: str) -> None:
