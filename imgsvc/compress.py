@@ -216,6 +216,36 @@ def lower_priority(steps: int) -> None:
         os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + steps)
 
 
+_AUTOGROUP = "/proc/self/autogroup"
+_AUTOGROUP_ENABLED = "/proc/sys/kernel/sched_autogroup_enabled"
+
+
+def lower_session_priority(steps: int) -> bool:
+    """Make this process's session at least ``steps`` nice levels lower; whether it did.
+
+    Where Linux schedules by session (autogroup, on by default in most distributions for
+    processes outside a CPU cgroup: services started in sessions of their own, as systemd
+    and the benchmark do), each session gets an equal share of the CPU, and a thread's
+    nice level only orders it among its own session's threads. The image threads' nice
+    level would then not let an API or PostgreSQL beside the worker come first. Meant for
+    processes that run images and no API; the image threads still run ``steps`` lower
+    than the event loop within the session."""
+    if steps <= 0:
+        return False
+    try:
+        with open(_AUTOGROUP_ENABLED) as enabled:
+            if enabled.read().strip() != "1":
+                return False
+        with open(_AUTOGROUP) as group:
+            current = int(group.read().rsplit("nice", 1)[1])
+        if current < steps:
+            with open(_AUTOGROUP, "w") as group:
+                group.write(str(min(19, steps)))
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
 def _first_line(exc: pyvips.Error) -> str | None:
     """The first line libvips logged for ``exc``, or None if the log was empty."""
     lines = [line.strip() for line in str(exc.detail or "").splitlines() if line.strip()]

@@ -19,7 +19,7 @@ from procrastinate import exceptions as procrastinate_exceptions
 from procrastinate import retry
 from procrastinate.jobs import Job
 
-from imgsvc import errors, logs, pipeline, resources, settings
+from imgsvc import compress, errors, logs, pipeline, resources, settings
 
 logger = logging.getLogger("imgsvc.jobs")
 
@@ -59,8 +59,10 @@ async def _resources() -> resources.Resources:
     res: resources.Resources | None = _state.get("resources")
     if res is None:
         logs.quiet_libraries()  # procrastinate's CLI set up logging, not imgsvc's
+        config = _config()
+        compress.lower_session_priority(config.image_nice)  # a worker only: see its docstring
         stack = contextlib.AsyncExitStack()
-        res = await stack.enter_async_context(resources.opened(_config(), _database_url()))
+        res = await stack.enter_async_context(resources.opened(config, _database_url()))
         _state["resources"] = res
         _state["stack"] = stack
     return res

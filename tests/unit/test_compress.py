@@ -178,6 +178,35 @@ def test_image_threads_and_the_libvips_threads_they_start_run_at_lower_priority(
     assert {nice for _, nice in others} == {"7"}, threads
 
 
+_SESSION_PROBE = """
+from imgsvc import compress
+print(compress.lower_session_priority(6), compress.lower_session_priority(3))
+print(open("/proc/self/autogroup").read().strip())
+"""
+
+
+def _autogroup_on() -> bool:
+    try:
+        return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _autogroup_on(), reason="the kernel does not schedule by session here")
+def test_a_worker_lowers_its_own_session_where_the_kernel_schedules_by_session() -> None:
+    # A session of its own, as a worker started by systemd has: the test's is untouched.
+    out = subprocess.run(
+        [sys.executable, "-c", _SESSION_PROBE],
+        capture_output=True,
+        text=True,
+        check=True,
+        start_new_session=True,
+    ).stdout.splitlines()
+    assert out[0] == "True True"
+    assert out[1].endswith("nice 6")  # at least the steps asked for; never lowered twice over
+    assert Path("/proc/self/autogroup").read_text().split("nice")[1].strip() == "0"
+
+
 def test_the_memory_budget_runs_big_images_one_at_a_time_and_small_ones_together() -> None:
     budget = compress.MemoryBudget(100)
     inside: list[int] = []
