@@ -229,8 +229,10 @@ def lower_session_priority(steps: int) -> bool:
     nice level only orders it among its own session's threads. The image threads' nice
     level would then not let an API or PostgreSQL beside the worker come first. Meant for
     processes that run images and no API; the image threads still run ``steps`` lower
-    than the event loop within the session."""
-    if steps <= 0:
+    than the event loop within the session. Only a process that leads its own session
+    (a service started by systemd or by the benchmark) does it: in a terminal's or a
+    test runner's session it would lower everything else there too."""
+    if steps <= 0 or os.getsid(0) != os.getpid():
         return False
     try:
         with open(_AUTOGROUP_ENABLED) as enabled:
