@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -239,55 +241,53 @@ def test_the_memory_budget_runs_big_images_one_at_a_time_and_small_ones_together
         assert max(most) == 500  # larger than the whole budget: runs, and alone
 
 
-def test_at_most_large_limit_large_photos_at_once_while_small_ones_fill_the_threads() -> None:
-    budget = compress.MemoryBudget(0, large_limit=2)
+def _held_at_once(
+    hold: Callable[[str], contextlib.AbstractContextManager[None]], kinds: list[str]
+) -> tuple[dict[str, int], int]:
+    """Each kind through ``hold`` in three threads, holding for a moment: the most of each
+    kind, and of all, held at once."""
     inside: list[str] = []
-    most_large: list[int] = []
-    most: list[int] = []
+    most_of: dict[str, int] = {}
+    most = 0
     lock = threading.Lock()
 
     def work(kind: str) -> None:
-        with budget.hold(1, large=kind == "large"):
+        nonlocal most
+        with hold(kind):
             with lock:
                 inside.append(kind)
-                most_large.append(inside.count("large"))
-                most.append(len(inside))
+                most_of[kind] = max(most_of.get(kind, 0), inside.count(kind))
+                most = max(most, len(inside))
             time.sleep(0.05)
             with lock:
                 inside.remove(kind)
 
     with ThreadPoolExecutor(3) as pool:
-        list(pool.map(work, ["large"] * 6))
-        assert max(most_large) == 2
-        most.clear()
-        list(pool.map(work, ["large", "large", "small", "small", "small", "small"]))
-        assert max(most) == 3  # the third thread takes small photos beside two large ones
+        list(pool.map(work, kinds))
+    return most_of, most
+
+
+def test_at_most_large_limit_large_photos_at_once_while_small_ones_fill_the_threads() -> None:
+    budget = compress.MemoryBudget(0, large_limit=2)
+
+    def hold(kind: str) -> contextlib.AbstractContextManager[None]:
+        return budget.hold(1, large=kind == "large")
+
+    assert _held_at_once(hold, ["large"] * 6)[0] == {"large": 2}
+    # The third thread takes small photos beside two large ones.
+    assert _held_at_once(hold, ["large", "large", "small", "small", "small", "small"])[1] == 3
 
 
 def test_solo_images_run_one_at_a_time_while_others_run_beside_them() -> None:
     budget = compress.MemoryBudget(0, large_limit=2)
-    inside: list[str] = []
-    most_solo: list[int] = []
-    most: list[int] = []
-    lock = threading.Lock()
 
-    def work(kind: str) -> None:
-        with budget.hold(1, large=True, solo=kind == "solo"):
-            with lock:
-                inside.append(kind)
-                most_solo.append(inside.count("solo"))
-                most.append(len(inside))
-            time.sleep(0.05)
-            with lock:
-                inside.remove(kind)
+    def hold(kind: str) -> contextlib.AbstractContextManager[None]:
+        return budget.hold(1, large=True, solo=kind == "solo")
 
-    with ThreadPoolExecutor(3) as pool:
-        list(pool.map(work, ["solo"] * 4))
-        assert max(most_solo) == 1
-        most.clear()
-        list(pool.map(work, ["solo", "solo", "other", "other", "solo", "other"]))
-        assert max(most_solo) == 1
-        assert max(most) == 2  # a solo image beside one that is not, within the large limit
+    assert _held_at_once(hold, ["solo"] * 4)[0] == {"solo": 1}
+    most_of, most = _held_at_once(hold, ["solo", "solo", "other", "other", "solo", "other"])
+    assert most_of["solo"] == 1
+    assert most == 2  # a solo image beside one that is not, within the large limit
 
 
 def test_progressive_jpegs_over_the_limit_are_solo_and_nothing_else_is() -> None:
