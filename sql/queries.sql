@@ -52,20 +52,27 @@ FROM (SELECT batch, jsonb_agg(id ORDER BY id) AS ids
 -- A worker starts on a job's images (and on their request, if it was still queued), in
 -- one round trip; the images already finished are not returned. While the request is
 -- queued, its row is locked before any image, as finishing and cancelling lock them, so
--- a claim and a cancel wait for each other instead of deadlocking.
+-- a claim and a cancel wait for each other instead of deadlocking. The images are
+-- locked in id order, as cancelling locks them, for the same reason once the request
+-- is processing and its row is no longer taken.
 WITH locked AS (
     SELECT r.id FROM requests r
     WHERE r.id IN (SELECT request_id FROM images WHERE id = ANY($1::bigint[])) AND r.status = 'queued'
     FOR UPDATE
-), claimed AS (
-    UPDATE images i
-    SET status = 'processing', attempts = i.attempts + 1, started_at = coalesce(i.started_at, now())
-    FROM products p
-    WHERE i.id = ANY($1::bigint[]) AND p.id = i.product_id AND i.status IN ('queued', 'processing')
+), ordered AS (
+    SELECT i.id FROM images i
+    WHERE i.id = ANY($1::bigint[]) AND i.status IN ('queued', 'processing')
       -- Only there to take the lock above first: PostgreSQL runs an uncorrelated
       -- subquery once, before the rows it filters (not a documented promise; the
       -- claim-and-cancel test in tests/integration/test_database.py checks it).
       AND (SELECT count(*) FROM locked) >= 0
+    ORDER BY i.id
+    FOR UPDATE OF i
+), claimed AS (
+    UPDATE images i
+    SET status = 'processing', attempts = i.attempts + 1, started_at = coalesce(i.started_at, now())
+    FROM ordered o, products p
+    WHERE i.id = o.id AND p.id = i.product_id
     RETURNING i.id, i.request_id, p.serial_number, i.position, i.input_url, i.attempts
 ), started AS (
     UPDATE requests r
@@ -166,8 +173,14 @@ ORDER BY r.created_at DESC, r.id
 LIMIT $2 OFFSET $3;
 
 -- cancel_images --
-UPDATE images SET status = 'cancelled', error = 'cancelled before it was processed', finished_at = now()
-WHERE request_id = $1 AND status = 'queued';
+-- The images are locked in id order, as a claim locks them: a claim and a cancel of a
+-- request that is processing then wait for each other instead of deadlocking.
+WITH ordered AS (
+    SELECT id FROM images WHERE request_id = $1 AND status = 'queued' ORDER BY id FOR UPDATE
+)
+UPDATE images i SET status = 'cancelled', error = 'cancelled before it was processed', finished_at = now()
+FROM ordered o
+WHERE i.id = o.id;
 
 -- mark_cancel_requested --
 -- After cancel_images, with how many it cancelled.

@@ -213,6 +213,30 @@ async def test_a_claim_and_a_cancel_of_a_queued_request_do_not_deadlock(pool: db
     assert await pool.fetchval("SELECT status FROM requests") == "cancelled"
 
 
+async def test_a_claim_and_a_cancel_of_a_processing_request_do_not_deadlock(pool: db.Pool) -> None:
+    rid = await store_request(pool, [product(1, 3)])
+    a, b, c = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
+    await db.claim_images(pool, [c])  # the request is processing: a claim no longer takes its row
+    # A new version of image a, after b in the table: a scan in table order meets b first.
+    await pool.execute("UPDATE images SET attempts = attempts WHERE id = $1", a)
+    async with pool.acquire() as blocker, pool.acquire() as canceller:
+        blocker_tx = blocker.transaction()
+        await blocker_tx.start()
+        await blocker.execute("SELECT 1 FROM images WHERE id = $1 FOR UPDATE", a)
+        claim = asyncio.ensure_future(db.claim_images(pool, [a, b]))
+        await wait_for_lock_waits(pool, 1, claim)  # the claim waits for a, first in line
+        async with canceller.transaction():
+            await canceller.execute("SET LOCAL enable_indexscan = off")
+            await canceller.execute("SET LOCAL enable_bitmapscan = off")
+            cancel = asyncio.ensure_future(db.cancel_request(canceller, uuid.UUID(rid)))
+            await wait_for_lock_waits(pool, 2, cancel)
+            await blocker_tx.commit()
+            # The claim gets a, then b; a cancel that had locked b on its way to a would
+            # now deadlock with it.
+            assert sorted(task.image_id for task in await claim) == [a, b]
+            assert await cancel == ("processing", 0, None)
+
+
 async def test_a_deadlock_is_a_conflict_worth_a_retry(pool: db.Pool) -> None:
     await store_request(pool, [product(1, 2)])
     a, b = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
