@@ -228,10 +228,11 @@ def lower_session_priority(steps: int) -> bool:
     and the benchmark do), each session gets an equal share of the CPU, and a thread's
     nice level only orders it among its own session's threads. The image threads' nice
     level would then not let an API or PostgreSQL beside the worker come first. Meant for
-    processes that run images and no API; the image threads still run ``steps`` lower
-    than the event loop within the session. Only a process that leads its own session
-    (a service started by systemd or by the benchmark) does it: in a terminal's or a
-    test runner's session it would lower everything else there too."""
+    processes that run images and no API (IMGSVC_WORKER_SESSION_NICE); the image threads
+    still run their own levels lower than the event loop within the session. Only a
+    process that leads its own session (a service started by systemd or by the
+    benchmark) does it: in a terminal's or a test runner's session it would lower
+    everything else there too."""
     if steps <= 0 or os.getsid(0) != os.getpid():
         return False
     try:

@@ -60,7 +60,7 @@ async def _resources() -> resources.Resources:
     if res is None:
         logs.quiet_libraries()  # procrastinate's CLI set up logging, not imgsvc's
         config = _config()
-        compress.lower_session_priority(config.image_nice)  # a worker only: see its docstring
+        compress.lower_session_priority(config.worker_session_nice)  # a worker only: see its docstring
         stack = contextlib.AsyncExitStack()
         res = await stack.enter_async_context(resources.opened(config, _database_url()))
         _state["resources"] = res

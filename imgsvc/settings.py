@@ -81,6 +81,9 @@ class Settings:
     image_concurrency: int = max(1, os.cpu_count() or 1) + 1
     large_image_concurrency: int = max(1, os.cpu_count() or 1)
     image_nice: int = 10
+    # Where Linux schedules by session (autogroup), a worker that leads its own session
+    # puts the whole session this many levels lower (compress.lower_session_priority).
+    worker_session_nice: int = 0
     upload_concurrency: int = 16
     worker_concurrency: int = 8
     images_per_job: int = 8
@@ -334,6 +337,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         image_concurrency=num("IMAGE_CONCURRENCY", d.image_concurrency),
         large_image_concurrency=num("LARGE_IMAGE_CONCURRENCY", d.large_image_concurrency),
         image_nice=_parsed(env, p + "IMAGE_NICE", d.image_nice, _nice_steps, "a whole number from 0 to 19"),
+        worker_session_nice=_parsed(
+            env, p + "WORKER_SESSION_NICE", d.worker_session_nice, _nice_steps, "a whole number from 0 to 19"
+        ),
         upload_concurrency=num("UPLOAD_CONCURRENCY", d.upload_concurrency),
         worker_concurrency=num("WORKER_CONCURRENCY", d.worker_concurrency),
         images_per_job=num("IMAGES_PER_JOB", d.images_per_job),

@@ -40,6 +40,7 @@ def test_settings_defaults_and_user_names() -> None:
             "IMGSVC_SOURCE_MEMORY_MB": "4",
             "IMGSVC_LARGE_IMAGE_CONCURRENCY": "1",
             "IMGSVC_PROGRESSIVE_SOLO_PIXELS": "0",
+            "IMGSVC_WORKER_SESSION_NICE": "10",
         }
     )
     assert (config.port, config.aws_access_key, config.aws_secret_key) == (8080, "a", "b")
@@ -55,6 +56,7 @@ def test_settings_defaults_and_user_names() -> None:
     )
     assert settings.from_env({}).jpeg_optimize_max_pixels == 16_000_000
     assert (config.progressive_solo_pixels, settings.from_env({}).progressive_solo_pixels) == (0, 16_000_000)
+    assert (config.worker_session_nice, settings.from_env({}).worker_session_nice) == (10, 0)
     assert settings.from_env({}).aws_bucket_name is None
 
 
@@ -72,6 +74,7 @@ def test_settings_defaults_and_user_names() -> None:
         ({"IMGSVC_JPEG_OPTIMIZE_MAX_PIXELS": "many"}, "IMGSVC_JPEG_OPTIMIZE_MAX_PIXELS"),
         ({"IMGSVC_SOURCE_MEMORY_MB": "-1"}, "IMGSVC_SOURCE_MEMORY_MB"),
         ({"IMGSVC_PROGRESSIVE_SOLO_PIXELS": "-5"}, "IMGSVC_PROGRESSIVE_SOLO_PIXELS"),
+        ({"IMGSVC_WORKER_SESSION_NICE": "20"}, "IMGSVC_WORKER_SESSION_NICE"),
     ],
 )
 def test_a_bad_setting_names_its_variable(env: dict[str, str], name: str) -> None:
