@@ -150,3 +150,11 @@ async def wait_for_lock_waits(pool: db.Pool, count: int, pending: asyncio.Future
             raise AssertionError("finished without waiting for the lock")
         assert asyncio.get_running_loop().time() < deadline, "nothing waited for the lock"
         await asyncio.sleep(0.01)
+
+
+def autogroup_on() -> bool:
+    """Whether the kernel schedules by session here (sched_autogroup)."""
+    try:
+        return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        return False

@@ -24,10 +24,12 @@ from tests.servers import S3Server
 class Process:
     """An imgsvc (or procrastinate) command running as its own process, with its log."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, *, own_session: bool = False) -> None:
         self.log = log
         with log.open("wb") as out:
-            self.popen = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+            self.popen = subprocess.Popen(
+                args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=own_session
+            )
 
     def output(self) -> str:
         return self.log.read_text()

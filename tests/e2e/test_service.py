@@ -13,6 +13,7 @@ import asyncpg
 import pyvips
 
 from imgsvc import localdb, quality
+from tests.conftest import autogroup_on
 from tests.e2e.processes import (
     Process,
     assert_clean_exit,
@@ -132,20 +133,26 @@ async def test_status_pages_through_products(service: str, image_server: ImageSe
 async def test_api_and_separate_workers_share_the_queue(
     database_url: str, s3: S3Server, tmp_path: Path, image_server: ImageServer
 ) -> None:
-    """Production layout: an API without a worker, an imgsvc worker and a procrastinate one."""
+    """Production layout: an API without a worker, an imgsvc worker and a procrastinate one,
+    each in a session of its own as systemd starts services."""
     port = localdb.free_port()
     # Two jobs at a time each, from a slow source: neither worker can take them all.
     env = service_env(database_url, s3, tmp_path, port) | {
         "IMGSVC_WORKER_CONCURRENCY": "2",
         "IMGSVC_IMAGES_PER_JOB": "1",
+        "IMGSVC_WORKER_SESSION_NICE": "7",
     }
     api = Process([sys.executable, "-m", "imgsvc", "serve", "--no-worker"], env, tmp_path / "api.log")
     base = f"http://127.0.0.1:{port}"
     wait_until_up(base, api)
     procrastinate = str(Path(sys.executable).parent / "procrastinate")
+    commands = [
+        [sys.executable, "-m", "imgsvc", "worker"],
+        [procrastinate, "--app=imgsvc.jobs.app", "worker"],
+    ]
     workers = [
-        Process([sys.executable, "-m", "imgsvc", "worker"], env, tmp_path / "worker1.log"),
-        Process([procrastinate, "--app=imgsvc.jobs.app", "worker"], env, tmp_path / "worker2.log"),
+        Process(command, env, tmp_path / f"worker{n}.log", own_session=True)
+        for n, command in enumerate(commands, start=1)
     ]
     try:
         urls = [image_server.url(f"/slow/300/{name}") for name in PHOTOS[:4]] * 3
@@ -168,6 +175,8 @@ async def test_api_and_separate_workers_share_the_queue(
         for worker in workers:
             assert "process_image" in worker.output(), worker.output()[-2000:]
             assert "VIPS:" not in worker.output()  # libvips' INFO lines stay out of the log
+            if autogroup_on():  # each worker put its own session 7 levels lower
+                assert Path(f"/proc/{worker.popen.pid}/autogroup").read_text().split()[-1] == "7"
     finally:
         assert_clean_exit(*workers, api)
 

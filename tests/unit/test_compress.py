@@ -16,6 +16,7 @@ import pytest
 import pyvips
 
 from imgsvc import compress, errors, models, quality
+from tests.conftest import autogroup_on
 
 IMAGES = Path(__file__).parents[1] / "images"
 LIMITS = compress.Limits()
@@ -187,14 +188,7 @@ print(open("/proc/self/autogroup").read().strip())
 """
 
 
-def _autogroup_on() -> bool:
-    try:
-        return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _autogroup_on(), reason="the kernel does not schedule by session here")
+@pytest.mark.skipif(not autogroup_on(), reason="the kernel does not schedule by session here")
 def test_a_worker_lowers_its_own_session_where_the_kernel_schedules_by_session() -> None:
     # A session of its own, as a worker started by systemd has: the test's is untouched.
     out = subprocess.run(
