@@ -154,11 +154,13 @@ def memory_estimate(
 
 # glibc's mallopt parameters, and the environment variables that set them at start-up
 # (which, when given, win over ours).
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 _MALLOC_TUNING = (
     (_M_ARENA_MAX, 2, "MALLOC_ARENA_MAX"),
     (_M_MMAP_THRESHOLD, 2 * 1024 * 1024, "MALLOC_MMAP_THRESHOLD_"),
+    (_M_TRIM_THRESHOLD, 32 * 1024 * 1024, "MALLOC_TRIM_THRESHOLD_"),
 )
 
 
@@ -198,7 +200,10 @@ def configure(*, allow_svg: bool = False, memory: int = 0, large_concurrency: in
     # (its mmap threshold rises up to 32 MiB). The codec's large, short-lived buffers
     # then leave the arenas fragmented and the process keeps the memory. The known
     # remedies: cap the arenas, and fix the threshold so that blocks over 2 MiB are
-    # mapped and unmapped on their own (docs/performance.md has what each bought).
+    # mapped and unmapped on their own. Fixing it also fixes the trim threshold, at
+    # 128 KiB: the free top of an arena would go back to the system on nearly every
+    # free, and the next download or buffer fault its pages in again (2-3 ms of CPU a
+    # 3.5 MB download); 32 MiB keeps them (docs/performance.md has what each bought).
     if _libc is not None:
         for parameter, value, variable in _MALLOC_TUNING:
             if variable not in os.environ:

@@ -404,6 +404,46 @@ def test_configure_keeps_large_blocks_out_of_the_malloc_arenas() -> None:
     assert mapped_blocks("configured") == 1
 
 
+_HEAP_PROBE = """
+import ctypes, sys
+from imgsvc import compress
+if sys.argv[1] == "configured":
+    compress.configure()
+names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in names.split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mallinfo2.restype = Info
+blocks = [libc.malloc(256 << 10) for _ in range(32)]  # 8 MiB of blocks under the mmap threshold
+grown = libc.mallinfo2().arena
+for block in reversed(blocks):
+    libc.free(block)
+print((grown - libc.mallinfo2().arena) >> 10)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_configure_keeps_freed_heap_for_the_next_buffers() -> None:
+    """Fixing the mmap threshold also fixes glibc's trim threshold at 128 KiB, so 8 MiB
+    freed at the top of the heap would go back to the system at once, to be faulted in
+    again by the next download; configured, the heap keeps it (malloc_trim after a large
+    image still gives it back)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+    def released_kib(mode: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, check=True, env=env
+        )
+        return int(out.stdout)
+
+    env["MALLOC_MMAP_THRESHOLD_"] = str(2 << 20)  # what configure() sets, minus the trim threshold
+    assert released_kib("default") > 7 * 1024
+    del env["MALLOC_MMAP_THRESHOLD_"]
+    assert released_kib("configured") == 0
+
+
 _TRIM_PROBE = """
 import sys
 from concurrent.futures import ThreadPoolExecutor
