@@ -5,7 +5,7 @@ Phases, in one run of the services:
 1. warm-up: a few images, not measured (imports, connections, plan caches);
 2. throughput: for each size class, one request with that class's images, sent
    ``repeat`` times one after the other (the median is reported), the harness polling
-   lightly (one product a page, 10 times a second). Each batch is timed from the
+   lightly (one product a page, twice a second). Each batch is timed from the
    upload to the request's completed_at, with the CPU of every process tree and the
    peak RSS of the API and the worker; then, unless ``paired`` is None, one ceiling pass
    over the same images while the services sit idle (the paired ratio);
