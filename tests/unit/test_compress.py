@@ -369,7 +369,8 @@ def test_the_memory_estimate_covers_what_compress_takes(name: str, optimize_max_
     assert measured <= estimate, f"{name}: took {measured:,} bytes, estimated {estimate:,}"
 
 
-_MALLOC_PROBE = """
+# A fresh interpreter, configured or not, with glibc's malloc statistics at hand.
+_GLIBC_PROBE = """
 import ctypes, sys
 from imgsvc import compress
 if sys.argv[1] == "configured":
@@ -381,6 +382,24 @@ libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 libc.mallinfo2.restype = Info
+"""
+
+
+def _probe(script: str, mode: str, **environment: str) -> int:
+    """Run ``script`` after the glibc prelude in a fresh interpreter (no MALLOC_ variables
+    but ``environment``); return the number it prints."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | environment
+    out = subprocess.run(
+        [sys.executable, "-c", _GLIBC_PROBE + script, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    return int(out.stdout)
+
+
+_MAPPED_BLOCKS = """
 libc.free(libc.malloc(8 << 20))  # freeing a mapped block raises glibc's own threshold
 before = libc.mallinfo2().hblks
 block = libc.malloc(3 << 20)
@@ -392,30 +411,11 @@ print(libc.mallinfo2().hblks - before)
 def test_configure_keeps_large_blocks_out_of_the_malloc_arenas() -> None:
     """Without the fixed threshold, a 3 MiB block after a freed 8 MiB one comes from an
     arena, where it fragments; with it, the block is mapped on its own."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-
-    def mapped_blocks(mode: str) -> int:
-        out = subprocess.run(
-            [sys.executable, "-c", _MALLOC_PROBE, mode], capture_output=True, text=True, check=True, env=env
-        )
-        return int(out.stdout)
-
-    assert mapped_blocks("default") == 0
-    assert mapped_blocks("configured") == 1
+    assert _probe(_MAPPED_BLOCKS, "default") == 0
+    assert _probe(_MAPPED_BLOCKS, "configured") == 1
 
 
-_HEAP_PROBE = """
-import ctypes, sys
-from imgsvc import compress
-if sys.argv[1] == "configured":
-    compress.configure()
-names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
-class Info(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in names.split()]
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-libc.mallinfo2.restype = Info
+_RELEASED_KIB = """
 blocks = [libc.malloc(256 << 10) for _ in range(32)]  # 8 MiB of blocks under the mmap threshold
 grown = libc.mallinfo2().arena
 for block in reversed(blocks):
@@ -430,18 +430,9 @@ def test_configure_keeps_freed_heap_for_the_next_buffers() -> None:
     freed at the top of the heap would go back to the system at once, to be faulted in
     again by the next download; configured, the heap keeps it (malloc_trim after a large
     image still gives it back)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-
-    def released_kib(mode: str) -> int:
-        out = subprocess.run(
-            [sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, check=True, env=env
-        )
-        return int(out.stdout)
-
-    env["MALLOC_MMAP_THRESHOLD_"] = str(2 << 20)  # what configure() sets, minus the trim threshold
-    assert released_kib("default") > 7 * 1024
-    del env["MALLOC_MMAP_THRESHOLD_"]
-    assert released_kib("configured") == 0
+    # The mmap threshold configure() sets, without its trim threshold:
+    assert _probe(_RELEASED_KIB, "default", MALLOC_MMAP_THRESHOLD_=str(2 << 20)) > 7 * 1024
+    assert _probe(_RELEASED_KIB, "configured") == 0
 
 
 _TRIM_PROBE = """
