@@ -201,9 +201,11 @@ def configure(*, allow_svg: bool = False, memory: int = 0, large_concurrency: in
     # then leave the arenas fragmented and the process keeps the memory. The known
     # remedies: cap the arenas, and fix the threshold so that blocks over 2 MiB are
     # mapped and unmapped on their own. Fixing it also fixes the trim threshold, at
-    # 128 KiB: the free top of an arena would go back to the system on nearly every
-    # free, and the next download or buffer fault its pages in again (2-3 ms of CPU a
-    # 3.5 MB download); 32 MiB keeps them (docs/performance.md has what each bought).
+    # 128 KiB: a free that left more than that at the top of an arena gave it back to
+    # the system, and the next download or buffer faulted the pages in again (about 2
+    # ms of CPU a 3.6 MB download). At 32 MiB an arena keeps them; malloc_trim after a
+    # large image still releases the main arena's top and the free pages inside every
+    # arena, but not a thread arena's top (docs/performance.md has what each bought).
     if _libc is not None:
         for parameter, value, variable in _MALLOC_TUNING:
             if variable not in os.environ:

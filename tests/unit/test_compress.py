@@ -427,9 +427,8 @@ print((grown - libc.mallinfo2().arena) >> 10)
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
 def test_configure_keeps_freed_heap_for_the_next_buffers() -> None:
     """Fixing the mmap threshold also fixes glibc's trim threshold at 128 KiB, so 8 MiB
-    freed at the top of the heap would go back to the system at once, to be faulted in
-    again by the next download; configured, the heap keeps it (malloc_trim after a large
-    image still gives it back)."""
+    freed at the top of the main heap would go back to the system at once, to be faulted
+    in again by the next download; configured, the heap keeps it."""
     # The mmap threshold configure() sets, without its trim threshold:
     assert _probe(_RELEASED_KIB, "default", MALLOC_MMAP_THRESHOLD_=str(2 << 20)) > 7 * 1024
     assert _probe(_RELEASED_KIB, "configured") == 0
