@@ -8,7 +8,8 @@ Phases, in one run of the services:
    lightly (one product a page, twice a second). Each batch is timed from the
    upload to the request's completed_at, with the CPU of every process tree and the
    peak RSS of the API and the worker; then, unless ``paired`` is None, one ceiling pass
-   over the same images while the services sit idle (the paired ratio);
+   over the same images with every service stopped (SIGSTOP) meanwhile (the paired
+   ratio);
 3. latency: one request with the images (repeated, with new URLs, until it should
    last ``latency_seconds`` at the measured rate), while open-loop streams call
    GET /status/{id} (the full first page, as a client would) and POST /upload (a
@@ -374,7 +375,12 @@ async def run(services: Services, items: list[imageset.Item], options: Options) 
                     )
                     if options.paired is not None:
                         sources = [item.file.data for item in group_items]
-                        measured.paired = await asyncio.to_thread(options.paired, sources)
+                        with services.paused():
+                            measured.paired = await asyncio.to_thread(options.paired, sources)
+                        # Continued, the API first runs its overdue timers, among them the
+                        # close of this session's idle keep-alive connection: let that
+                        # happen before the next request, rather than race it.
+                        await asyncio.sleep(1.0)
                     contended = measured.machine["foreign_cores"] > CONTENDED
                     (disturbed if contended else runs).append(measured)
                     if contended:
