@@ -117,8 +117,7 @@ def _serve(config: settings.Settings, url: str, run_worker: bool) -> None:
 async def _worker(config: settings.Settings, url: str) -> None:
     from imgsvc import compress, jobs, resources
 
-    if compress.lower_session_priority(config.worker_session_nice):
-        logger.info("worker's session lowered %s nice levels (sched_autogroup)", config.worker_session_nice)
+    compress.lower_session_priority(config.worker_session_nice)
     async with resources.opened(config, url) as res:
         jobs.use(url, config, res)
         async with jobs.app.open_async():

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import dataclasses
 import io
+import logging
 import os
 import re
 import threading
@@ -24,6 +25,8 @@ import pyvips
 from PIL import Image as PillowImage
 
 from imgsvc import errors, models, quality
+
+logger = logging.getLogger("imgsvc.compress")
 
 # Loader -> our format name. A loader not listed here is refused.
 _FORMATS = {
@@ -253,6 +256,7 @@ def lower_session_priority(steps: int) -> bool:
                 group.write(str(min(19, steps)))
     except (OSError, ValueError, IndexError):
         return False
+    logger.info("this process's session is at least %s nice levels lower (sched_autogroup)", steps)
     return True
 
 

@@ -175,8 +175,9 @@ async def test_api_and_separate_workers_share_the_queue(
         for worker in workers:
             assert "process_image" in worker.output(), worker.output()[-2000:]
             assert "VIPS:" not in worker.output()  # libvips' INFO lines stay out of the log
-            if autogroup_on():  # each worker put its own session 7 levels lower
+            if autogroup_on():  # each worker put its own session 7 levels lower, and said so
                 assert Path(f"/proc/{worker.popen.pid}/autogroup").read_text().split()[-1] == "7"
+                assert "at least 7 nice levels lower" in worker.output(), worker.output()[-2000:]
     finally:
         assert_clean_exit(*workers, api)
 
