@@ -14,9 +14,11 @@ import ctypes
 import dataclasses
 import io
 import logging
+import math
 import os
 import re
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -169,7 +171,12 @@ _MALLOC_TUNING = (
 
 # After an image estimated at this much, the freed memory is given back to the system
 # (malloc_trim), instead of staying in glibc's arenas for the next image to fragment.
+# A trim also hands back the free pages that the other threads reuse next (the event
+# loop's download and upload buffers above all), which are then faulted in again: run
+# after every 12 MP image, that was a quarter of the event loop's CPU. So it runs when
+# the last image at work ends, and under steady load at most once every interval.
 _TRIM_AFTER = 48 * 1024 * 1024
+_TRIM_INTERVAL = 10.0
 
 
 def _glibc() -> Any:
@@ -187,6 +194,33 @@ _libc = _glibc()
 def _trim() -> None:
     if _libc is not None:
         _libc.malloc_trim(0)
+
+
+class _Trimmer:
+    """Counts the images in compress(), and trims after a large one when it was the
+    last at work, or when the last trim is ``_TRIM_INTERVAL`` seconds old."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._working = 0
+        self._last = -math.inf
+
+    def enter(self) -> None:
+        with self._lock:
+            self._working += 1
+
+    def leave(self, memory: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._working -= 1
+            due = memory >= _TRIM_AFTER and (self._working == 0 or now - self._last >= _TRIM_INTERVAL)
+            if due:
+                self._last = now
+        if due:
+            _trim()
+
+
+_trimmer = _Trimmer()
 
 
 def configure(*, allow_svg: bool = False, memory: int = 0, large_concurrency: int = 0) -> None:
@@ -478,15 +512,18 @@ def _plan(fmt: str, data: bytes, image: pyvips.Image, factor: float) -> tuple[st
 
 def compress(data: bytes, limits: Limits) -> models.Compressed:
     """Re-encode ``data`` at the quality rule's quality; raise PermanentError if it can't be."""
-    with _errors.side_by_side():
-        image, fmt_in, memory, solo = _open(data, limits)
+    _trimmer.enter()
+    memory = 0
     try:
-        with budget.hold(memory, large=image.width * image.get_page_height() > LARGE_PIXELS, solo=solo):
-            return _compress(data, image, fmt_in, limits)
+        with _errors.side_by_side():
+            image, fmt_in, memory, solo = _open(data, limits)
+        try:
+            with budget.hold(memory, large=image.width * image.get_page_height() > LARGE_PIXELS, solo=solo):
+                return _compress(data, image, fmt_in, limits)
+        finally:
+            del image
     finally:
-        del image
-        if memory >= _TRIM_AFTER:
-            _trim()
+        _trimmer.leave(memory)
 
 
 def _convert(data: bytes, image: pyvips.Image, fmt_in: str, limits: Limits) -> models.Compressed:
