@@ -215,8 +215,8 @@ class Services:
                 "--config",
                 "/dev/null",
                 # rclone's local backend hashes every object it stores with MD5 and SHA-1
-                # for its own listings, two thirds of its CPU a PUT: work that S3 does on
-                # its own machines, not on the service's. CRC32 is the cheapest it keeps.
+                # for its own listings, about 40% of its CPU a PUT: work that S3 does on
+                # its own machines, not on the service's. It keeps a CRC32 instead.
                 # Signatures are still checked, and the ETag is still the body's MD5.
                 "--local-hashes",
                 "crc32",

@@ -169,12 +169,15 @@ _MALLOC_TUNING = (
 )
 
 
-# After an image estimated at this much, the freed memory is given back to the system
-# (malloc_trim), instead of staying in glibc's arenas for the next image to fragment.
-# A trim also hands back the free pages that the other threads reuse next (the event
-# loop's download and upload buffers above all), which are then faulted in again: run
-# after every 12 MP image, that was a quarter of the event loop's CPU. So it runs when
-# the last image at work ends, and under steady load at most once every interval.
+# Once an image estimated at this much has ended, the freed memory is given back to the
+# system (malloc_trim), instead of staying in glibc's arenas for the next image to
+# fragment. A trim also hands back the free pages that the other threads reuse next
+# (the event loop's download and upload buffers above all), which are then faulted in
+# again: run after every 12 MP image, that was a fifth of the event loop's CPU. So it
+# runs when no image is left in compress(), and while images follow each other at
+# most once every interval. (When downloads, not the codec, are the bottleneck, the
+# codec runs dry between images and each large one is trimmed after: the cores have
+# room for the faults then.)
 _TRIM_AFTER = 48 * 1024 * 1024
 _TRIM_INTERVAL = 10.0
 
@@ -197,12 +200,14 @@ def _trim() -> None:
 
 
 class _Trimmer:
-    """Counts the images in compress(), and trims after a large one when it was the
-    last at work, or when the last trim is ``_TRIM_INTERVAL`` seconds old."""
+    """Counts the images in compress(). Once a large image has ended, a trim is owed:
+    it is made when no image is left, or when the last trim is ``_TRIM_INTERVAL``
+    seconds old, whichever image, large or small, ends then."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._working = 0
+        self._owed = False
         self._last = -math.inf
 
     def enter(self) -> None:
@@ -213,8 +218,10 @@ class _Trimmer:
         now = time.monotonic()
         with self._lock:
             self._working -= 1
-            due = memory >= _TRIM_AFTER and (self._working == 0 or now - self._last >= _TRIM_INTERVAL)
+            self._owed = self._owed or memory >= _TRIM_AFTER
+            due = self._owed and (self._working == 0 or now - self._last >= _TRIM_INTERVAL)
             if due:
+                self._owed = False
                 self._last = now
         if due:
             _trim()
@@ -240,8 +247,8 @@ def configure(*, allow_svg: bool = False, memory: int = 0, large_concurrency: in
     # mapped and unmapped on their own. Fixing it also fixes the trim threshold, at
     # 128 KiB: a free that left more than that at the top of an arena gave it back to
     # the system, and the next download or buffer faulted the pages in again (about 2
-    # ms of CPU a 3.6 MB download). At 32 MiB an arena keeps them; malloc_trim after a
-    # large image still releases the main arena's top and the free pages inside every
+    # ms of CPU a 3.6 MB download). At 32 MiB an arena keeps them; malloc_trim after
+    # large images still releases the main arena's top and the free pages inside every
     # arena, but not a thread arena's top (docs/performance.md has what each bought).
     if _libc is not None:
         for parameter, value, variable in _MALLOC_TUNING:
@@ -512,8 +519,8 @@ def _plan(fmt: str, data: bytes, image: pyvips.Image, factor: float) -> tuple[st
 
 def compress(data: bytes, limits: Limits) -> models.Compressed:
     """Re-encode ``data`` at the quality rule's quality; raise PermanentError if it can't be."""
-    _trimmer.enter()
     memory = 0
+    _trimmer.enter()
     try:
         with _errors.side_by_side():
             image, fmt_in, memory, solo = _open(data, limits)

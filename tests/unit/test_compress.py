@@ -453,8 +453,9 @@ print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.st
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
 def test_memory_freed_after_large_images_goes_back_to_the_system() -> None:
-    """Four 12 MP images in two threads, then the resident size: malloc_trim after each
-    large image gives back what glibc's arenas would otherwise keep (about 25 MiB here)."""
+    """Four 12 MP images in two threads, then the resident size: malloc_trim once the
+    last of them has ended gives back what glibc's arenas would otherwise keep (about
+    25 MiB here)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
 
     def resident_kib(mode: str) -> int:
@@ -467,7 +468,7 @@ def test_memory_freed_after_large_images_goes_back_to_the_system() -> None:
     assert trimmed < kept - 10 * 1024, f"resident after: {trimmed:,} KiB trimmed, {kept:,} KiB not"
 
 
-def test_trims_when_the_last_image_ends_and_at_most_every_interval_under_load(
+def test_a_large_image_owes_a_trim_paid_when_none_is_left_or_the_interval_is_over(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     trims: list[float] = []
@@ -476,19 +477,20 @@ def test_trims_when_the_last_image_ends_and_at_most_every_interval_under_load(
     trimmer = compress._Trimmer()
     trimmer.enter()
     trimmer.enter()
-    trimmer.leave(large)  # another still at work, no trim yet: trims
-    trimmer.enter()
-    trimmer.leave(large)  # another at work, the last trim is fresh: keeps
-    assert len(trims) == 1
-    trimmer.leave(small)  # the last at work, but small: keeps
+    trimmer.leave(large)  # another at work, but no trim ever made: the interval is over
     assert len(trims) == 1
     trimmer.enter()
-    trimmer.leave(large)  # the last at work: trims
+    trimmer.leave(large)  # another at work, the last trim fresh: owed
+    assert len(trims) == 1
+    trimmer.leave(small)  # none left: the owed trim, though this image is small
+    assert len(trims) == 2
+    trimmer.enter()
+    trimmer.leave(small)  # none left, nothing owed
     assert len(trims) == 2
     monkeypatch.setattr(compress, "_TRIM_INTERVAL", 0.0)
     trimmer.enter()
     trimmer.enter()
-    trimmer.leave(large)  # another at work, the interval is over: trims
+    trimmer.leave(large)  # another at work, the interval over: trims
     assert len(trims) == 3
 
 
@@ -496,7 +498,8 @@ _REFAULTS = """
 import resource
 import pyvips
 compress.configure()
-if sys.argv[1] == "every image":
+mode = sys.argv[1]
+if mode == "every image":
     compress._TRIM_INTERVAL = 0.0
 libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 noise = pyvips.Image.gaussnoise(4000, 3000).cast("uchar")
@@ -509,20 +512,31 @@ def buffers():  # what an event loop allocates, fills and frees for a download: 
     for block in reversed(blocks):
         libc.free(block)
 
-compress._trimmer.enter()  # another image at work all along: a worker under load
-compress.compress(data, compress.Limits())
+def faults(step):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+if mode != "idle":
+    compress._trimmer.enter()  # another image at work all along: a worker under load
+compress.compress(data, compress.Limits())  # the first trim
 buffers()
 compress.compress(data, compress.Limits())
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-buffers()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+kept = faults(buffers)
+if mode == "then idle":
+    compress._trimmer.leave(0)  # the other image ends, small: the owed trim is made
+    kept = faults(buffers)
+print(kept)
 """
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
-def test_other_threads_reuse_freed_pages_without_faults_under_load() -> None:
-    """A trim after every large image handed back the pages an event loop frees and
-    reuses, and each download faulted them in again (about 1,500 faults for these 8
-    MiB); under load, with the last trim fresh, they stay."""
+def test_event_loop_buffers_keep_their_pages_under_load_and_give_them_back_when_idle() -> None:
+    """The pages an event loop frees and reuses (8 MiB here), after a 12 MP image: a trim
+    after every large image handed them back, and each download faulted them in again
+    (about 1,500 faults); under load, with the last trim fresh, they stay; once no
+    image is left, the trim the large image owed gives them back."""
     assert _probe(_REFAULTS, "every image") > 1024
     assert _probe(_REFAULTS, "under load") < 256
+    assert _probe(_REFAULTS, "idle") > 1024
+    assert _probe(_REFAULTS, "then idle") > 1024
