@@ -372,3 +372,19 @@ async def test_request_progress_counts_agree_with_the_images_through_every_chang
         assert await pool.fetchval("SELECT status FROM requests") == "cancelled"
     finally:
         await pool.close()
+
+
+async def test_deleting_or_truncating_requests_or_products_takes_their_images(pool: db.Pool) -> None:
+    """images.product_id has no foreign key (an upload's insert would check it once a
+    row); triggers on products cascade a delete or a truncate to the images instead."""
+    kept = await store_request(pool, [product(1, 2)])
+    gone = await store_request(pool, [product(1, 3), product(2, 1)])
+    await pool.execute("DELETE FROM requests WHERE id = $1", uuid.UUID(gone))
+    left = await pool.fetch("SELECT request_id::text, count(*) FROM images GROUP BY request_id")
+    assert {row[0]: row[1] for row in left} == {kept: 2}
+    await pool.execute("DELETE FROM products WHERE request_id = $1", uuid.UUID(kept))
+    assert await pool.fetchval("SELECT count(*) FROM images") == 0
+    await store_request(pool, [product(1, 2)])
+    await pool.execute("TRUNCATE requests CASCADE")
+    for table in ("requests", "products", "images"):
+        assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0, table
