@@ -35,7 +35,8 @@ def _own_and_reaped_ticks(fields: list[str]) -> int:
     return int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
 
 
-def _children_map() -> dict[int, list[int]]:
+def children_map() -> dict[int, list[int]]:
+    """Each live process's children, by parent pid: one scan of /proc, for many trees."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -48,7 +49,7 @@ def _children_map() -> dict[int, list[int]]:
 
 def tree(pid: int, children: Mapping[int, list[int]] | None = None) -> list[int]:
     """``pid`` and all its live descendants."""
-    kids = children if children is not None else _children_map()
+    kids = children if children is not None else children_map()
     found: list[int] = []
     todo = [pid]
     while todo:
@@ -60,7 +61,7 @@ def tree(pid: int, children: Mapping[int, list[int]] | None = None) -> list[int]
 
 def cpu_seconds(roots: Mapping[str, int]) -> dict[str, float]:
     """CPU seconds used so far by each named process tree."""
-    kids = _children_map()
+    kids = children_map()
     result: dict[str, float] = {}
     for name, root in roots.items():
         ticks = 0

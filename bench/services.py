@@ -303,9 +303,10 @@ class Services:
         itself, while idle services still wake for timers, heartbeats and PostgreSQL's
         background work (0.00-0.02 of a core, which the pass would otherwise lose)."""
         stopped: list[int] = []
+        children = procstat.children_map()
         try:
             for root in self.roots().values():
-                for pid in procstat.tree(root):
+                for pid in procstat.tree(root, children):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGSTOP)
                         stopped.append(pid)
