@@ -435,10 +435,8 @@ def test_configure_keeps_freed_heap_for_the_next_buffers() -> None:
 
 
 _TRIM_PROBE = """
-import sys
 from concurrent.futures import ThreadPoolExecutor
 import pyvips
-from imgsvc import compress
 compress.configure()
 if sys.argv[1] == "off":
     compress._TRIM_AFTER = 1 << 62
@@ -456,15 +454,7 @@ def test_memory_freed_after_large_images_goes_back_to_the_system() -> None:
     """Four 12 MP images in two threads, then the resident size: malloc_trim once the
     last of them has ended gives back what glibc's arenas would otherwise keep (about
     25 MiB here)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-
-    def resident_kib(mode: str) -> int:
-        out = subprocess.run(
-            [sys.executable, "-c", _TRIM_PROBE, mode], capture_output=True, text=True, check=True, env=env
-        )
-        return int(out.stdout)
-
-    trimmed, kept = resident_kib("on"), resident_kib("off")
+    trimmed, kept = _probe(_TRIM_PROBE, "on"), _probe(_TRIM_PROBE, "off")
     assert trimmed < kept - 10 * 1024, f"resident after: {trimmed:,} KiB trimmed, {kept:,} KiB not"
 
 
