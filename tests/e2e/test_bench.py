@@ -1,0 +1,99 @@
+"""`make bench` as a person runs it, shrunk to a few images: every phase, its JSON, its
+exit code. No timing is asserted here (the figures of a run this short mean nothing);
+what is checked is that each phase measured the thing it names."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Every phase, each as short as it goes: 3 images a request, 1-second latency load,
+# 1 pass of each ceiling variant, a 50-row CSV twice and a CSV of just under 1 MiB.
+SHORT = [
+    "--images", "3", "--repeat", "1", "--warmup", "1", "--rounds", "1",
+    "--ceiling-seconds", "0.05", "--latency-seconds", "1",
+    "--upload-rows", "50", "--upload-repeat", "2", "--large-csv-mb", "1",
+]  # fmt: skip
+
+
+def bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    return done, out
+
+
+def test_every_phase_measures_the_pipeline_and_writes_table_and_json(tmp_path: Path) -> None:
+    done, out = bench(tmp_path, *SHORT)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    results: dict[str, Any] = json.loads(out.read_text())
+
+    machine = results["machine"]
+    assert machine["cores"] >= 1 and machine["memory_gib"] > 0
+    assert machine["libvips"].count(".") == 2 and machine["postgresql"] != "?" and machine["rclone"] != "?"
+
+    # The committed set is all 1-2 MP photos: one class, one request of 3 images.
+    (measured,) = results["pipeline"]["throughput"]
+    assert measured["group"] == "ecommerce" and measured["status"] == "completed"
+    assert measured["counts"] == {
+        "total": 3, "queued": 0, "processing": 0, "done": 3, "failed": 0, "cancelled": 0,
+    }  # fmt: skip
+    assert 0 < measured["bytes_out"] < measured["bytes_in"]  # half the quality is smaller
+    assert measured["images_per_s"] > 0 and measured["paired_ceiling"]["images"] == 3
+    assert set(measured["cpu_seconds"]) == {"api", "worker", "postgres", "s3 (rclone)", "image server"}
+    assert measured["cpu_seconds"]["worker"] > 0
+    assert {"api", "worker"} <= set(measured["peak_rss_kib"])
+
+    rows = {row["group"]: row for row in results["summary"]}
+    assert rows["large"]["images"] == 0 and rows["all"]["images"] == 3
+    ecommerce = rows["ecommerce"]
+    assert ecommerce["ratio_images_per_s"] == pytest.approx(
+        ecommerce["pipeline_images_per_s"] / ecommerce["ceiling_images_per_s"]
+    )
+
+    # The ceiling's encode settings, one added at a time, end with the service's own.
+    variants = [v["variant"] for v in results["codec"]["variants"]["ecommerce"]]
+    assert variants[0] == "plain" and variants[-1] == "service_jpeg"
+    assert all(v["failures"] == 0 for v in results["codec"]["variants"]["ecommerce"])
+
+    # Open-loop latency: every probe answered, none failed.
+    latency = {probe["name"]: probe for probe in results["pipeline"]["latency"]}
+    status = latency["GET /status/{id}"]
+    assert status["sent"] >= 25 and status["ok"] == status["sent"] and status["failed"] == 0
+    assert results["pipeline"]["latency_batch"]["status"] == "completed"
+
+    large = results["large_uploads"]
+    assert large["worker_stopped"] and large["rows_upload"]["accepted"] == 2
+    assert [a["status"] for a in large["rows_upload"]["answers"]] == [202, 202]
+    assert large["rows_upload"]["csv"]["rows"] == 50 and large["large_csv"]["accepted"]
+    assert 0.5 < large["large_csv"]["csv"]["mib"] < 1
+
+    # The table a person reads says the same.
+    assert "e-commerce (1-3 MP)" in done.stdout and "GET /status/{id}" in done.stdout
+    assert "Large uploads" in done.stdout and f"JSON: {out}" in done.stdout
+
+
+def test_a_request_that_does_not_complete_fails_the_run(tmp_path: Path) -> None:
+    # Every image is over the pixel limit given to the service, so the request fails:
+    # its "throughput" would measure refusals, and the run must say so and exit 1.
+    done, out = bench(
+        tmp_path, *SHORT, "--no-latency", "--no-settings", "--no-large-uploads",
+        "--env", "IMGSVC_MAX_PIXELS=1000",
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "the ecommerce request ended failed" in done.stderr
+    assert "the limit is 1,000 (IMGSVC_MAX_PIXELS)" in done.stderr
+    (measured,) = json.loads(out.read_text())["pipeline"]["throughput"]
+    assert measured["counts"]["failed"] == 3
