@@ -269,8 +269,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     finally:
         print("bench: stopping the services", flush=True)
         exit_codes = services.stop()
-    # rclone ends with the SIGTERM's status; imgsvc and the image server should end with 0.
-    unclean = {name: code for name, code in exit_codes.items() if code not in (0, None) and name != "rclone"}
+    # rclone ends with the SIGTERM's status; imgsvc and the image server should end with 0
+    # (None: still running after SIGKILL).
+    unclean = {name: code for name, code in exit_codes.items() if code != 0 and name != "rclone"}
 
     print(f"bench: ceiling, {threads} threads, {args.rounds} passes of each variant", flush=True)
     codec_results = codec.measure(
@@ -282,6 +283,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         limits=limits,
         settings=not args.no_settings,
     )
+
+    codec_json = codec_results.as_json()
+    # A ceiling that failed an image timed a refusal, not the codec (a failure is fast).
+    codec_failures = [
+        f"{m['group']} {m['label']}: {m['failures']} of {m['images']} images failed"
+        for m in [
+            *codec_json["ceiling"].values(),
+            *(v for vs in codec_json["variants"].values() for v in vs),
+        ]
+        if m["failures"]
+    ] + [
+        f"{m.group} paired ceiling pass: {m.paired['failures']} of {m.paired['images']} images failed"
+        for c in measured.throughput
+        for m in c.runs
+        if m.paired and m.paired["failures"]
+    ]
 
     results: dict[str, Any] = {
         "generated_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -329,21 +346,24 @@ def main(argv: Sequence[str] | None = None) -> None:
             "seconds": 0.0,
         },
         "pipeline": measured.as_json(),
-        "codec": codec_results.as_json(),
+        "codec": codec_json,
         "large_uploads": measured.large_uploads.as_json() if measured.large_uploads else None,
     }
     results["summary"] = report.summary_rows(results)
     results["run"]["seconds"] = round(time.monotonic() - started, 1)
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(report.render(results))
-    # A request that did not complete measured something other than the pipeline (a
-    # failed image is cheap), so the figures above are not to be trusted: say so and
-    # exit 1, after the JSON is written for whoever looks into it.
+    # A request that did not complete, or a ceiling pass that failed an image, measured
+    # something other than the pipeline or the codec (a failed image is cheap), so the
+    # figures above are not to be trusted: say so and exit 1, after the JSON is written
+    # for whoever looks into it.
     problems = [m for c in measured.throughput for m in c.runs if m.batch.status != "completed"]
     for m in problems:
         print(f"bench: the {m.group} request ended {m.batch.status}: {m.batch.errors[:3]}", file=sys.stderr)
     if unclean:
         print(f"bench: services exited with {unclean}", file=sys.stderr)
+    for failure in codec_failures:
+        print(f"bench: the ceiling's {failure}", file=sys.stderr)
     print(f"bench: done in {results['run']['seconds']:.0f} s")
-    if problems or unclean:
+    if problems or unclean or codec_failures:
         raise SystemExit(1)

@@ -177,13 +177,15 @@ def paired_pass(
 ) -> dict[str, Any]:
     """One ceiling pass over ``datas`` (the service's compress(), as in ``measure``), for a
     request's images right after the request, so that the two are measured minutes apart
-    at most rather than across the whole run: this VM's speed drifts by several percent."""
+    at most rather than across the whole run: a virtual machine's speed can drift by
+    several percent in that time."""
     compress.configure(large_concurrency=large_concurrency)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bench-paired") as pool:
         list(pool.map(lambda _: None, range(threads)))
         run = _quiet_pass(pool, _service(limits), datas)
     return {
         "images": len(datas),
+        "failures": run.failures,
         "seconds": round(run.seconds, 4),
         "images_per_s": round(len(datas) / run.seconds, 3) if run.seconds else None,
         "cpu_seconds": round(run.cpu_seconds, 4),

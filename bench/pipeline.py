@@ -307,7 +307,7 @@ async def _profile_phase(
 ) -> dict[str, Any]:
     executable = profiling.find_py_spy()
     if executable is None:
-        return {"error": "py-spy is not installed: .venv/bin/pip install py-spy"}
+        return {"error": "py-spy is not installed: make install (it is a development dependency)"}
     output = options.profile_output
     output.unlink(missing_ok=True)
     recorder = profiling.Recorder(
@@ -324,10 +324,8 @@ async def _profile_phase(
         written = await asyncio.to_thread(recorder.stop)
     if not written:
         return {"error": f"py-spy wrote nothing: {recorder.message()}"}
-    # The recording spans the batch plus about a second on either side.
-    recorded = batch.seconds + 1.5
     summary = profiling.summarize(
-        profiling.parse_raw(output.read_text()), rate=options.profile_rate, seconds=recorded
+        profiling.parse_raw(output.read_text()), rate=options.profile_rate, seconds=recorder.seconds
     )
     return summary | {
         "rate_hz": options.profile_rate,

@@ -1,6 +1,6 @@
 """Sampling the worker with py-spy during one extra batch, and where its time goes.
 
-py-spy is optional (`pip install py-spy` into the venv; it is not in the lock files).
+py-spy comes with the development dependencies (`make install`).
 It samples only threads that are running (not waiting), so an idle event loop costs
 nothing. The codec is every sample inside imgsvc/compress.py or pyvips; the rest is
 grouped by what the service was doing (the innermost imgsvc function on the stack,
@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +54,13 @@ class Recorder:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+        self.started = time.monotonic()
+        self.seconds = 0.0  # from the start to stop(): py-spy samples from its attach, a few ms in
 
     def stop(self) -> bool:
         """Stop sampling (SIGINT, as Ctrl-C); return whether the file was written."""
         if self.popen.poll() is None:
+            self.seconds = time.monotonic() - self.started
             self.popen.send_signal(signal.SIGINT)
             try:
                 self.popen.wait(30)

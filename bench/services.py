@@ -332,7 +332,7 @@ class Services:
             for child in group:
                 codes[child.name] = child.stop(STOP_SECONDS)
         for child in self.children:
-            clean = codes.get(child.name) in (0, None) or child.name == "rclone"
+            clean = codes.get(child.name) == 0 or child.name == "rclone"
             if not clean and self.log_dir is not None:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 kept = self.log_dir / f"{child.name}.log"

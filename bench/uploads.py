@@ -1,6 +1,6 @@
 """Large uploads: POST /upload of big CSVs, timed, with the API's memory watched.
 
-The issue's targets, on a 2-core machine: a 10,000-row CSV answers 202 in under
+The targets, on a 2-core machine: a 10,000-row CSV answers 202 in under
 500 ms at the median, and a 50 MB CSV grows the API's RSS by less than 20 MB. The
 phase runs last, with the worker stopped first, so the tens of thousands of images
 these CSVs queue are never processed and disturb nothing; the API and PostgreSQL
@@ -221,7 +221,7 @@ class LargeUploads:
     def as_json(self) -> dict[str, Any]:
         """Figures for the report."""
         return {
-            "worker_stopped": True,
+            "worker_stopped": self.worker_exit_code is not None,
             "worker_exit_code": self.worker_exit_code,
             "worker_stop_seconds": round(self.worker_stop_seconds, 2),
             "api_rss_at_start_kib": self.api_rss_at_start_kib,

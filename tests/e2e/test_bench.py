@@ -42,7 +42,7 @@ def test_every_phase_measures_the_pipeline_and_writes_table_and_json(tmp_path: P
 
     machine = results["machine"]
     assert machine["cores"] >= 1 and machine["memory_gib"] > 0
-    assert machine["libvips"].count(".") == 2 and machine["postgresql"] != "?" and machine["rclone"] != "?"
+    assert machine["postgresql"] != "?" and machine["rclone"] != "?"  # each read from the server it ran
 
     # The committed set is all 1-2 MP photos: one class, one request of 3 images.
     (measured,) = results["pipeline"]["throughput"]
@@ -51,17 +51,18 @@ def test_every_phase_measures_the_pipeline_and_writes_table_and_json(tmp_path: P
         "total": 3, "queued": 0, "processing": 0, "done": 3, "failed": 0, "cancelled": 0,
     }  # fmt: skip
     assert 0 < measured["bytes_out"] < measured["bytes_in"]  # half the quality is smaller
-    assert measured["images_per_s"] > 0 and measured["paired_ceiling"]["images"] == 3
+    assert measured["images_per_s"] > 0
+    assert measured["paired_ceiling"]["images"] == 3 and measured["paired_ceiling"]["failures"] == 0
     assert set(measured["cpu_seconds"]) == {"api", "worker", "postgres", "s3 (rclone)", "image server"}
     assert measured["cpu_seconds"]["worker"] > 0
     assert {"api", "worker"} <= set(measured["peak_rss_kib"])
 
     rows = {row["group"]: row for row in results["summary"]}
     assert rows["large"]["images"] == 0 and rows["all"]["images"] == 3
-    ecommerce = rows["ecommerce"]
-    assert ecommerce["ratio_images_per_s"] == pytest.approx(
-        ecommerce["pipeline_images_per_s"] / ecommerce["ceiling_images_per_s"]
-    )
+    # The ratio's denominator is the ceiling pass of the same images, which failed none.
+    ceiling = results["codec"]["ceiling"]["ecommerce"]
+    assert ceiling["label"] == "service compress()" and ceiling["failures"] == 0
+    assert rows["ecommerce"]["ceiling_images_per_s"] == pytest.approx(ceiling["images_per_s"], rel=1e-3)
 
     # The ceiling's encode settings, one added at a time, end with the service's own.
     variants = [v["variant"] for v in results["codec"]["variants"]["ecommerce"]]
@@ -71,11 +72,12 @@ def test_every_phase_measures_the_pipeline_and_writes_table_and_json(tmp_path: P
     # Open-loop latency: every probe answered, none failed.
     latency = {probe["name"]: probe for probe in results["pipeline"]["latency"]}
     status = latency["GET /status/{id}"]
-    assert status["sent"] >= 25 and status["ok"] == status["sent"] and status["failed"] == 0
+    assert status["sent"] > 0 and status["ok"] == status["sent"] and status["failed"] == 0
     assert results["pipeline"]["latency_batch"]["status"] == "completed"
 
     large = results["large_uploads"]
-    assert large["worker_stopped"] and large["rows_upload"]["accepted"] == 2
+    assert large["worker_stopped"] and large["worker_exit_code"] == 0
+    assert large["rows_upload"]["accepted"] == 2
     assert [a["status"] for a in large["rows_upload"]["answers"]] == [202, 202]
     assert large["rows_upload"]["csv"]["rows"] == 50 and large["large_csv"]["accepted"]
     assert 0.5 < large["large_csv"]["csv"]["mib"] < 1

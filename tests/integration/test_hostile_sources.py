@@ -3,6 +3,7 @@ and nothing is ever fetched from a private address while private networks are re
 
 from __future__ import annotations
 
+import ipaddress
 import time
 import urllib.parse
 import uuid
@@ -76,7 +77,9 @@ async def test_misbehaving_servers_fail_with_a_reason_in_time(
     status, error, elapsed = await outcome(guarded, hostile.url(path))
     assert status == "failed"
     assert any(choice in str(error) for choice in words.split("|")), error
-    assert elapsed < within + 2.0  # the configured timeout, plus scheduling slack
+    # Stopped by the configured timeout or limit, not by anything later: each of these
+    # servers would otherwise go on for as long as the test let it.
+    assert elapsed < within + 10.0
 
 
 @pytest.mark.parametrize(
@@ -110,7 +113,7 @@ async def test_names_resolving_to_private_addresses_are_refused_directly(
     for name, address in PRIVATE_NAMES.items():
         status, error, _ = await outcome(guarded, f"http://{name}/image.jpg")
         assert status == "failed" and f"{name} resolves to" in str(error), error
-        assert address.split(":")[-1] in str(error)
+        assert f"resolves to {ipaddress.ip_address(address)}" in str(error), error
 
 
 async def test_the_allowed_network_still_works(

@@ -209,41 +209,58 @@ def test_a_worker_lowers_its_own_session_where_the_kernel_schedules_by_session()
     assert Path("/proc/self/autogroup").read_text() == before
 
 
+# How long a holder waits for the others it should meet inside; reached at once when the
+# rule under test lets them in, so only a broken rule makes a test wait this long.
+MEET_SECONDS = 5.0
+
+
 def test_the_memory_budget_runs_big_images_one_at_a_time_and_small_ones_together() -> None:
     budget = compress.MemoryBudget(100)
     inside: list[int] = []
     most: list[int] = []
     lock = threading.Lock()
 
-    def work(size: int) -> None:
-        with budget.hold(size):
-            with lock:
-                inside.append(size)
-                most.append(sum(inside))
-            time.sleep(0.05)
-            with lock:
-                inside.remove(size)
+    def run(sizes: list[int], *, meet: int = 0) -> int:
+        """Each size held in its own thread: the most held at once. With ``meet``, each
+        holder waits (up to MEET_SECONDS) until that many are inside together, so that
+        whether they can be is not left to how the threads happen to be scheduled."""
+        met = threading.Event()
 
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(work, [60, 60, 60]))
-        assert max(most) == 60  # 60 + 60 does not fit: one at a time
+        def work(size: int) -> None:
+            with budget.hold(size):
+                with lock:
+                    inside.append(size)
+                    most.append(sum(inside))
+                    if len(inside) >= meet:
+                        met.set()
+                if meet:
+                    met.wait(MEET_SECONDS)
+                else:
+                    time.sleep(0.05)
+                with lock:
+                    inside.remove(size)
+
         most.clear()
-        list(pool.map(work, [30, 30, 30]))
-        assert max(most) == 90  # all three fit at once
-        most.clear()
-        list(pool.map(work, [500, 20]))
-        assert max(most) == 500  # larger than the whole budget: runs, and alone
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(work, sizes))
+        return max(most)
+
+    assert run([60, 60, 60]) == 60  # 60 + 60 does not fit: one at a time
+    assert run([30, 30, 30], meet=3) == 90  # all three fit at once
+    assert run([500, 20]) == 500  # larger than the whole budget: runs, and alone
 
 
 def _held_at_once(
-    hold: Callable[[str], contextlib.AbstractContextManager[None]], kinds: list[str]
+    hold: Callable[[str], contextlib.AbstractContextManager[None]], kinds: list[str], *, meet: int = 0
 ) -> tuple[dict[str, int], int]:
     """Each kind through ``hold`` in three threads, holding for a moment: the most of each
-    kind, and of all, held at once."""
+    kind, and of all, held at once. With ``meet``, each holder waits (up to MEET_SECONDS)
+    until that many have been inside together once, instead of a fixed moment."""
     inside: list[str] = []
     most_of: dict[str, int] = {}
     most = 0
     lock = threading.Lock()
+    met = threading.Event()
 
     def work(kind: str) -> None:
         nonlocal most
@@ -252,7 +269,12 @@ def _held_at_once(
                 inside.append(kind)
                 most_of[kind] = max(most_of.get(kind, 0), inside.count(kind))
                 most = max(most, len(inside))
-            time.sleep(0.05)
+                if len(inside) >= meet:
+                    met.set()
+            if meet:
+                met.wait(MEET_SECONDS)
+            else:
+                time.sleep(0.05)
             with lock:
                 inside.remove(kind)
 
@@ -269,7 +291,7 @@ def test_at_most_large_limit_large_photos_at_once_while_small_ones_fill_the_thre
 
     assert _held_at_once(hold, ["large"] * 6)[0] == {"large": 2}
     # The third thread takes small photos beside two large ones.
-    assert _held_at_once(hold, ["large", "large", "small", "small", "small", "small"])[1] == 3
+    assert _held_at_once(hold, ["large", "large", "small", "small", "small", "small"], meet=3)[1] == 3
 
 
 def test_solo_images_run_one_at_a_time_while_others_run_beside_them() -> None:
@@ -279,7 +301,7 @@ def test_solo_images_run_one_at_a_time_while_others_run_beside_them() -> None:
         return budget.hold(1, large=True, solo=kind == "solo")
 
     assert _held_at_once(hold, ["solo"] * 4)[0] == {"solo": 1}
-    most_of, most = _held_at_once(hold, ["solo", "solo", "other", "other", "solo", "other"])
+    most_of, most = _held_at_once(hold, ["solo", "solo", "other", "other", "solo", "other"], meet=2)
     assert most_of["solo"] == 1
     assert most == 2  # a solo image beside one that is not, within the large limit
 
@@ -304,14 +326,17 @@ def test_compress_runs_solo_images_one_at_a_time(monkeypatch: pytest.MonkeyPatch
     most: list[int] = []
     lock = threading.Lock()
     convert = compress._compress
+    met = threading.Event()  # two images have run at once
 
     def watched(data: bytes, *args: object) -> models.Compressed:
         with lock:
             running.append(data)
             most_progressive.append(running.count(progressive))
             most.append(len(running))
+            if len(running) >= 2:
+                met.set()
         try:
-            time.sleep(0.02)
+            met.wait(MEET_SECONDS)
             return convert(data, *args)  # type: ignore[arg-type]
         finally:
             with lock:
@@ -491,6 +516,8 @@ compress.configure()
 mode = sys.argv[1]
 if mode == "every image":
     compress._TRIM_INTERVAL = 0.0
+else:  # the last trim stays fresh however long the two images take
+    compress._TRIM_INTERVAL = 3600.0
 libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 noise = pyvips.Image.gaussnoise(4000, 3000).cast("uchar")
 data = noise.bandjoin([noise.rot180(), noise.flip("horizontal")]).jpegsave_buffer(Q=90)
