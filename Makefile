@@ -46,5 +46,5 @@ all: test
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-bench: install  ## end-to-end benchmark against the libvips ceiling; BENCH_ARGS="--images 200 --profile"
+bench: install  ## end-to-end benchmark against the libvips ceiling; BENCH_ARGS="--images 400 --profile"
 	$(PY) -m bench $(BENCH_ARGS)
