@@ -214,42 +214,6 @@ def test_a_worker_lowers_its_own_session_where_the_kernel_schedules_by_session()
 MEET_SECONDS = 5.0
 
 
-def test_the_memory_budget_runs_big_images_one_at_a_time_and_small_ones_together() -> None:
-    budget = compress.MemoryBudget(100)
-    inside: list[int] = []
-    most: list[int] = []
-    lock = threading.Lock()
-
-    def run(sizes: list[int], *, meet: int = 0) -> int:
-        """Each size held in its own thread: the most held at once. With ``meet``, each
-        holder waits (up to MEET_SECONDS) until that many are inside together, so that
-        whether they can be is not left to how the threads happen to be scheduled."""
-        met = threading.Event()
-
-        def work(size: int) -> None:
-            with budget.hold(size):
-                with lock:
-                    inside.append(size)
-                    most.append(sum(inside))
-                    if len(inside) >= meet:
-                        met.set()
-                if meet:
-                    met.wait(MEET_SECONDS)
-                else:
-                    time.sleep(0.05)
-                with lock:
-                    inside.remove(size)
-
-        most.clear()
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(work, sizes))
-        return max(most)
-
-    assert run([60, 60, 60]) == 60  # 60 + 60 does not fit: one at a time
-    assert run([30, 30, 30], meet=3) == 90  # all three fit at once
-    assert run([500, 20]) == 500  # larger than the whole budget: runs, and alone
-
-
 def _held_at_once(
     hold: Callable[[str], contextlib.AbstractContextManager[None]], kinds: list[str], *, meet: int = 0
 ) -> tuple[dict[str, int], int]:
@@ -281,6 +245,17 @@ def _held_at_once(
     with ThreadPoolExecutor(3) as pool:
         list(pool.map(work, kinds))
     return most_of, most
+
+
+def test_the_memory_budget_runs_big_images_one_at_a_time_and_small_ones_together() -> None:
+    budget = compress.MemoryBudget(100)
+
+    def hold(size: str) -> contextlib.AbstractContextManager[None]:
+        return budget.hold(int(size))
+
+    assert _held_at_once(hold, ["60"] * 3)[1] == 1  # 60 + 60 does not fit: one at a time
+    assert _held_at_once(hold, ["30"] * 3, meet=3)[1] == 3  # all three fit at once
+    assert _held_at_once(hold, ["500", "20"])[1] == 1  # larger than the whole budget: runs, and alone
 
 
 def test_at_most_large_limit_large_photos_at_once_while_small_ones_fill_the_threads() -> None:
