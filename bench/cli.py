@@ -22,7 +22,7 @@ import pyvips
 
 import imgsvc
 from bench import codec, imageset, pipeline, procstat, report
-from bench.services import Services
+from bench.services import Services, clean_environment
 from imgsvc import resources, settings
 
 REPO = Path(__file__).parent.parent
@@ -229,8 +229,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.images_dir, extra_env=extra_env, keep=args.keep, log_dir=out.with_name(f"{out.stem}-logs")
     )
     # The ceiling runs with the settings the service ran with: its image limits, its
-    # image concurrency as the thread count, and its rule for large photos at once.
-    config = settings.from_env({**os.environ, **extra_env})
+    # image concurrency as the thread count, and its rule for large photos at once;
+    # read from the services' environment, so an IMGSVC_* exported in the shell (which
+    # the services do not get) cannot change the ceiling alone.
+    config = settings.from_env({**clean_environment(), **extra_env})
     threads = config.image_concurrency
     limits = resources.image_limits(config)
     paired = functools.partial(

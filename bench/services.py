@@ -102,7 +102,7 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _clean_environment() -> dict[str, str]:
+def clean_environment() -> dict[str, str]:
     """This process's environment without anything that would configure imgsvc."""
     return {
         key: value
@@ -156,7 +156,7 @@ class Services:
     def service_env(self) -> dict[str, str]:
         """The environment of the imgsvc processes."""
         return {
-            **_clean_environment(),
+            **clean_environment(),
             "DATABASE_URL": self.database_url,
             "AWS_ENDPOINT_URL": self.s3_endpoint,
             "AWS_BUCKET_NAME": BUCKET,
@@ -176,7 +176,7 @@ class Services:
         with log.open("wb") as out:
             popen = subprocess.Popen(
                 args,
-                env=dict(env) if env is not None else _clean_environment(),
+                env=dict(env) if env is not None else clean_environment(),
                 cwd=self.work,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -244,7 +244,7 @@ class Services:
                 "--port",
                 str(self.image_port),
             ],
-            env={**_clean_environment(), "PYTHONPATH": str(Path(__file__).parent.parent)},
+            env={**clean_environment(), "PYTHONPATH": str(Path(__file__).parent.parent)},
         )
         probe = f"http://127.0.0.1:{self.image_port}/img/0/none"
         _wait_until("the image server", lambda: _answers(probe), child, STARTUP_SECONDS)

@@ -1,6 +1,8 @@
 """Settings: one frozen dataclass, read from the environment once at start-up.
 
-Nothing else in the package reads ``os.environ``. A missing or malformed value raises
+Every setting of the service is read here. Elsewhere only the command-line client
+reads its own defaults (IMGSVC_SERVER, IMGSVC_API_KEY, PORT), and compress leaves
+glibc's MALLOC_* tunables alone when they are set. A missing or malformed value raises
 ``SettingsError`` naming the variable, and the command line turns it into one line.
 """
 
