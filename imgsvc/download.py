@@ -2,8 +2,10 @@
 
 The address check happens at connect time: a resolver that refuses private answers
 (so the address checked is the address connected to), plus a check of literal IP
-hosts, which aiohttp does not resolve. Redirects are followed here, one hop at a
-time, so every hop is checked again.
+hosts, which aiohttp does not resolve. That check reads the host as yarl, and so
+aiohttp, will connect to it: yarl normalises hosts (IDNA, and Unicode digits and dots
+to ASCII), so `http://①②⑦。0。0。1/` is 127.0.0.1 to aiohttp while `urlsplit` sees a
+name. Redirects are followed here, one hop at a time, so every hop is checked again.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import ipaddress
 import socket
 import zlib
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import aiohttp
+import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from imgsvc import errors
@@ -26,6 +29,12 @@ _RETRY_STATUSES = frozenset({408, 425, 429})
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# IPv6 ranges that Python 3.11 counts as global but that reach, or may reach, private
+# places: NAT64's well-known prefix carries an IPv4 address in its last 32 bits (checked
+# as that address), the local-use NAT64 prefix and the old site-local range do not.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NOT_GLOBAL_V6 = (ipaddress.IPv6Network("64:ff9b:1::/48"), ipaddress.IPv6Network("fec0::/10"))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -53,6 +62,11 @@ def blocked_reason(address: str, allowed: tuple[Network, ...] = ()) -> str | Non
         return None
     if isinstance(ip, ipaddress.IPv6Address):
         embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and (ip in _NAT64 or (int(ip) >> 32 == 0 and int(ip) > 1)):
+            # NAT64, or the deprecated IPv4-compatible form ::a.b.c.d
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is None and any(ip in network for network in _NOT_GLOBAL_V6):
+            return f"{ip} is in a private, loopback, link-local or reserved network"
         if embedded is not None:
             reason = blocked_reason(str(embedded), allowed)
             return f"{ip} embeds {embedded}: {reason}" if reason else None
@@ -119,29 +133,33 @@ def create_session(
     )
 
 
-def check_address(url: str, limits: Limits) -> None:
-    """Refuse schemes other than http(s), and literal private IP hosts."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise errors.PermanentError(f"only http and https URLs are fetched, not {parts.scheme or 'none'}")
-    host = parts.hostname or ""
-    if limits.allow_private_networks or not _is_ip(host):
-        return  # a name: the resolver checks what it resolves to
-    reason = blocked_reason(host, limits.allowed_networks)
-    if reason is not None:
-        raise errors.BlockedAddress(f"refused to fetch {host}: {reason}")
+def check_address(url: str | yarl.URL, limits: Limits) -> yarl.URL:
+    """The URL as aiohttp connects to it, once its scheme is http(s) and its host is not
+    a literal IP address outside the public or allowed networks; connect to this one."""
+    try:
+        parsed = url if isinstance(url, yarl.URL) else yarl.URL(url)
+    except (ValueError, TypeError) as exc:
+        raise errors.PermanentError("the URL is not valid") from exc
+    if parsed.scheme not in ("http", "https"):
+        raise errors.PermanentError(f"only http and https URLs are fetched, not {parsed.scheme or 'none'}")
+    host = parsed.raw_host or ""
+    if not limits.allow_private_networks and _is_ip(host):
+        reason = blocked_reason(host, limits.allowed_networks)
+        if reason is not None:
+            raise errors.BlockedAddress(f"refused to fetch {host}: {reason}")
+    return parsed  # a name: the resolver checks what it resolves to
 
 
 async def check_destination(url: str, limits: Limits) -> None:
     """Refuse a URL whose host is, or resolves to, a non-public address (for webhook URLs
     given at upload; the delivery itself is checked again at connect time)."""
-    check_address(url, limits)
-    parts = urlsplit(url)
-    host = parts.hostname or ""
+    parsed = check_address(url, limits)
+    host = parsed.raw_host or ""
     if limits.allow_private_networks or _is_ip(host):
         return
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, parsed.port or 443, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
         raise errors.PermanentError(f"the host {host} does not resolve") from None
     for info in infos:
@@ -191,16 +209,21 @@ async def fetch(session: aiohttp.ClientSession, url: str, limits: Limits) -> byt
     """The bytes at ``url``, following redirects; raise Permanent- or TransientError."""
     current = url
     for _ in range(limits.max_redirects + 1):
-        check_address(current, limits)
+        target = check_address(current, limits)
         try:
-            async with session.get(current, allow_redirects=False) as response:
+            async with session.get(target, allow_redirects=False) as response:
                 if response.status in _REDIRECTS:
                     location = response.headers.get("Location")
                     if not location:
                         raise errors.PermanentError(
                             f"the source answered HTTP {response.status} without a Location"
                         )
-                    current = urljoin(current, location)
+                    try:
+                        current = urljoin(str(target), location)
+                    except ValueError:
+                        raise errors.PermanentError(
+                            f"the source redirected to a malformed URL: {location[:200]!r}"
+                        ) from None
                     continue
                 if response.status in _RETRY_STATUSES or response.status >= 500:
                     raise errors.TransientError(

@@ -17,6 +17,7 @@ import uuid
 from typing import Any
 
 import aiohttp
+import yarl
 
 from imgsvc import download
 
@@ -89,7 +90,13 @@ def judge(status: int) -> tuple[str, str | None]:
 
 
 async def post(
-    session: aiohttp.ClientSession, url: str, *, key: bytes, event_id: str, body: bytes, time_limit: float
+    session: aiohttp.ClientSession,
+    url: str | yarl.URL,
+    *,
+    key: bytes,
+    event_id: str,
+    body: bytes,
+    time_limit: float,
 ) -> Attempt:
     """Send one attempt; never raises for what the receiver or the network does."""
     started = time.time()

@@ -278,19 +278,27 @@ async def deliver_webhook(res: resources.Resources, delivery_id: int) -> str:
         return "already settled"
     config = res.settings
     attempt_no: int = claimed["attempts"]
-    if not config.webhook_secret:
+    secret = config.webhook_secret
+    unsigned = "no WEBHOOK_SECRET is configured to sign the event"
+    try:
+        # Literal IP hosts are checked here, as for sources; names, by the resolver.
+        target = download.check_address(claimed["url"], res.download_limits)
+        refused = None if secret else unsigned
+    except errors.PermanentError as exc:
+        refused = str(exc)
+    if refused is not None or not secret:
         attempt = notify.Attempt(
             started_at=datetime.datetime.now(datetime.UTC).timestamp(),
             duration_ms=0,
             http_status=None,
             verdict="give_up",
-            error="no WEBHOOK_SECRET is configured to sign the event",
+            error=refused or unsigned,
         )
     else:
         attempt = await notify.post(
             res.http,
-            claimed["url"],
-            key=notify.secret_key(config.webhook_secret),
+            target,
+            key=notify.secret_key(secret),
             event_id=claimed["event_id"],
             body=claimed["payload"].encode(),
             time_limit=config.webhook_timeout,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import io
 import json
 import tempfile
@@ -12,7 +13,7 @@ from typing import Any
 
 from standardwebhooks.webhooks import Webhook
 
-from imgsvc import jobs, models, pipeline, resources
+from imgsvc import download, jobs, models, pipeline, resources
 from tests.conftest import WEBHOOK_SECRET, store_request
 from tests.servers import ImageServer, S3Server, WebhookReceiver
 
@@ -142,6 +143,26 @@ async def test_410_gone_stops_at_once(
     found = await delivery(res, rid)
     assert (found["state"], found["attempts"], found["last_status"]) == ("failed", 1, 410)
     assert "410 Gone" in found["last_error"]
+
+
+async def test_a_webhook_to_a_literal_private_address_is_refused_at_delivery(
+    res: resources.Resources, database_url: str, image_server: ImageServer
+) -> None:
+    # Private networks refused but the test servers' loopback, as in the hostile-source
+    # tests; the URL (as WEBHOOK_URL would give it, unchecked at upload) is 10.0.0.1
+    # once yarl, and so aiohttp, has read it.
+    strict = dataclasses.replace(
+        res, download_limits=download.Limits(allowed_networks=download.networks(("127.0.0.0/8",)))
+    )
+    rid = await submit(
+        strict,
+        [("1", "P", (image_server.url("/img/png_palette_trns.png"),))],
+        webhook_url="http://⑩。0。0。1/hook",
+    )
+    await run_until(strict, database_url, SETTLED, uuid.UUID(rid))
+    found = await delivery(res, rid)
+    assert (found["state"], found["attempts"], found["last_status"]) == ("failed", 1, None)
+    assert found["last_error"].startswith("refused to fetch 10.0.0.1: 10.0.0.1 is in a private"), found
 
 
 async def test_a_hanging_receiver_is_cut_off_and_does_not_hold_up_images(

@@ -90,6 +90,11 @@ async def test_misbehaving_servers_fail_with_a_reason_in_time(
         ("http://[::1]:80/x.jpg", "::1 is in a private"),
         ("http://[::ffff:10.0.0.1]/x.jpg", "embeds 10.0.0.1"),
         ("http://[::ffff:a9fe:a9fe]/x.jpg", "embeds 169.254.169.254"),
+        # Hosts that urlsplit reads as names and yarl, as aiohttp connects, as addresses.
+        ("http://①⑥⑨.②⑤④.①⑥⑨.②⑤④/latest/meta-data/", "169.254.169.254 is in a private"),
+        ("http://10。0。0。1/x.jpg", "10.0.0.1 is in a private"),
+        ("http://[64:ff9b::a00:1]/x.jpg", "embeds 10.0.0.1"),
+        ("http://[fec0::1]/x.jpg", "fec0::1 is in a private"),
         ("http://metadata.test/latest/meta-data/", "metadata.test resolves to 169.254.169.254"),
         ("http://intranet.test/x.jpg", "intranet.test resolves to 10.1.2.3"),
         ("http://v6-loopback.test/x.jpg", "resolves to ::1"),
@@ -135,3 +140,11 @@ async def test_webhook_urls_on_private_addresses_are_refused_at_upload(url: str)
 async def test_webhook_urls_that_do_not_resolve_are_refused_at_upload() -> None:
     with pytest.raises(errors.PermanentError, match="does not resolve"):
         await download.check_destination("https://no-such-host.invalid/hook", download.Limits())
+
+
+async def test_a_malformed_redirect_fails_with_a_reason(
+    guarded: resources.Resources, hostile: HostileServer
+) -> None:
+    status, error, _ = await outcome(guarded, to(hostile, "http://[::1"))
+    assert status == "failed"
+    assert error == "the source redirected to a malformed URL: 'http://[::1'"

@@ -99,6 +99,11 @@ def test_a_bad_setting_names_its_variable(env: dict[str, str], name: str) -> Non
         "::ffff:127.0.0.1",
         "::ffff:10.0.0.1",
         "2002:7f00:1::",
+        "64:ff9b::a00:1",  # NAT64 of 10.0.0.1
+        "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+        "64:ff9b:1::1",  # local-use NAT64
+        "::127.0.0.1",  # IPv4-compatible (deprecated)
+        "fec0::1",  # site-local (deprecated)
         "224.0.0.1",
         "255.255.255.255",
     ],
@@ -107,7 +112,9 @@ def test_private_and_reserved_addresses_are_blocked(address: str) -> None:
     assert download.blocked_reason(address) is not None
 
 
-@pytest.mark.parametrize("address", ["93.184.215.14", "2606:4700::6810:84e5", "::ffff:8.8.8.8"])
+@pytest.mark.parametrize(
+    "address", ["93.184.215.14", "2606:4700::6810:84e5", "::ffff:8.8.8.8", "64:ff9b::808:808"]
+)
 def test_public_addresses_pass(address: str) -> None:
     assert download.blocked_reason(address) is None
 
