@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from imgsvc import errors
 
@@ -125,15 +125,30 @@ def _parsed(
     expected: str,
     *,
     secret: bool = False,
+    shown: Callable[[str], str] = repr,
 ) -> T:
+    """``name`` parsed, or ``default`` when unset. A value that does not parse is quoted
+    in the error through ``shown`` (URLs without their credentials), or not at all
+    when it is a ``secret``."""
     raw = _text(env, name)
     if raw is None:
         return default
     try:
         return parse(raw)
     except ValueError:
-        shown = "a value that is not" if secret else f"{raw!r}"
-        raise errors.SettingsError(name, f"expected {expected}, got {shown}") from None
+        quoted = "a value that is not" if secret else shown(raw)
+        raise errors.SettingsError(name, f"expected {expected}, got {quoted}") from None
+
+
+def _without_credentials(raw: str) -> str:
+    """A URL as it may be printed: no user or password, no query (tokens live there)."""
+    try:
+        parts = urlsplit(raw)
+        host = parts.netloc.rpartition("@")[2]
+    except ValueError:
+        return "a value that is not (it is not printed: it may hold a password)"
+    hidden = " (credentials not shown)" if "@" in parts.netloc or parts.query else ""
+    return repr(urlunsplit((parts.scheme, host, parts.path, "", ""))) + hidden
 
 
 def _positive_int(raw: str) -> int:
@@ -250,7 +265,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         )
 
     def url(name: str) -> str | None:
-        return _parsed(env, name, None, _http_url, "an http(s) URL")
+        return _parsed(env, name, None, _http_url, "an http(s) URL", shown=_without_credentials)
 
     access = _text(env, "AWS_ACCESS_KEY", "AWS_ACCESS_KEY_ID")
     secret = _text(env, "AWS_SECRET_KEY", "AWS_SECRET_ACCESS_KEY")
@@ -275,7 +290,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         port=_parsed(env, "PORT", d.port, _port, "a port number from 1 to 65535"),
         host=_text(env, p + "HOST") or d.host,
-        database_url=_parsed(env, "DATABASE_URL", None, _db_url, "a postgresql:// URL"),
+        database_url=_parsed(
+            env, "DATABASE_URL", None, _db_url, "a postgresql:// URL", shown=_without_credentials
+        ),
         data_dir=Path(_text(env, p + "DATA_DIR") or d.data_dir),
         public_base_url=url(p + "PUBLIC_BASE_URL"),
         log_level=_parsed(env, p + "LOG_LEVEL", d.log_level, _level, "DEBUG, INFO, WARNING or ERROR"),

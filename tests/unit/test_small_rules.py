@@ -84,6 +84,22 @@ def test_a_bad_setting_names_its_variable(env: dict[str, str], name: str) -> Non
 
 
 @pytest.mark.parametrize(
+    ("name", "value", "shown"),
+    [
+        ("DATABASE_URL", "postgresql+psycopg://app:pw-1234@db:5432/x", "'postgresql+psycopg://db:5432/x'"),
+        ("WEBHOOK_URL", "ftp://hooks.example/in?token=tok-1234", "'ftp://hooks.example/in'"),
+        ("AWS_ENDPOINT_URL", "s3://key:pw-1234@store.example", "'s3://store.example'"),
+        ("IMGSVC_PUBLIC_BASE_URL", "http://[::1:pw-1234@x", "a value that is not"),
+    ],
+)
+def test_a_bad_url_setting_is_quoted_without_its_credentials(name: str, value: str, shown: str) -> None:
+    with pytest.raises(errors.SettingsError) as caught:
+        settings.from_env({name: value})
+    assert shown in caught.value.message
+    assert "1234" not in caught.value.message
+
+
+@pytest.mark.parametrize(
     "address",
     [
         "127.0.0.1",
