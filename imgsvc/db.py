@@ -284,10 +284,18 @@ async def finish_image(
 
 
 async def defer_job(
-    conn: Connection, queue: str, task: str, args: dict[str, Any], queueing_lock: str | None = None
+    conn: Connection,
+    queue: str,
+    task: str,
+    args: dict[str, Any],
+    queueing_lock: str | None = None,
+    lock: str | None = None,
 ) -> int:
-    """Queue one procrastinate job inside the caller's transaction."""
-    job_id: int = await conn.fetchval(queries()["defer_job"], queue, task, json.dumps(args), queueing_lock)
+    """Queue one procrastinate job inside the caller's transaction. ``queueing_lock``:
+    no second job with it may wait; ``lock``: no two jobs with it run at once."""
+    job_id: int = await conn.fetchval(
+        queries()["defer_job"], queue, task, json.dumps(args), queueing_lock, lock
+    )
     return job_id
 
 

@@ -154,7 +154,10 @@ async def requeue_orphans(res: resources.Resources, limit: int = 1000) -> int:
         ):
             for row_id in await db.orphans(res.pool, query, task, limit):
                 async with res.pool.acquire() as conn:
-                    await db.defer_job(conn, REQUEST_QUEUE, task, {key: row_id})
+                    if task == DELIVER_WEBHOOK:
+                        await queue_delivery(conn, row_id)
+                    else:
+                        await db.defer_job(conn, REQUEST_QUEUE, task, {key: row_id})
                 count += 1
         # A request is finished by the statement that records its last image, going by
         # the counters on its row; if those were ever wrong, a count finishes it here.
@@ -267,8 +270,17 @@ async def complete_request(res: resources.Resources, request_id: str) -> str:
         )
         delivery_id = await db.insert_delivery(conn, rid, notify.new_event_id(), webhook_url, payload)
         if delivery_id is not None:
-            await db.defer_job(conn, REQUEST_QUEUE, DELIVER_WEBHOOK, {"delivery_id": delivery_id})
+            await queue_delivery(conn, delivery_id)
     return "webhook queued"
+
+
+async def queue_delivery(conn: db.Connection, delivery_id: int) -> None:
+    """Queue a job for a webhook delivery. Its lock runs the jobs of one delivery one at
+    a time, should there ever be two (a requeue racing the first): the second then finds
+    the delivery settled, where running beside the first it would have posted again."""
+    await db.defer_job(
+        conn, REQUEST_QUEUE, DELIVER_WEBHOOK, {"delivery_id": delivery_id}, lock=f"delivery:{delivery_id}"
+    )
 
 
 async def deliver_webhook(res: resources.Resources, delivery_id: int) -> str:

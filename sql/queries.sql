@@ -202,9 +202,10 @@ SELECT product_id, position, input_url, status, output_url, error, bytes_in, byt
 FROM images WHERE product_id = ANY($1::bigint[]) ORDER BY product_id, position;
 
 -- defer_job --
--- One procrastinate job, in the caller's transaction.
+-- One procrastinate job, in the caller's transaction; $4 its queueing lock (no second
+-- such job waiting), $5 its lock (no two such jobs running at once, oldest first).
 SELECT (procrastinate_defer_jobs_v1(ARRAY[
-    ROW($1, $2, 0, NULL, $4, $3::jsonb, NULL)::procrastinate_job_to_defer_v1]))[1];
+    ROW($1, $2, 0, $5, $4, $3::jsonb, NULL)::procrastinate_job_to_defer_v1]))[1];
 
 -- get_output_rows --
 -- The output CSV's rows: input order, URLs in input order, empty slots for failures.
@@ -242,10 +243,11 @@ INSERT INTO webhook_attempts (delivery_id, attempt, started_at, duration_ms, htt
 VALUES ($1, $2, $3, $4, $5, $6);
 
 -- update_delivery --
+-- Never over a final state: a late attempt cannot undo 'delivered' or 'failed'.
 UPDATE webhook_deliveries
 SET state = $2, last_status = $3, last_error = $4, updated_at = now(),
     delivered_at = CASE WHEN $2 = 'delivered' THEN now() END
-WHERE id = $1;
+WHERE id = $1 AND state IN ('pending', 'retrying');
 
 -- get_delivery_of_request --
 SELECT event_id, state, attempts, last_status, last_error, delivered_at

@@ -235,6 +235,7 @@ class WebhookReceiver(_Served):
     /flaky/KEY/N        500 for the first N posts of KEY, then 200
     /status/CODE        that status, always
     /hang               never answers (until the server stops)
+    /slow/KEY/MS        200 after MS milliseconds
     """
 
     def __init__(self) -> None:
@@ -268,6 +269,11 @@ class WebhookReceiver(_Served):
         await self._record(request)
         return web.Response(status=int(request.match_info["code"]))
 
+    async def _slow(self, request: web.Request) -> web.StreamResponse:
+        await self._record(request)
+        await asyncio.sleep(int(request.match_info["ms"]) / 1000)
+        return web.Response(text="thanks")
+
     async def _hang(self, request: web.Request) -> web.StreamResponse:
         await self._record(request)
         await asyncio.sleep(60)  # longer than any webhook timeout a test sets
@@ -278,6 +284,7 @@ class WebhookReceiver(_Served):
         app.router.add_post("/flaky/{key}/{fails}", self._flaky)
         app.router.add_post("/status/{code}", self._status)
         app.router.add_post("/hang", self._hang)
+        app.router.add_post("/slow/{key}/{ms}", self._slow)
 
 
 class HostileServer:

@@ -145,6 +145,30 @@ async def test_410_gone_stops_at_once(
     assert "410 Gone" in found["last_error"]
 
 
+async def test_two_jobs_for_one_delivery_post_it_once(
+    res: resources.Resources, database_url: str, image_server: ImageServer, receiver: WebhookReceiver
+) -> None:
+    path = f"/slow/{uuid.uuid4().hex}/300"  # slow enough for two attempts to overlap
+    rid = await submit(
+        res, [("1", "P", (image_server.url("/img/png_palette_trns.png"),))], webhook_url=receiver.url(path)
+    )
+    assert (await pipeline.cancel_request(res, rid))[2] == "cancelled"  # final, nothing run
+    assert await pipeline.complete_request(res, rid) == "webhook queued"  # what the job does
+    delivery_id = (await delivery(res, rid))["id"]
+    async with res.pool.acquire() as conn:  # a second job, as a requeue racing the first
+        await pipeline.queue_delivery(conn, delivery_id)
+    await run_until(res, database_url, SETTLED, uuid.UUID(rid))
+    await run_until(
+        res,
+        database_url,
+        "SELECT NOT EXISTS (SELECT 1 FROM procrastinate_jobs WHERE task_name = $1 AND status <> 'succeeded')",
+        pipeline.DELIVER_WEBHOOK,
+    )
+    assert len(receiver.posts(path)) == 1
+    found = await delivery(res, rid)
+    assert (found["state"], found["attempts"]) == ("delivered", 1)
+
+
 async def test_a_webhook_to_a_literal_private_address_is_refused_at_delivery(
     res: resources.Resources, database_url: str, image_server: ImageServer
 ) -> None:
