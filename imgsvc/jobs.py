@@ -138,18 +138,13 @@ async def deliver_webhook(context: procrastinate.JobContext, delivery_id: int) -
 
 
 @app.periodic(cron="* * * * * */15", periodic_id="maintenance")
-@app.task(
-    name="maintenance",
-    queue=MAINTENANCE_QUEUE,
-    queueing_lock="maintenance",
-    lock="maintenance",
-    pass_context=True,
-)
+@app.task(name="maintenance", queue=MAINTENANCE_QUEUE, queueing_lock="maintenance", pass_context=True)
 async def maintenance(context: procrastinate.JobContext, timestamp: int) -> int:
     """Every 15 s, on one worker: requeue the jobs of workers that stopped sending
     heartbeats (killed, machine lost), then give a job to unfinished work that has none.
-    One run at a time (the lock): two runs that overlapped, one of them slow, would both
-    find the same orphans and queue each twice."""
+    Not a procrastinate lock: a run stalled on a killed worker would hold it, and only
+    this task puts stalled jobs back; requeue_orphans keeps overlapping runs apart with
+    a lock that dies with its connection."""
     stalled = await context.app.job_manager.get_stalled_jobs(
         seconds_since_heartbeat=_config().stalled_seconds
     )

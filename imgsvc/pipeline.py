@@ -134,14 +134,31 @@ async def _process_claimed(res: resources.Resources, task: models.ImageTask) -> 
     return models.ImageStatus.DONE
 
 
+# The session-level advisory lock that one sweep for orphans holds at a time.
+ORPHANS_LOCK = 0x696D_6773_7663_0001
+
+
 async def requeue_orphans(res: resources.Resources, limit: int = 1000) -> int:
     """Queue a job for every unfinished image, request or webhook that has none.
 
     The safety net behind "nothing lost": a job can end without finishing its row
     (aborted at shutdown while the database was down, deleted by hand, a crash
     between two commits). Images and requests are made so that running them twice
-    shows nothing twice.
+    shows nothing twice. One sweep at a time, on any number of machines: two that
+    overlapped (one slower than the 15 s between runs) would find the same orphans
+    and queue each twice. A sweep that finds another at work does nothing; the lock
+    is PostgreSQL's, so it goes with its connection if the worker dies.
     """
+    async with db.translated(), res.pool.acquire() as holder:
+        if not await holder.fetchval("SELECT pg_try_advisory_lock($1)", ORPHANS_LOCK):
+            return 0
+        try:
+            return await _requeue_orphans(res, limit)
+        finally:
+            await holder.execute("SELECT pg_advisory_unlock($1)", ORPHANS_LOCK)
+
+
+async def _requeue_orphans(res: resources.Resources, limit: int) -> int:
     count = 0
     async with db.translated():
         for image_id in await db.orphans(res.pool, "orphaned_images", PROCESS_IMAGES, limit):

@@ -49,6 +49,25 @@ async def test_images_requests_and_webhooks_without_jobs_are_queued_again(
     assert await res.pool.fetchval("SELECT state FROM webhook_deliveries") == "delivered"
 
 
+async def test_a_sweep_for_orphans_while_another_runs_queues_nothing_twice(res: resources.Resources) -> None:
+    url = "http://img.test/a.jpg"
+    products = [models.Product(line=2, serial="1", serial_number=1, name="P", urls=(url, url))]
+    await store_request(res.pool, products)
+    await res.pool.execute("DELETE FROM procrastinate_jobs")
+    async with res.pool.acquire() as other:  # another machine's sweep, still at work
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", pipeline.ORPHANS_LOCK)
+        assert await pipeline.requeue_orphans(res) == 0
+        assert await res.pool.fetchval("SELECT count(*) FROM procrastinate_jobs") == 0
+        await other.execute("SELECT pg_advisory_unlock($1)", pipeline.ORPHANS_LOCK)
+    assert await pipeline.requeue_orphans(res) == 2
+    assert await res.pool.fetchval("SELECT count(*) FROM procrastinate_jobs") == 2
+    # Ended, the sweep let go of its lock: the next finds nothing left to queue.
+    assert await pipeline.requeue_orphans(res) == 0
+    async with res.pool.acquire() as other:
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", pipeline.ORPHANS_LOCK)
+        await other.execute("SELECT pg_advisory_unlock($1)", pipeline.ORPHANS_LOCK)
+
+
 async def test_a_request_whose_counters_went_wrong_is_finished_by_a_count(res: resources.Resources) -> None:
     url = "http://img.test/a.jpg"
     products = [models.Product(line=2, serial="1", serial_number=1, name="P", urls=(url, url))]
