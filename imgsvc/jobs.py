@@ -55,16 +55,27 @@ def _make_pool(**kwargs: Any) -> psycopg_pool.AsyncConnectionPool:
 
 
 async def _resources() -> resources.Resources:
-    """This process's resources; opened on first use when procrastinate's CLI hosts us."""
+    """This process's resources; opened on first use when procrastinate's CLI hosts us.
+
+    The first jobs start together: the first opens, the others wait for it, or each
+    would open pools, sessions, threads and semaphores of its own (the limits
+    multiplied) and all but the last would never be closed."""
     res: resources.Resources | None = _state.get("resources")
-    if res is None:
-        logs.quiet_libraries()  # procrastinate's CLI set up logging, not imgsvc's
-        config = _config()
-        compress.lower_session_priority(config.worker_session_nice)  # a worker only: see its docstring
-        stack = contextlib.AsyncExitStack()
-        res = await stack.enter_async_context(resources.opened(config, _database_url()))
-        _state["resources"] = res
-        _state["stack"] = stack
+    if res is not None:
+        return res
+    loop = asyncio.get_running_loop()
+    if _state.get("opening_loop") is not loop:  # a lock serves one event loop
+        _state["opening_loop"], _state["opening"] = loop, asyncio.Lock()
+    async with _state["opening"]:
+        res = _state.get("resources")
+        if res is None:
+            logs.quiet_libraries()  # procrastinate's CLI set up logging, not imgsvc's
+            config = _config()
+            compress.lower_session_priority(config.worker_session_nice)  # a worker only: see its docstring
+            stack = contextlib.AsyncExitStack()
+            res = await stack.enter_async_context(resources.opened(config, _database_url()))
+            _state["resources"] = res
+            _state["stack"] = stack
     return res
 
 
