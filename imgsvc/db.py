@@ -310,24 +310,27 @@ async def output_rows(
     pool: Pool, request_id: uuid.UUID, chunk: int = 2000
 ) -> AsyncGenerator[list[report.Row], None]:
     """The products of a request in order, with input and output URLs in order, a chunk
-    at a time through a cursor: a request of 100,000 products is never in memory whole.
-    Close it (contextlib.aclosing) to give the connection back early."""
-    async with translated(), pool.acquire() as conn, conn.transaction():
-        rows: list[report.Row] = []
-        async for r in conn.cursor(queries()["get_output_rows"], request_id, prefetch=chunk):
-            rows.append(
-                report.Row(
-                    serial=r["serial"],
-                    name=r["name"],
-                    input_urls=tuple(r["input_urls"]),
-                    output_urls=tuple(r["output_urls"]),
-                )
+    at a time: a request of 100,000 products is never in memory whole. Each chunk is its
+    own query (after the last product's position), and no connection is held between
+    them, so a client reading the CSV slowly holds none of the pool."""
+    after = 0
+    while True:
+        async with translated():
+            page = await pool.fetch(queries()["get_output_rows"], request_id, after, chunk)
+        if not page:
+            return
+        yield [
+            report.Row(
+                serial=r["serial"],
+                name=r["name"],
+                input_urls=tuple(r["input_urls"]),
+                output_urls=tuple(r["output_urls"]),
             )
-            if len(rows) == chunk:
-                yield rows
-                rows = []
-        if rows:
-            yield rows
+            for r in page
+        ]
+        if len(page) < chunk:
+            return
+        after = page[-1]["position"]
 
 
 async def set_output_csv(conn: Connection, request_id: uuid.UUID, key: str, url: str) -> None:

@@ -208,12 +208,14 @@ SELECT (procrastinate_defer_jobs_v1(ARRAY[
     ROW($1, $2, 0, $5, $4, $3::jsonb, NULL)::procrastinate_job_to_defer_v1]))[1];
 
 -- get_output_rows --
--- The output CSV's rows: input order, URLs in input order, empty slots for failures.
-SELECT p.serial, p.name,
+-- A page of the output CSV's rows, the $3 products after position $2: input order,
+-- URLs in input order, empty slots for failures.
+SELECT p.position, p.serial, p.name,
        array_agg(i.input_url ORDER BY i.position) AS input_urls,
        array_agg(CASE WHEN i.status = 'done' THEN i.output_url END ORDER BY i.position) AS output_urls
-FROM products p JOIN images i ON i.product_id = p.id
-WHERE p.request_id = $1
+FROM (SELECT id, position, serial, name FROM products
+      WHERE request_id = $1 AND position > $2 ORDER BY position LIMIT $3) p
+JOIN images i ON i.product_id = p.id
 GROUP BY p.id, p.position, p.serial, p.name
 ORDER BY p.position;
 

@@ -299,7 +299,7 @@ async def test_a_pooled_connection_is_released_without_a_reset_round_trip(databa
         await pool.close()
 
 
-async def test_output_rows_come_in_chunks_in_input_order_and_give_the_connection_back(
+async def test_output_rows_come_in_chunks_in_input_order_and_hold_no_connection_between_them(
     database_url: str,
 ) -> None:
     pool = await db.create_pool(database_url, max_size=1)
@@ -311,10 +311,13 @@ async def test_output_rows_come_in_chunks_in_input_order_and_give_the_connection
         assert [row.serial for row in rows] == ["1.", "2.", "3.", "4.", "5."]
         assert rows[0].input_urls == ("http://img.test/1/0.jpg", "http://img.test/1/1.jpg")
         assert rows[0].output_urls == (None, None)  # nothing processed yet
+        assert [len(chunk) async for chunk in db.output_rows(pool, rid, chunk=5)] == [5]
+        # A client that reads slowly: between two chunks the pool's one connection is free.
         async with contextlib.aclosing(db.output_rows(pool, rid, chunk=2)) as reading:
-            async for _ in reading:
-                break
-        assert await asyncio.wait_for(pool.fetchval("SELECT 1"), 5) == 1  # the one connection is back
+            serials = [row.serial for row in await anext(reading)]
+            assert await asyncio.wait_for(pool.fetchval("SELECT 1"), 5) == 1
+            serials += [row.serial async for chunk in reading for row in chunk]
+        assert serials == ["1.", "2.", "3.", "4.", "5."]
     finally:
         await pool.close()
 
