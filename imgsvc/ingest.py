@@ -92,9 +92,9 @@ def _decoded_lines(data: Iterable[bytes], problems: _Problems) -> Iterator[str]:
         try:
             yield raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            problems.add(
-                number, None, f"text is not UTF-8 (byte 0x{raw[exc.start]:02x} at character {exc.start + 1})"
-            )
+            character = len(raw[: exc.start].decode("utf-8", errors="replace")) + 1
+            byte = raw[exc.start]
+            problems.add(number, None, f"text is not UTF-8 (byte 0x{byte:02x} at character {character})")
             yield raw.decode("utf-8", errors="replace")
 
 
@@ -137,6 +137,9 @@ class Reader:
 
     def __iter__(self) -> Iterator[models.Product]:
         limits, problems = self.limits, self.problems
+        # csv's default cap on a field (131,072 characters) is below the longest valid URL
+        # cell; the cap is the process's, and every reader here wants the same one.
+        csv.field_size_limit(max(csv.field_size_limit(), longest_cell(limits)))
         reader = csv.reader(_decoded_lines(self._data, problems), strict=True, skipinitialspace=True)
         header_done = False
         blank_lines: list[int] = []
@@ -168,8 +171,8 @@ class Reader:
                     break
                 yield product
         except csv.Error as exc:
-            problems.add(reader.line_num or 1, None, f"malformed CSV: {exc}")
-        if not header_done:
+            problems.add(last_line + 1, None, _malformed(str(exc), limits))
+        if not header_done and problems.total == 0:
             problems.add(1, None, "the file is empty; expected the header " + ",".join(COLUMNS))
         elif not self.products and problems.total == 0:
             problems.add(max(last_line, 1), None, "the file has a header but no product rows")
@@ -205,7 +208,27 @@ def _check_header(row: list[str], line: int, problems: _Problems) -> None:
         return
     expected = ",".join(COLUMNS)
     found = ",".join(cell.strip() for cell in row)
-    problems.add(line, None, f"the header must be {expected!r}; found {found!r}")
+    problems.add(line, None, f"the header must be {expected!r}; found {found[:300]!r}")
+
+
+def longest_cell(limits: Limits) -> int:
+    """The most characters a valid cell can hold: every URL of a row at its longest,
+    with a comma and a space between them."""
+    return limits.max_urls_per_row * (limits.max_url_length + 2)
+
+
+def _malformed(error: str, limits: Limits) -> str:
+    """What csv's complaint about a record means, said at the record's first line."""
+    if "field larger than field limit" in error:
+        return (
+            f"a cell here is longer than {longest_cell(limits):,} characters, more than a valid one "
+            "can be; a quote that is opened and never closed runs on like this"
+        )
+    if "unexpected end of data" in error:
+        return "a quoted cell that starts in this row never ends: a closing quote is missing"
+    if "new-line character seen in unquoted field" in error:
+        return "a line ends in a carriage return alone; save the file with LF or CRLF line ends"
+    return f"malformed CSV: {error}"
 
 
 def _check_row(
@@ -225,12 +248,18 @@ def _check_row(
         return None
     serial, name, url_cell = cells
     before = problems.total
+    for column, cell in enumerate(cells, start=1):
+        if "\x00" in cell:  # PostgreSQL's text cannot hold it; nor can a product name
+            problems.add(line, column, "the cell holds a NUL character (\\x00)")
+    if problems.total != before:
+        return None
     serial_number = None
     match = _SERIAL.fullmatch(serial)
     if not serial:
         problems.add(line, 1, "the serial number is empty")
     elif match is None:
-        problems.add(line, 1, f"{serial!r} is not a serial number (expected a whole number like 1 or 1.)")
+        shown = serial[:200]
+        problems.add(line, 1, f"{shown!r} is not a serial number (expected a whole number like 1 or 1.)")
     else:
         serial_number = int(match.group(1))
         serials.append(serial_number << 32 | line)

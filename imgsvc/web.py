@@ -79,12 +79,15 @@ def _csv_limits(config: settings.Settings) -> ingest.Limits:
     )
 
 
+_AS_A_FILE = "send the CSV as a file part (curl -F file=@products.csv, not file=<products.csv)"
+
+
 async def upload(request: Request) -> Response:
     """POST /upload: validate a CSV, store it, queue its images; answer 202 with the id."""
     res: resources.Resources = request.app.state.resources
     config = res.settings
     content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
+    if not content_type.lower().startswith("multipart/form-data"):
         raise errors.UploadError(
             "send the CSV as multipart/form-data in the field 'file'",
             status_code=415,
@@ -100,6 +103,7 @@ async def upload(request: Request) -> Response:
             status_code=413,
             code="too_large",
         )
+    key = _idempotency_key(request)  # refused before the body is read, not after
     parser = MultiPartParser(
         request.headers, _limited_body(request, limit), max_files=1, max_fields=8, max_part_size=8 * 1024
     )
@@ -108,17 +112,23 @@ async def upload(request: Request) -> Response:
     except MultiPartException as exc:
         if "Too many files" in exc.message:
             raise errors.UploadError("send one file in the field 'file'", code="too_many_files") from exc
+        if "Part exceeded maximum size" in exc.message:
+            raise errors.UploadError(
+                f"a form field that is not a file is over 8 KiB; {_AS_A_FILE}", code="field_too_large"
+            ) from exc
         raise errors.UploadError(f"the multipart body is malformed: {exc.message}") from exc
-    key = _idempotency_key(request)
     try:
         file = form.get("file")
+        if isinstance(file, str):
+            message = f"the field 'file' holds text, not a file; {_AS_A_FILE}"
+            raise errors.UploadError(message, code="missing_file")
         if not isinstance(file, UploadFile):
             raise errors.UploadError("the form has no file in the field 'file'", code="missing_file")
         webhook_url = await _checked_webhook_url(form.get("webhook_url"), res)
         digest = await asyncio.to_thread(_sha256, file.file)
         stored = await db.insert_request(
             res.pool,
-            file_name=file.filename,
+            file_name=_printable(file.filename),
             webhook_url=webhook_url,
             products=_products(file.file, _csv_limits(config)),
             queue=pipeline.IMAGE_QUEUE,
@@ -216,10 +226,18 @@ async def _checked_webhook_url(value: object, res: resources.Resources) -> str |
     return text
 
 
+def _printable(file_name: str | None) -> str | None:
+    """A file name as it may be stored and shown: no control characters (PostgreSQL's
+    text takes no NUL), at most 255 characters."""
+    if file_name is None:
+        return None
+    return "".join(c for c in file_name if c.isprintable())[:255] or None
+
+
 def _page_params(request: Request) -> tuple[int, int]:
     def number(name: str, default: int, maximum: int) -> int:
         raw = request.query_params.get(name, str(default))
-        if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
             raise errors.UploadError(
                 f"{name} must be a whole number from 1 to {maximum}",
                 status_code=422,

@@ -90,13 +90,28 @@ async def test_bad_uploads_get_clear_errors_and_store_nothing(service: str, data
         assert {(p["line"], p.get("column")) for p in body["problems"]} == {(2, 2), (2, 3), (3, 1), (3, 3)}
         status, body = await post_csv(session, service, header.encode(), field="other")
         assert (status, body["error"]) == (400, "missing_file")
+        form = aiohttp.FormData()  # as curl -F file=<x.csv sends it: a part with no file name
+        form.add_field("file", header + "1,A,http://a.test/1.jpg\n", content_type="text/plain")
+        async with session.post(service + "/upload", data=form) as response:
+            refused = await response.json()
+            assert response.status == 400 and "curl -F file=@products.csv" in refused["message"]
+        async with session.post(
+            service + "/upload", data=b"x", headers={"Content-Type": "text/csv"}
+        ) as response:
+            assert response.status == 415
         rows = "".join(f"{i},P,http://a.test/{i}.jpg\n" for i in range(1, 23))
         status, body = await post_csv(session, service, (header + rows).encode())
         assert status == 422 and "more than 20 product rows" in body["problems"][0]["message"]
         async with session.post(service + "/upload", data=b"x") as response:
             assert response.status == 415
+        status, body = await post_csv(
+            session, service, (header + "1,Sh\x00irt,http://a.test/1.jpg\n").encode()
+        )
+        assert status == 422 and [(p["line"], p["column"]) for p in body["problems"]] == [(2, 2)]
         async with session.get(service + "/status/not-a-uuid") as response:
             assert response.status == 422 and "not a request id" in (await response.json())["message"]
+        async with session.get(service + "/requests?page=%C2%B2") as response:  # "²" is a digit to str
+            assert response.status == 422 and (await response.json())["error"] == "invalid_parameter"
         async with session.get(service + "/status/00000000-0000-4000-8000-000000000000") as response:
             assert response.status == 404
     conn = await asyncpg.connect(database_url)
@@ -196,3 +211,19 @@ def test_serve_refuses_an_unmigrated_database(
         assert "Traceback" not in done.stdout + done.stderr
     finally:
         postgres.execute("DROP DATABASE unmigrated WITH (FORCE)")
+
+
+async def test_a_file_name_with_control_characters_is_stored_without_them(service: str) -> None:
+    csv_text = "S. No.,Product Name,Input Image Urls\n1,A,http://a.test/1.jpg\n"
+    body = (
+        b"--b0undary\r\n"
+        b'Content-Disposition: form-data; name="file"; filename="pro\x00duc\x07ts.csv"\r\n'
+        b"Content-Type: text/csv\r\n\r\n" + csv_text.encode() + b"\r\n--b0undary--\r\n"
+    )
+    headers = {"Content-Type": "multipart/form-data; boundary=b0undary"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(service + "/upload", data=body, headers=headers) as response:
+            assert response.status == 202, await response.text()
+            accepted = await response.json()
+        async with session.get(accepted["status_url"]) as response:
+            assert (await response.json())["file_name"] == "products.csv"

@@ -100,9 +100,37 @@ def test_file_level_problems(text: str, words: str) -> None:
     assert any(words in str(p["message"]) for p in problems(text))
 
 
-def test_text_that_is_not_utf8_is_reported_by_line() -> None:
-    found = problems(HEADER.encode() + b"1,Caf\xe9,http://a.test/1.jpg\n")
-    assert found[0]["line"] == 2 and "not UTF-8" in str(found[0]["message"])
+def test_text_that_is_not_utf8_is_reported_by_line_and_character() -> None:
+    found = problems(HEADER.encode() + b"1,Caf\xc3\xa9 \xe9,http://a.test/1.jpg\n")
+    # The bad byte is the 8th character: "é" before it is two bytes but one character.
+    assert found[0]["line"] == 2 and found[0]["message"] == "text is not UTF-8 (byte 0xe9 at character 8)"
+
+
+def test_a_nul_character_is_a_problem_of_its_cell() -> None:
+    (problem,) = problems(HEADER + "1,Sh\x00irt,http://a.test/1.jpg\n2,B,http://a.test/2.jpg\n")
+    assert (problem["line"], problem["column"]) == (2, 2)
+    assert problem["message"] == "the cell holds a NUL character (\\x00)"
+
+
+def test_an_unclosed_quote_is_reported_where_it_opens() -> None:
+    rows = "".join(f"{n},N,http://a.test/{n}.jpg\n" for n in range(3, 60))
+    (problem,) = problems(HEADER + '1,S,http://a.test/1.jpg\n2,"Shirt,http://a.test/2.jpg\n' + rows)
+    assert problem["line"] == 3 and "a closing quote is missing" in str(problem["message"])
+
+
+def test_lines_ending_in_a_carriage_return_alone_are_named_as_such() -> None:
+    (problem,) = problems(HEADER.replace("\n", "\r") + "1,A,http://a.test/1.jpg\r")
+    assert problem["line"] == 1 and "carriage return alone" in str(problem["message"])
+
+
+def test_a_cell_as_long_as_the_limits_allow_is_read() -> None:
+    # 100 URLs of 2,000 characters: over csv's default field limit of 131,072 characters.
+    urls = ",".join(f"http://a.test/{n:03}/" + "x" * 1980 for n in range(100))
+    limits = ingest.Limits(max_urls_per_row=100, max_url_length=2048)
+    (product,) = parse(HEADER + f'1,A,"{urls}"\n', limits)
+    assert len(product.urls) == 100
+    (problem,) = problems(HEADER + f'1,A,"{urls}x{urls}"\n', limits)  # twice what may be
+    assert problem["line"] == 2 and "longer than 205,000 characters" in str(problem["message"])
 
 
 def test_blank_lines_inside_are_errors_but_trailing_ones_are_not() -> None:
@@ -130,5 +158,5 @@ def test_every_problem_is_counted_but_only_the_first_are_listed() -> None:
 
 
 def test_unbalanced_quote_is_a_clear_problem() -> None:
-    found = problems(HEADER + '1,"Shirt,http://a.test/1\n')
-    assert any("malformed" in str(p["message"]) or "columns" in str(p["message"]) for p in found)
+    (problem,) = problems(HEADER + '1,"Shirt,http://a.test/1\n')
+    assert problem["line"] == 2 and "a closing quote is missing" in str(problem["message"])
