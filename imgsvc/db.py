@@ -89,8 +89,9 @@ async def _keep_session(conn: Connection) -> None:
     """A connection goes back to the pool as it is. asyncpg's default sends
     ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on every release, a
     round trip for state our queries never leave: no SET, LISTEN or cursor outside a
-    transaction, and the one advisory lock (migrations) is released before its own
-    pool closes. An open transaction is still rolled back by asyncpg first."""
+    transaction, and the advisory locks are the migrations' (released before their own
+    pool closes) and the orphan sweep's (a transaction's, gone with it). An open
+    transaction is still rolled back by asyncpg first."""
 
 
 async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> Pool:

@@ -212,17 +212,19 @@ def _check_header(row: list[str], line: int, problems: _Problems) -> None:
 
 
 def longest_cell(limits: Limits) -> int:
-    """The most characters a valid cell can hold: every URL of a row at its longest,
-    with a comma and a space between them."""
-    return limits.max_urls_per_row * (limits.max_url_length + 2)
+    """The longest cell read: every URL of a row at its longest, with room for a comma
+    and some spaces or line breaks around each, and 64 KiB more."""
+    return limits.max_urls_per_row * (limits.max_url_length + 32) + 64 * 1024
 
 
 def _malformed(error: str, limits: Limits) -> str:
     """What csv's complaint about a record means, said at the record's first line."""
     if "field larger than field limit" in error:
         return (
-            f"a cell here is longer than {longest_cell(limits):,} characters, more than a valid one "
-            "can be; a quote that is opened and never closed runs on like this"
+            f"a cell here is longer than {longest_cell(limits):,} characters, the room for "
+            f"{limits.max_urls_per_row} URLs of {limits.max_url_length:,} characters "
+            "(IMGSVC_MAX_URLS_PER_ROW, IMGSVC_MAX_URL_LENGTH); a quote opened and never closed "
+            "runs on like this"
         )
     if "unexpected end of data" in error:
         return "a quoted cell that starts in this row never ends: a closing quote is missing"

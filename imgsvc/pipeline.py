@@ -134,7 +134,7 @@ async def _process_claimed(res: resources.Resources, task: models.ImageTask) -> 
     return models.ImageStatus.DONE
 
 
-# The session-level advisory lock that one sweep for orphans holds at a time.
+# The advisory lock that one sweep for orphans holds at a time.
 ORPHANS_LOCK = 0x696D_6773_7663_0001
 
 
@@ -146,16 +146,16 @@ async def requeue_orphans(res: resources.Resources, limit: int = 1000) -> int:
     between two commits). Images and requests are made so that running them twice
     shows nothing twice. One sweep at a time, on any number of machines: two that
     overlapped (one slower than the 15 s between runs) would find the same orphans
-    and queue each twice. A sweep that finds another at work does nothing; the lock
-    is PostgreSQL's, so it goes with its connection if the worker dies.
+    and queue each twice. A sweep that finds another at work does nothing. The lock is
+    a transaction's, held open on a connection of its own for the sweep: it ends with
+    that transaction however the sweep ends (the pool rolls back a transaction left
+    open), or with the connection if the worker dies.
     """
-    async with db.translated(), res.pool.acquire() as holder:
-        if not await holder.fetchval("SELECT pg_try_advisory_lock($1)", ORPHANS_LOCK):
+    async with db.translated(), res.pool.acquire() as holder, holder.transaction():
+        if not await holder.fetchval("SELECT pg_try_advisory_xact_lock($1)", ORPHANS_LOCK):
+            logger.info("another worker is sweeping for orphans; this one leaves it to it")
             return 0
-        try:
-            return await _requeue_orphans(res, limit)
-        finally:
-            await holder.execute("SELECT pg_advisory_unlock($1)", ORPHANS_LOCK)
+        return await _requeue_orphans(res, limit)
 
 
 async def _requeue_orphans(res: resources.Resources, limit: int) -> int:

@@ -12,10 +12,11 @@ import base64
 import dataclasses
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from imgsvc import errors
 
@@ -105,7 +106,9 @@ class Settings:
         """The public root of this service, for links in responses."""
         if self.public_base_url:
             return self.public_base_url.rstrip("/")
-        host = "localhost" if self.host in ("0.0.0.0", "127.0.0.1", "::") else self.host  # noqa: S104
+        host = "localhost" if self.host in ("0.0.0.0", "127.0.0.1", "::", "::1") else self.host  # noqa: S104
+        if ":" in host:  # another IPv6 address
+            host = f"[{host}]"
         return f"http://{host}:{self.port}"
 
 
@@ -141,14 +144,18 @@ def _parsed(
 
 
 def _without_credentials(raw: str) -> str:
-    """A URL as it may be printed: no user or password, no query (tokens live there)."""
-    try:
-        parts = urlsplit(raw)
-        host = parts.netloc.rpartition("@")[2]
-    except ValueError:
-        return "a value that is not (it is not printed: it may hold a password)"
-    hidden = " (credentials not shown)" if "@" in parts.netloc or parts.query else ""
-    return repr(urlunsplit((parts.scheme, host, parts.path, "", ""))) + hidden
+    """A URL that did not parse, as it may be printed: nothing before its last "@" but
+    a scheme (a user and password, however mangled: urlsplit cannot be trusted to find
+    them in a malformed URL), and nothing from its query on (tokens live there)."""
+    shown, hidden = raw, False
+    if "@" in shown:
+        scheme = re.match(r"[A-Za-z][A-Za-z0-9+.-]*:/*", shown)
+        shown = (scheme.group(0) if scheme else "") + "…@" + shown.rpartition("@")[2]
+        hidden = True
+    for mark in "?#":
+        if mark in shown:
+            shown, hidden = shown.partition(mark)[0], True
+    return repr(shown) + (" (credentials and query not shown)" if hidden else "")
 
 
 def _positive_int(raw: str) -> int:

@@ -61,11 +61,17 @@ async def test_a_sweep_for_orphans_while_another_runs_queues_nothing_twice(res: 
         await other.execute("SELECT pg_advisory_unlock($1)", pipeline.ORPHANS_LOCK)
     assert await pipeline.requeue_orphans(res) == 2
     assert await res.pool.fetchval("SELECT count(*) FROM procrastinate_jobs") == 2
-    # Ended, the sweep let go of its lock: the next finds nothing left to queue.
-    assert await pipeline.requeue_orphans(res) == 0
-    async with res.pool.acquire() as other:
-        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", pipeline.ORPHANS_LOCK)
-        await other.execute("SELECT pg_advisory_unlock($1)", pipeline.ORPHANS_LOCK)
+    assert await pipeline.requeue_orphans(res) == 0  # each has its job now
+    # Ended, the sweeps let go of the lock. Two connections at once, so that one is not
+    # the sweeps' own (a session may take again a lock it still holds): both can take it.
+    first, second = await res.pool.acquire(), await res.pool.acquire()
+    try:
+        for conn in (first, second):
+            assert await conn.fetchval("SELECT pg_try_advisory_lock($1)", pipeline.ORPHANS_LOCK)
+            await conn.execute("SELECT pg_advisory_unlock($1)", pipeline.ORPHANS_LOCK)
+    finally:
+        await res.pool.release(first)
+        await res.pool.release(second)
 
 
 async def test_a_request_whose_counters_went_wrong_is_finished_by_a_count(res: resources.Resources) -> None:

@@ -130,7 +130,7 @@ def test_a_cell_as_long_as_the_limits_allow_is_read() -> None:
     (product,) = parse(HEADER + f'1,A,"{urls}"\n', limits)
     assert len(product.urls) == 100
     (problem,) = problems(HEADER + f'1,A,"{urls}x{urls}"\n', limits)  # twice what may be
-    assert problem["line"] == 2 and "longer than 205,000 characters" in str(problem["message"])
+    assert problem["line"] == 2 and "longer than 273,536 characters" in str(problem["message"])
 
 
 def test_blank_lines_inside_are_errors_but_trailing_ones_are_not() -> None:

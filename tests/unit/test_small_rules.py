@@ -86,10 +86,15 @@ def test_a_bad_setting_names_its_variable(env: dict[str, str], name: str) -> Non
 @pytest.mark.parametrize(
     ("name", "value", "shown"),
     [
-        ("DATABASE_URL", "postgresql+psycopg://app:pw-1234@db:5432/x", "'postgresql+psycopg://db:5432/x'"),
+        ("DATABASE_URL", "postgresql+psycopg://app:pw-1234@db:5432/x", "'postgresql+psycopg://…@db:5432/x'"),
+        # Malformed ones, where urlsplit would find no password or the wrong host:
+        ("DATABASE_URL", "postgresql+psycopg://app:pw/1234@db/x", "'postgresql+psycopg://…@db/x'"),
+        ("DATABASE_URL", "postgres-ql://app:pw#1234@db/x", "'postgres-ql://…@db/x'"),
+        ("WEBHOOK_URL", "https:/user:pw-1234@hooks.example/in", "'https:/…@hooks.example/in'"),
+        ("WEBHOOK_URL", "https//user:pw-1234@hooks.example/in", "'…@hooks.example/in'"),
         ("WEBHOOK_URL", "ftp://hooks.example/in?token=tok-1234", "'ftp://hooks.example/in'"),
-        ("AWS_ENDPOINT_URL", "s3://key:pw-1234@store.example", "'s3://store.example'"),
-        ("IMGSVC_PUBLIC_BASE_URL", "http://[::1:pw-1234@x", "a value that is not"),
+        ("AWS_ENDPOINT_URL", "s3://key:pw-1234@store.example", "'s3://…@store.example'"),
+        ("IMGSVC_PUBLIC_BASE_URL", "http://[::1:pw-1234@x", "'http://…@x'"),
     ],
 )
 def test_a_bad_url_setting_is_quoted_without_its_credentials(name: str, value: str, shown: str) -> None:
@@ -97,6 +102,18 @@ def test_a_bad_url_setting_is_quoted_without_its_credentials(name: str, value: s
         settings.from_env({name: value})
     assert shown in caught.value.message
     assert "1234" not in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("host", "base_url"),
+    [
+        ("0.0.0.0", "http://localhost:5000"),  # noqa: S104
+        ("::1", "http://localhost:5000"),
+        ("fd00::5", "http://[fd00::5]:5000"),
+    ],
+)
+def test_the_default_public_url_is_a_url_whatever_the_host(host: str, base_url: str) -> None:
+    assert settings.from_env({"IMGSVC_HOST": host}).base_url == base_url
 
 
 @pytest.mark.parametrize(
