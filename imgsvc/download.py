@@ -15,6 +15,7 @@ import dataclasses
 import ipaddress
 import socket
 import zlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urljoin
 
@@ -176,12 +177,16 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-async def _read_body(response: aiohttp.ClientResponse, limits: Limits) -> bytes:
+async def _read_body(
+    response: aiohttp.ClientResponse, limits: Limits, expect: Callable[[int], Awaitable[None]] | None
+) -> bytes:
     declared = response.content_length
     if declared is not None and declared > limits.max_bytes:
         raise errors.SourceTooLarge(
             f"the source is {declared:,} bytes; the limit is {limits.max_bytes:,} (IMGSVC_MAX_IMAGE_BYTES)"
         )
+    if declared is not None and expect is not None:
+        await expect(declared)  # may wait for memory before the body is read
     encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
     decoder: Any = None
     if encoding in ("gzip", "x-gzip", "deflate"):
@@ -205,8 +210,15 @@ async def _read_body(response: aiohttp.ClientResponse, limits: Limits) -> bytes:
     return b"".join(chunks)
 
 
-async def fetch(session: aiohttp.ClientSession, url: str, limits: Limits) -> bytes:
-    """The bytes at ``url``, following redirects; raise Permanent- or TransientError."""
+async def fetch(
+    session: aiohttp.ClientSession,
+    url: str,
+    limits: Limits,
+    *,
+    expect: Callable[[int], Awaitable[None]] | None = None,
+) -> bytes:
+    """The bytes at ``url``, following redirects; raise Permanent- or TransientError.
+    ``expect`` is told the size the source declares before its body is read."""
     current = url
     for _ in range(limits.max_redirects + 1):
         target = check_address(current, limits)
@@ -233,7 +245,7 @@ async def fetch(session: aiohttp.ClientSession, url: str, limits: Limits) -> byt
                     raise errors.PermanentError(
                         f"the source answered HTTP {response.status} {response.reason or ''}".rstrip()
                     )
-                return await _read_body(response, limits)
+                return await _read_body(response, limits, expect)
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, RefusedAddress):
                 raise errors.BlockedAddress(f"refused to fetch: {exc.os_error}") from exc

@@ -97,11 +97,11 @@ async def _process_claimed(res: resources.Resources, task: models.ImageTask) -> 
         # A source slot and the source's bytes are held from the start of the download to
         # the end of compression: they bound the sources in memory, downloaded ones waiting
         # for the codec included, by count and by size.
-        async with res.source_slots, res.source_budget.hold() as settle:
+        async with res.source_slots, res.source_budget.hold() as source:
             with metrics.stage_duration.labels("download").time():
-                data = await download.fetch(res.http, task.url, res.download_limits)
+                data = await download.fetch(res.http, task.url, res.download_limits, expect=source.expect)
             bytes_in = len(data)
-            settle(bytes_in)
+            source(bytes_in)
             metrics.image_bytes.labels("in").inc(bytes_in)
             with metrics.stage_duration.labels("compress").time():
                 async with res.image_slots:

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import aioboto3
@@ -29,6 +29,14 @@ class SourceBudget:
     ``min_sources`` are held, so the codec threads always have one waiting and a source
     larger than the budget still gets through. Large sources therefore queue a few at a
     time and small ones many at a time: memory for the one, latency hiding for the other.
+
+    Once a source declares its size (Content-Length, before its body is read), its
+    download goes on only when that fits beside the other sources of known size, or
+    while fewer than ``min_sources`` have a known size. So a burst of large sources after
+    many small ones waits at its headers instead of all arriving at once; only bodies of
+    undeclared length (chunked) can still pass the limit, each by at most the byte limit
+    of one image. Sources of known size never wait again, and they end by themselves, so
+    those that wait are always woken.
     """
 
     def __init__(self, limit: int, min_sources: int, first_guess: int = 0) -> None:
@@ -36,6 +44,8 @@ class SourceBudget:
         self.min_sources = max(1, min_sources)
         self.held = 0
         self.sources = 0
+        self.known = 0  # sources whose size is declared or read
+        self.peak = 0
         # Until a source has been seen, assume a quarter of the budget each, so that a
         # first burst of large sources does not all start at once.
         self.typical = first_guess or max(1, limit // 4)
@@ -45,32 +55,66 @@ class SourceBudget:
         return not self.limit or self.sources < self.min_sources or self.held + self.typical <= self.limit
 
     @contextlib.asynccontextmanager
-    async def hold(self) -> AsyncIterator[Callable[[int], None]]:
-        """Wait for room, then hold the expected size; the function yielded gives the real
-        size once the source is in memory."""
+    async def hold(self) -> AsyncIterator[SourceHold]:
+        """Wait for room, then hold the expected size; the hold yielded is told the
+        declared size (``expect``, which may wait) and the real one (calling it) once
+        the source is in memory."""
         while not self._fits():
             self._changed.clear()
             await self._changed.wait()
-        share = self.typical
-        self.held += share
+        hold = SourceHold(self, self.typical)
+        self._add(hold.share)
         self.sources += 1
+        try:
+            yield hold
+        finally:
+            self._add(-hold.share)
+            self.sources -= 1
+            if hold.known:
+                self.known -= 1
+            self._changed.set()
+
+    def _add(self, size: int) -> None:
+        self.held += size
+        self.peak = max(self.peak, self.held)
         metrics.source_bytes.set(self.held)
 
-        def settle(size: int) -> None:
-            nonlocal share
-            self.held += size - share
-            self.typical += (size - self.typical) // 4
-            share = size
-            metrics.source_bytes.set(self.held)
-            self._changed.set()
 
-        try:
-            yield settle
-        finally:
-            self.held -= share
-            self.sources -= 1
-            metrics.source_bytes.set(self.held)
-            self._changed.set()
+class SourceHold:
+    """One source's place in a SourceBudget."""
+
+    def __init__(self, budget: SourceBudget, share: int) -> None:
+        self._budget = budget
+        self.share = share
+        self.known = False
+
+    def _resize(self, size: int) -> None:
+        budget = self._budget
+        budget._add(size - self.share)
+        self.share = size
+        if not self.known:
+            self.known = True
+            budget.known += 1
+        budget._changed.set()
+
+    async def expect(self, size: int) -> None:
+        """The size the source declares, before its body is read: wait until it fits
+        beside the sources of known size, unless fewer than ``min_sources`` have one."""
+        budget = self._budget
+        while (
+            budget.limit
+            and budget.known >= budget.min_sources
+            and budget.held - self.share + size > budget.limit
+        ):
+            budget._changed.clear()
+            await budget._changed.wait()
+        self._resize(size)
+
+    def __call__(self, size: int) -> None:
+        """The source's real size, once it is in memory."""
+        budget = self._budget
+        budget.typical += (size - budget.typical) // 4
+        self._resize(size)
 
 
 @dataclasses.dataclass(slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import uuid
 from typing import Any
@@ -173,3 +174,20 @@ async def test_resources_opened_under_procrastinates_cli_close_with_its_app(
         assert res is first and not res.pool.is_closing()
     assert res.pool.is_closing()
     assert "resources" not in jobs._state
+
+
+async def test_sources_that_declare_a_large_size_wait_for_memory_at_their_headers(
+    res: resources.Resources, image_server: ImageServer
+) -> None:
+    # Sources seen so far were tiny (1 KiB expected each), so all six downloads start;
+    # their answers come together after 300 ms, each declaring about 0.8 MB: with 1 MiB
+    # for sources, one body is read and compressed at a time.
+    budget = resources.SourceBudget(1024 * 1024, min_sources=1, first_guess=1024)
+    budgeted = dataclasses.replace(res, source_budget=budget)
+    names = ["bimg_northern_cardinal_bird.jpg", "mei_Panasonic_DMC-LC70.jpg"] * 3
+    _, ids = await enqueue(budgeted, *(image_server.url(f"/slow/300/{name}") for name in names))
+    outcomes = await asyncio.gather(*(pipeline.process_image(budgeted, i) for i in ids))
+    assert outcomes == ["done"] * 6
+    sizes = sorted((IMAGES / name).stat().st_size for name in names)
+    assert budget.peak < sizes[0] + sizes[1]  # never two bodies at once
+    assert budget.held == 0 and budget.known == 0

@@ -103,3 +103,60 @@ async def test_no_limit_means_only_the_slots_bound_the_sources() -> None:
     for h in holders:
         h.done.set()
     await asyncio.gather(*(h.task for h in holders))
+
+
+class DeclaringHolder:
+    """A download that declares its size once ``headers`` is set (its answer has come),
+    then reads its body."""
+
+    def __init__(self, budget: SourceBudget, size: int, headers: asyncio.Event | None = None) -> None:
+        self.admitted = asyncio.Event()
+        self.reading = asyncio.Event()
+        self.done = asyncio.Event()
+        self.task = asyncio.create_task(self._run(budget, size, headers))
+
+    async def _run(self, budget: SourceBudget, size: int, headers: asyncio.Event | None) -> None:
+        async with budget.hold() as source:
+            self.admitted.set()
+            if headers is not None:
+                await headers.wait()
+            await source.expect(size)
+            self.reading.set()
+            source(size)
+            await self.done.wait()
+
+
+async def test_a_burst_of_large_sources_after_small_ones_waits_at_its_headers() -> None:
+    budget = SourceBudget(16 * MIB, min_sources=2, first_guess=MIB // 2)
+    headers = asyncio.Event()
+    burst = [DeclaringHolder(budget, 8 * MIB, headers) for _ in range(8)]
+    await settle_down()
+    # Small sources so far: all eight start, each expected at half a MiB...
+    assert all(h.admitted.is_set() for h in burst)
+    headers.set()  # ...and then each answers with 8 MiB to come:
+    await settle_down()
+    # only two (16 MiB) read their bodies; the others wait at their headers.
+    reading = [h for h in burst if h.reading.is_set()]
+    assert len(reading) == 2
+    for _ in range(6):
+        reading[0].done.set()
+        await reading[0].task
+        await settle_down()
+        reading = [h for h in burst if h.reading.is_set() and not h.done.is_set()]
+        assert len(reading) == 2
+    for h in burst:
+        h.done.set()
+    await asyncio.gather(*(h.task for h in burst))
+    assert budget.held == 0 and budget.known == 0 and budget.sources == 0
+    # Never more than the two bodies and the waiting ones' small expected shares.
+    assert budget.peak <= 16 * MIB + 6 * (MIB // 2)
+
+
+async def test_a_declared_source_larger_than_the_budget_still_gets_through() -> None:
+    budget = SourceBudget(4 * MIB, min_sources=1, first_guess=MIB)
+    huge = DeclaringHolder(budget, 40 * MIB)
+    await settle_down()
+    assert huge.reading.is_set()  # none other of known size is held
+    huge.done.set()
+    await huge.task
+    assert budget.held == 0 and budget.known == 0
