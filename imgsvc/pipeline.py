@@ -16,6 +16,8 @@ import logging
 import tempfile
 import uuid
 
+import yarl
+
 from imgsvc import db, download, errors, logs, metrics, models, notify, report, resources, storage
 from imgsvc.compress import compress
 
@@ -160,30 +162,29 @@ async def requeue_orphans(res: resources.Resources, limit: int = 1000) -> int:
 
 async def _requeue_orphans(res: resources.Resources, limit: int) -> int:
     count = 0
-    async with db.translated():
-        for image_id in await db.orphans(res.pool, "orphaned_images", PROCESS_IMAGES, limit):
-            count += await db.requeue_image(
-                res.pool, image_id, "queued again: its job had ended", IMAGE_QUEUE, PROCESS_IMAGES
-            )
-        for task, query, key in (
-            (FINISH_REQUEST, "orphaned_requests", "request_id"),
-            (DELIVER_WEBHOOK, "orphaned_deliveries", "delivery_id"),
-        ):
-            for row_id in await db.orphans(res.pool, query, task, limit):
-                async with res.pool.acquire() as conn:
-                    if task == DELIVER_WEBHOOK:
-                        await queue_delivery(conn, row_id)
-                    else:
-                        await db.defer_job(conn, REQUEST_QUEUE, task, {key: row_id})
+    for image_id in await db.orphans(res.pool, "orphaned_images", PROCESS_IMAGES, limit):
+        count += await db.requeue_image(
+            res.pool, image_id, "queued again: its job had ended", IMAGE_QUEUE, PROCESS_IMAGES
+        )
+    for task, query, key in (
+        (FINISH_REQUEST, "orphaned_requests", "request_id"),
+        (DELIVER_WEBHOOK, "orphaned_deliveries", "delivery_id"),
+    ):
+        for row_id in await db.orphans(res.pool, query, task, limit):
+            async with res.pool.acquire() as conn:
+                if task == DELIVER_WEBHOOK:
+                    await queue_delivery(conn, row_id)
+                else:
+                    await db.defer_job(conn, REQUEST_QUEUE, task, {key: row_id})
+            count += 1
+    # A request is finished by the statement that records its last image, going by
+    # the counters on its row; if those were ever wrong, a count finishes it here.
+    for rid in await db.unfinished_requests(res.pool, limit):
+        async with res.pool.acquire() as conn, conn.transaction():
+            status = await db.finish_unfinished(conn, rid)
+            if status is not None:
+                await finish_request(conn, str(rid), models.RequestStatus(status))
                 count += 1
-        # A request is finished by the statement that records its last image, going by
-        # the counters on its row; if those were ever wrong, a count finishes it here.
-        for rid in await db.unfinished_requests(res.pool, limit):
-            async with res.pool.acquire() as conn, conn.transaction():
-                status = await db.finish_unfinished(conn, rid)
-                if status is not None:
-                    await finish_request(conn, str(rid), models.RequestStatus(status))
-                    count += 1
     if count:
         logger.warning("queued %s unfinished items again that had no job", count)
     return count
@@ -300,6 +301,18 @@ async def queue_delivery(conn: db.Connection, delivery_id: int) -> None:
     )
 
 
+def _ready_to_post(res: resources.Resources, url: str) -> tuple[yarl.URL, bytes] | str:
+    """Where to post a webhook and the key to sign it with, or why it cannot be sent.
+    Literal IP hosts are checked here, as for sources; names, by the resolver."""
+    secret = res.settings.webhook_secret
+    if not secret:
+        return "no WEBHOOK_SECRET is configured to sign the event"
+    try:
+        return download.check_address(url, res.download_limits), notify.secret_key(secret)
+    except errors.PermanentError as exc:
+        return str(exc)
+
+
 async def deliver_webhook(res: resources.Resources, delivery_id: int) -> str:
     """One attempt at a webhook; raise TransientError when another should follow."""
     claimed = await db.claim_delivery(res.pool, delivery_id)
@@ -307,27 +320,21 @@ async def deliver_webhook(res: resources.Resources, delivery_id: int) -> str:
         return "already settled"
     config = res.settings
     attempt_no: int = claimed["attempts"]
-    secret = config.webhook_secret
-    unsigned = "no WEBHOOK_SECRET is configured to sign the event"
-    try:
-        # Literal IP hosts are checked here, as for sources; names, by the resolver.
-        target = download.check_address(claimed["url"], res.download_limits)
-        refused = None if secret else unsigned
-    except errors.PermanentError as exc:
-        refused = str(exc)
-    if refused is not None or not secret:
+    ready = _ready_to_post(res, claimed["url"])
+    if isinstance(ready, str):
         attempt = notify.Attempt(
             started_at=datetime.datetime.now(datetime.UTC).timestamp(),
             duration_ms=0,
             http_status=None,
             verdict="give_up",
-            error=refused or unsigned,
+            error=ready,
         )
     else:
+        target, key = ready
         attempt = await notify.post(
             res.http,
             target,
-            key=notify.secret_key(secret),
+            key=key,
             event_id=claimed["event_id"],
             body=claimed["payload"].encode(),
             time_limit=config.webhook_timeout,
