@@ -527,8 +527,11 @@ def test_event_loop_buffers_keep_their_pages_under_load_and_give_them_back_when_
     """The pages an event loop frees and reuses (8 MiB here), after a 12 MP image: a trim
     after every large image handed them back, and each download faulted them in again
     (about 1,500 faults); under load, with the last trim fresh, they stay; once no
-    image is left, the trim the large image owed gives them back."""
-    assert _probe(_REFAULTS, "every image") > 1024
-    assert _probe(_REFAULTS, "under load") < 256
+    image is left, the trim the large image owed gives them back. Under load the count
+    is not zero (13-398 in repeated runs: other pages the process touches), so it is
+    held against the count with a trim after every image, not against a fixed number."""
+    every_image = _probe(_REFAULTS, "every image")
+    assert every_image > 1024
+    assert _probe(_REFAULTS, "under load") < every_image / 2
     assert _probe(_REFAULTS, "idle") > 1024
     assert _probe(_REFAULTS, "then idle") > 1024
