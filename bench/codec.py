@@ -28,15 +28,18 @@ from typing import Any
 import pyvips
 
 from bench import imageset, procstat
-from imgsvc import compress
+from imgsvc import compress, memory
 
 CONTENDED = 0.1  # cores used by other processes above which a pass is done again
 RETRIES = 3
 
 
-def _service(limits: compress.Limits) -> Callable[[bytes], int]:
+def _service(limits: compress.Limits, large_concurrency: int) -> Callable[[bytes], int]:
+    """The service's compress(), under the service's large-photo rule (no byte budget)."""
+    budget = memory.MemoryBudget(0, large_concurrency)
+
     def run(data: bytes) -> int:
-        return len(compress.compress(data, limits).data)
+        return len(compress.compress(data, limits, budget).data)
 
     return run
 
@@ -179,10 +182,10 @@ def paired_pass(
     request's images right after the request, so that the two are measured minutes apart
     at most rather than across the whole run: a virtual machine's speed can drift by
     several percent in that time."""
-    compress.configure(large_concurrency=large_concurrency)
+    compress.configure()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bench-paired") as pool:
         list(pool.map(lambda _: None, range(threads)))
-        run = _quiet_pass(pool, _service(limits), datas)
+        run = _quiet_pass(pool, _service(limits, large_concurrency), datas)
     return {
         "images": len(datas),
         "failures": run.failures,
@@ -248,8 +251,8 @@ def measure(
     A first, untimed pass of each warms up and calibrates: short lists are repeated so
     that a timed pass lasts at least ``min_seconds`` (a rate, not a total, is wanted).
     """
-    compress.configure(large_concurrency=large_concurrency)
-    service = _service(limits)
+    compress.configure()
+    service = _service(limits, large_concurrency)
     ceiling = Variant("service", "service compress()", service, False)
     variants = [*VARIANTS, Variant("service_jpeg", "service compress()", service, True)]
     plan: list[tuple[Variant, str, list[imageset.Item]]] = []

@@ -6,9 +6,9 @@ In a private PostgreSQL (migrated with `imgsvc migrate`), makes one request per 
 with that many products and images, half of them done, and times with EXPLAIN ANALYZE
 (best of 5) the service's own named queries, read from its queries.sql:
 
-- ``finish_image``: run for every image (it locks the request row, records the image
+- ``record_image``: run for every image (it locks the request row, records the image
   and counts it on the request); timed inside a transaction that is rolled back;
-- ``finish_request_if_done``: after a cancel, for a request with nothing left running
+- ``final_status_by_count``: after a cancel, for a request with nothing left running
   (it counts all its images);
 - ``get_request``: the summary behind every GET /status.
 
@@ -98,7 +98,7 @@ def main() -> None:
             [sys.executable, "-m", "imgsvc", "migrate"], env=env, check=True, capture_output=True, timeout=120
         )
         print(
-            "images   finish_image (every image)   finish_request_if_done (after a cancel)"
+            "images   record_image (every image)   final_status_by_count (after a cancel)"
             "   get_request (every GET /status)"
         )
         for size in sizes:
@@ -129,8 +129,8 @@ def main() -> None:
             }
             cells = []
             for name, params, rollback in (
-                ("finish_image", values, True),
-                ("finish_request_if_done", {1: values[2]}, False),
+                ("record_image", values, True),
+                ("final_status_by_count", {1: values[2]}, False),
                 ("get_request", {1: values[2]}, False),
             ):
                 if name not in queries:

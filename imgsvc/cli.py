@@ -115,21 +115,20 @@ def _serve(config: settings.Settings, url: str, run_worker: bool) -> None:
 
 
 async def _worker(config: settings.Settings, url: str) -> None:
-    from imgsvc import compress, jobs, resources
+    from imgsvc import priority, queue, resources
 
-    compress.lower_session_priority(config.worker_session_nice)
-    async with resources.opened(config, url) as res:
-        jobs.use(url, config, res)
-        async with jobs.app.open_async():
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(signum, stop.set)
-            if config.metrics_port:
-                prometheus_client.start_http_server(config.metrics_port, addr=config.host)
-                logger.info("metrics on http://%s:%s/metrics", config.host, config.metrics_port)
-            logger.info("worker started (concurrency %s)", config.worker_concurrency)
-            await jobs.run_worker(config, stop)
+    priority.lower_session_priority(config.worker_session_nice)
+    app = queue.create_app(config, url)
+    async with resources.opened(config, url) as res, app.open_async():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        if config.metrics_port:
+            prometheus_client.start_http_server(config.metrics_port, addr=config.host)
+            logger.info("metrics on http://%s:%s/metrics", config.host, config.metrics_port)
+        logger.info("worker started (concurrency %s)", config.worker_concurrency)
+        await queue.run_worker(app, res, stop)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

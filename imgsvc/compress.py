@@ -10,15 +10,11 @@ transparency), is upright, in sRGB, and carries no metadata.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import io
 import logging
-import math
-import os
 import re
 import threading
-import time
 import warnings
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -26,7 +22,7 @@ from typing import Any, NamedTuple
 import pyvips
 from PIL import Image as PillowImage
 
-from imgsvc import errors, models, quality
+from imgsvc import errors, memory, models, quality
 
 logger = logging.getLogger("imgsvc.compress")
 
@@ -75,230 +71,13 @@ class Limits:
         return progressive and 0 < self.progressive_solo_pixels < pixels
 
 
-# A source of more pixels than this is a large photo: at most
-# ``MemoryBudget.large_limit`` of them are compressed at once.
-LARGE_PIXELS = 4_000_000
-
-
-class MemoryBudget:
-    """At most ``limit`` bytes of estimated codec memory in work at once in this process:
-    an image waits for room rather than being decoded beside others, which bounds the
-    worker's memory; small images share the budget. An image larger than the whole
-    budget runs alone. Apart from bytes, at most ``large_limit`` large photos at once
-    (0: no such rule), so that a thread more than there are cores, which fills the
-    codec's single-threaded moments with small images, never holds a large one; and
-    ``solo`` images one at a time, beside others that are not."""
-
-    def __init__(self, limit: int = 0, large_limit: int = 0) -> None:
-        self.limit = limit
-        self.large_limit = large_limit
-        self._used = 0
-        self._large = 0
-        self._solo = 0
-        self._room = threading.Condition()
-
-    @contextlib.contextmanager
-    def hold(self, size: int, *, large: bool = False, solo: bool = False) -> Iterator[None]:
-        """Wait (blocking this thread) until ``size`` bytes, a large photo if it is one and
-        a solo image if it is one, fit; hold them meanwhile."""
-        share = min(size, self.limit) if self.limit else 0
-        counted = large and self.large_limit > 0
-
-        def fits() -> bool:
-            if (counted and self._large >= self.large_limit) or (solo and self._solo):
-                return False
-            return self._used == 0 or self._used + share <= self.limit
-
-        with self._room:
-            self._room.wait_for(fits)
-            self._used += share
-            self._large += counted
-            self._solo += solo
-        try:
-            yield
-        finally:
-            with self._room:
-                self._used -= share
-                self._large -= counted
-                self._solo -= solo
-                self._room.notify_all()
-
-
-budget = MemoryBudget()
-
-# Peak memory of one image in compress(), per source pixel, as measured on the corpus
-# photos: the bundled JPEG encoder (mozjpeg) keeps two copies of every DCT coefficient
-# to optimise the Huffman tables (6 bytes a pixel at 4:2:0), plus libvips' buffers;
-# with the standard tables it streams. A progressive source keeps all its coefficients
-# while it is decoded; a rotated image is decoded whole; other formats are whole
-# images on the way in and out.
-_JPEG_BYTES_PER_PIXEL = 7.0
-_JPEG_STREAMED_BYTES_PER_PIXEL = 1.0
-_PROGRESSIVE_EXTRA = 3.0
-_ROTATED_EXTRA = 3.5
-_WEBP_BYTES_PER_PIXEL = 21.0
-_OTHER_BYTES_PER_PIXEL = 20.0
-_PER_IMAGE = 8 * 1024 * 1024
-
-
-def memory_estimate(
-    fmt: str, pixels: int, *, progressive: bool = False, rotated: bool = False, optimize: bool = True
-) -> int:
-    """Bytes ``compress()`` is expected to need at its peak for one image; ``optimize``
-    says whether a JPEG output gets its own Huffman tables."""
-    if fmt == "jpeg":
-        per_pixel = _JPEG_BYTES_PER_PIXEL if optimize else _JPEG_STREAMED_BYTES_PER_PIXEL
-        per_pixel += _PROGRESSIVE_EXTRA if progressive else 0.0
-        per_pixel += _ROTATED_EXTRA if rotated else 0.0
-    elif fmt == "webp":
-        per_pixel = _WEBP_BYTES_PER_PIXEL
-    else:
-        per_pixel = _OTHER_BYTES_PER_PIXEL
-    return _PER_IMAGE + int(pixels * per_pixel)
-
-
-# glibc's mallopt parameters, and the environment variables that set them at start-up
-# (which, when given, win over ours).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
-_MALLOC_TUNING = (
-    (_M_ARENA_MAX, 2, "MALLOC_ARENA_MAX"),
-    (_M_MMAP_THRESHOLD, 2 * 1024 * 1024, "MALLOC_MMAP_THRESHOLD_"),
-    (_M_TRIM_THRESHOLD, 32 * 1024 * 1024, "MALLOC_TRIM_THRESHOLD_"),
-)
-
-
-# Once an image estimated at this much has ended, the freed memory is given back to the
-# system (malloc_trim), instead of staying in glibc's arenas for the next image to
-# fragment. A trim also hands back the free pages that the other threads reuse next
-# (the event loop's download and upload buffers above all), which are then faulted in
-# again: run after every 12 MP image, that was a fifth of the event loop's CPU. So it
-# runs when no image is left in compress(), and while images follow each other at
-# most once every interval. (When downloads, not the codec, are the bottleneck, the
-# codec runs dry between images and each large one is trimmed after: the cores have
-# room for the faults then.)
-_TRIM_AFTER = 48 * 1024 * 1024
-_TRIM_INTERVAL = 10.0
-
-
-def _glibc() -> Any:
-    """glibc, for mallopt and malloc_trim; None where there is none (another libc)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        return libc
-    return None
-
-
-_libc = _glibc()
-
-
-def _trim() -> None:
-    if _libc is not None:
-        _libc.malloc_trim(0)
-
-
-class _Trimmer:
-    """Counts the images in compress(). Once a large image has ended, a trim is owed:
-    it is made when no image is left, or when the last trim is ``_TRIM_INTERVAL``
-    seconds old, whichever image, large or small, ends then."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._working = 0
-        self._owed = False
-        self._last = -math.inf
-
-    def enter(self) -> None:
-        with self._lock:
-            self._working += 1
-
-    def leave(self, memory: int) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self._working -= 1
-            self._owed = self._owed or memory >= _TRIM_AFTER
-            due = self._owed and (self._working == 0 or now - self._last >= _TRIM_INTERVAL)
-            if due:
-                self._owed = False
-                self._last = now
-        if due:
-            _trim()
-
-
-_trimmer = _Trimmer()
-
-
-def configure(*, allow_svg: bool = False, memory: int = 0, large_concurrency: int = 0) -> None:
+def configure(*, allow_svg: bool = False) -> None:
     """Process-wide settings: no libvips operation cache, untrusted loaders blocked (SVG's
-    too, unless allowed), the memory budget (bytes, 0 for none) and how many large photos
-    at once (0 for no rule), and malloc tuned for large, short-lived buffers."""
+    too, unless allowed), and malloc tuned for the codec (``memory.tune_malloc``)."""
     pyvips.cache_set_max(0)
     pyvips.block_untrusted_set(True)
     pyvips.operation_block_set("VipsForeignLoadSvg", not allow_svg)
-    budget.limit = memory
-    budget.large_limit = large_concurrency
-    # glibc gives each thread that mallocs under contention an arena of its own, and
-    # serves even large blocks from them once a block of that size has been freed
-    # (its mmap threshold rises up to 32 MiB). The codec's large, short-lived buffers
-    # then leave the arenas fragmented and the process keeps the memory. The known
-    # remedies: cap the arenas, and fix the threshold so that blocks over 2 MiB are
-    # mapped and unmapped on their own. Fixing it also fixes the trim threshold, at
-    # 128 KiB: a free that left more than that at the top of an arena gave it back to
-    # the system, and the next download or buffer faulted the pages in again (about 2
-    # ms of CPU a 3.6 MB download). At 32 MiB an arena keeps them; malloc_trim after
-    # large images still releases the main arena's top and the free pages inside every
-    # arena, but not a thread arena's top (docs/performance.md has what each bought).
-    if _libc is not None:
-        for parameter, value, variable in _MALLOC_TUNING:
-            if variable not in os.environ:
-                _libc.mallopt(parameter, value)
-
-
-def lower_priority(steps: int) -> None:
-    """Make the calling thread ``steps`` nice levels lower. Meant for the image threads:
-    the libvips threads they start inherit it, so image work takes the CPU that event
-    loops, PostgreSQL and an API on the same machine leave, instead of delaying them."""
-    if steps <= 0:
-        return
-    thread = threading.get_native_id()
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + steps)
-
-
-_AUTOGROUP = "/proc/self/autogroup"
-_AUTOGROUP_ENABLED = "/proc/sys/kernel/sched_autogroup_enabled"
-
-
-def lower_session_priority(steps: int) -> bool:
-    """Make this process's session at least ``steps`` nice levels lower; whether it did.
-
-    Where Linux schedules by session (autogroup, on by default in most distributions for
-    processes outside a CPU cgroup: services started in sessions of their own, as systemd
-    and the benchmark do), each session gets an equal share of the CPU, and a thread's
-    nice level only orders it among its own session's threads. The image threads' nice
-    level would then not let an API or PostgreSQL beside the worker come first. Meant for
-    processes that run images and no API (IMGSVC_WORKER_SESSION_NICE); the image threads
-    still run their own levels lower than the event loop within the session. Only a
-    process that leads its own session (a service started by systemd or by the
-    benchmark) does it: in a terminal's or a test runner's session it would lower
-    everything else there too."""
-    if steps <= 0 or os.getsid(0) != os.getpid():
-        return False
-    try:
-        with open(_AUTOGROUP_ENABLED) as enabled:
-            if enabled.read().strip() != "1":
-                return False
-        with open(_AUTOGROUP) as group:
-            current = int(group.read().rsplit("nice", 1)[1])
-        if current < steps:
-            with open(_AUTOGROUP, "w") as group:
-                group.write(str(min(19, steps)))
-    except (OSError, ValueError, IndexError):
-        return False
-    logger.info("this process's session is at least %s nice levels lower (sched_autogroup)", steps)
-    return True
+    memory.tune_malloc()
 
 
 def _first_line(exc: pyvips.Error) -> str | None:
@@ -397,7 +176,7 @@ def _open_with_pillow(data: bytes, limits: Limits) -> tuple[pyvips.Image, str] |
 class _Opened(NamedTuple):
     image: pyvips.Image
     fmt: str
-    memory: int  # the peak bytes its compression is expected to take
+    needs: int  # the peak bytes its compression is expected to take
     solo: bool  # to be compressed beside no other such image (Limits.solo)
 
 
@@ -409,7 +188,7 @@ def _open(data: bytes, limits: Limits) -> _Opened:
     pillow = _open_with_pillow(data, limits)
     if pillow is not None:
         pixels, kind = pillow
-        return _Opened(pixels, kind, memory_estimate(kind, pixels.width * pixels.height), solo=False)
+        return _Opened(pixels, kind, memory.memory_estimate(kind, pixels.width * pixels.height), solo=False)
     header = _header(data)
     loader = str(header.get("vips-loader"))
     fmt = _FORMATS.get(loader)
@@ -443,7 +222,7 @@ def _open(data: bytes, limits: Limits) -> _Opened:
     if orientation in (0, 1):
         options["access"] = "sequential"
     progressive = bool(header.get_typeof("jpeg-multiscan") and header.get("jpeg-multiscan"))
-    memory = memory_estimate(
+    needs = memory.memory_estimate(
         fmt,
         pixels * pages,
         progressive=progressive,
@@ -451,7 +230,7 @@ def _open(data: bytes, limits: Limits) -> _Opened:
         optimize=limits.optimizes(pixels),
     )
     return _Opened(
-        _header(data, **options), fmt, memory, solo=limits.solo(pixels * pages, progressive=progressive)
+        _header(data, **options), fmt, needs, solo=limits.solo(pixels * pages, progressive=progressive)
     )
 
 
@@ -517,20 +296,24 @@ def _plan(fmt: str, data: bytes, image: pyvips.Image, factor: float) -> tuple[st
     return "jpeg", q_in, quality.target_quality(quality.LOSSLESS_QUALITY, factor)
 
 
-def compress(data: bytes, limits: Limits) -> models.Compressed:
-    """Re-encode ``data`` at the quality rule's quality; raise PermanentError if it can't be."""
-    memory = 0
-    _trimmer.enter()
+def compress(data: bytes, limits: Limits, budget: memory.MemoryBudget | None = None) -> models.Compressed:
+    """Re-encode ``data`` at the quality rule's quality; raise PermanentError if it can't be.
+    With a ``budget``, wait (blocking this thread) until the image's estimated memory fits."""
+    needs = 0
+    memory.trimmer.enter()
     try:
         with _errors.side_by_side():
-            image, fmt_in, memory, solo = _open(data, limits)
+            image, fmt_in, needs, solo = _open(data, limits)
         try:
-            with budget.hold(memory, large=image.width * image.get_page_height() > LARGE_PIXELS, solo=solo):
+            if budget is None:
+                return _compress(data, image, fmt_in, limits)
+            large = image.width * image.get_page_height() > memory.LARGE_PIXELS
+            with budget.hold(needs, large=large, solo=solo):
                 return _compress(data, image, fmt_in, limits)
         finally:
             del image
     finally:
-        _trimmer.leave(memory)
+        memory.trimmer.leave(needs)
 
 
 def _convert(data: bytes, image: pyvips.Image, fmt_in: str, limits: Limits) -> models.Compressed:

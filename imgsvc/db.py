@@ -254,7 +254,7 @@ class Stored:
     url: str
 
 
-async def finish_image(
+async def record_image(
     pool: Pool,
     task: models.ImageTask,
     *,
@@ -279,7 +279,7 @@ async def finish_image(
         outcome = (str(models.ImageStatus.FAILED), error, None, None, bytes_in, *[None] * 8)
     async with translated():
         status: str | None = await pool.fetchval(
-            queries()["finish_image"], task.image_id, uuid.UUID(task.request_id), *outcome, *finish_job
+            queries()["record_image"], task.image_id, uuid.UUID(task.request_id), *outcome, *finish_job
         )
     return status
 
@@ -300,10 +300,10 @@ async def defer_job(
     return job_id
 
 
-async def get_request_for_finish(pool: Pool, request_id: uuid.UUID) -> dict[str, Any] | None:
+async def get_request_summary(pool: Pool, request_id: uuid.UUID) -> dict[str, Any] | None:
     """A request's final status, counts, finish time and webhook URL."""
     async with translated():
-        row = await pool.fetchrow(queries()["get_request_for_finish"], request_id)
+        row = await pool.fetchrow(queries()["get_request_summary"], request_id)
     return dict(row) if row is not None else None
 
 
@@ -364,7 +364,7 @@ async def record_attempt(
     duration_ms: int,
     http_status: int | None,
     error: str | None,
-    state: str,
+    state: models.DeliveryState,
 ) -> None:
     """Store one attempt and the delivery's new state together."""
     q = queries()
@@ -395,23 +395,23 @@ async def cancel_request(conn: Connection, request_id: uuid.UUID) -> tuple[str |
         return before, 0, None
     cancelled = int((await conn.execute(q["cancel_images"], request_id)).split()[-1])
     await conn.execute(q["mark_cancel_requested"], request_id, cancelled)
-    final: str | None = await conn.fetchval(q["finish_request_if_done"], request_id)
+    final: str | None = await conn.fetchval(q["final_status_by_count"], request_id)
     return before, cancelled, final
 
 
 async def unfinished_requests(pool: Pool, limit: int) -> list[uuid.UUID]:
-    """Open requests with no image left to run (see ``finish_unfinished``)."""
+    """Open requests with no image left to run (see ``settle_by_count``)."""
     async with translated():
         rows = await pool.fetch(queries()["unfinished_requests"], limit)
     return [row[0] for row in rows]
 
 
-async def finish_unfinished(conn: Connection, request_id: uuid.UUID) -> str | None:
+async def settle_by_count(conn: Connection, request_id: uuid.UUID) -> str | None:
     """In the caller's transaction, give an open request with no image left to run its
     final status, from a count of its images; None if it is not such a request."""
     q = queries()
     await conn.execute(q["lock_request"], request_id)
-    status: str | None = await conn.fetchval(q["finish_request_if_done"], request_id)
+    status: str | None = await conn.fetchval(q["final_status_by_count"], request_id)
     return status
 
 

@@ -5,6 +5,15 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+# Queues and task names, shared by the task definitions and by the SQL that defers jobs.
+# They are stored in procrastinate's jobs table: renaming one strands queued jobs.
+IMAGE_QUEUE = "images"
+PROCESS_IMAGES = "process_images"
+REQUEST_QUEUE = "requests"
+FINISH_REQUEST = "finish_request"
+DELIVER_WEBHOOK = "deliver_webhook"
+MAINTENANCE_QUEUE = "maintenance"
+
 
 class RequestStatus(enum.StrEnum):
     """Where a request is; the SQL check constraint lists the same values."""
@@ -44,6 +53,15 @@ class ImageStatus(enum.StrEnum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+class DeliveryState(enum.StrEnum):
+    """Where one webhook delivery is; the SQL check constraint lists the same values."""
+
+    PENDING = "pending"
+    RETRYING = "retrying"
+    DELIVERED = "delivered"
+    FAILED = "failed"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""Webhooks, signed as Standard Webhooks sign them, and the verdict on each attempt.
+"""Webhooks: signed as Standard Webhooks sign them, delivered one attempt per job, and
+the verdict on each attempt.
 
 Headers: ``webhook-id`` (the event's id, the same on every attempt),
 ``webhook-timestamp`` (seconds, of this attempt) and
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime
 import hashlib
 import hmac
 import json
+import logging
 import time
 import uuid
 from typing import Any
@@ -19,7 +22,9 @@ from typing import Any
 import aiohttp
 import yarl
 
-from imgsvc import download
+from imgsvc import db, download, errors, metrics, models, resources
+
+logger = logging.getLogger("imgsvc.notify")
 
 _RETRY_STATUSES = frozenset({408, 425, 429})
 
@@ -131,3 +136,81 @@ async def post(
         verdict, error = "retry", f"the connection failed ({type(exc).__name__})"
     duration = int((time.monotonic() - clock) * 1000)
     return Attempt(started_at=started, duration_ms=duration, http_status=status, error=error, verdict=verdict)
+
+
+async def queue_delivery(conn: db.Connection, delivery_id: int) -> None:
+    """Queue a job for a webhook delivery. Its lock runs the jobs of one delivery one at
+    a time, should there ever be two (a requeue racing the first): the second then finds
+    the delivery settled, where running beside the first it would have posted again."""
+    await db.defer_job(
+        conn,
+        models.REQUEST_QUEUE,
+        models.DELIVER_WEBHOOK,
+        {"delivery_id": delivery_id},
+        lock=f"delivery:{delivery_id}",
+    )
+
+
+def _ready_to_post(res: resources.Resources, url: str) -> tuple[yarl.URL, bytes] | str:
+    """Where to post a webhook and the key to sign it with, or why it cannot be sent.
+    Literal IP hosts are checked here, as for sources; names, by the resolver."""
+    secret = res.settings.webhook_secret
+    if not secret:
+        return "no WEBHOOK_SECRET is configured to sign the event"
+    try:
+        return download.check_address(url, res.download_limits), secret_key(secret)
+    except errors.PermanentError as exc:
+        return str(exc)
+
+
+async def deliver(res: resources.Resources, delivery_id: int) -> str:
+    """One attempt at a webhook; raise TransientError when another should follow."""
+    claimed = await db.claim_delivery(res.pool, delivery_id)
+    if claimed is None:
+        return "already settled"
+    config = res.settings
+    attempt_no: int = claimed["attempts"]
+    ready = _ready_to_post(res, claimed["url"])
+    if isinstance(ready, str):
+        attempt = Attempt(
+            started_at=datetime.datetime.now(datetime.UTC).timestamp(),
+            duration_ms=0,
+            http_status=None,
+            verdict="give_up",
+            error=ready,
+        )
+    else:
+        target, key = ready
+        attempt = await post(
+            res.http,
+            target,
+            key=key,
+            event_id=claimed["event_id"],
+            body=claimed["payload"].encode(),
+            time_limit=config.webhook_timeout,
+        )
+    state: models.DeliveryState
+    if attempt.verdict == "delivered":
+        state = models.DeliveryState.DELIVERED
+    elif attempt.verdict == "retry" and attempt_no < config.webhook_max_attempts:
+        state = models.DeliveryState.RETRYING
+    else:
+        state = models.DeliveryState.FAILED
+    error = attempt.error
+    if state is models.DeliveryState.FAILED and attempt.verdict == "retry":
+        error = f"{attempt.error} (gave up after {attempt_no} attempts)"
+    await db.record_attempt(
+        res.pool,
+        delivery_id,
+        attempt_no,
+        datetime.datetime.fromtimestamp(attempt.started_at, datetime.UTC),
+        attempt.duration_ms,
+        attempt.http_status,
+        error,
+        state,
+    )
+    logger.info("webhook %s attempt %s: %s", claimed["event_id"], attempt_no, error or state)
+    metrics.webhooks.labels(str(state)).inc()
+    if state is models.DeliveryState.RETRYING:
+        raise errors.TransientError(error)
+    return str(state)

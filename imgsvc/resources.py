@@ -17,104 +17,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver
 from botocore.config import Config
 
-from imgsvc import __version__, compress, db, download, metrics, settings, storage
-
-
-class SourceBudget:
-    """Bounds the bytes of source images a process holds, from the start of their
-    download to the end of their compression.
-
-    A download starts only when what is held, plus what it is expected to bring (the
-    running mean of the sources so far), fits in ``limit``, or while fewer than
-    ``min_sources`` are held, so the codec threads always have one waiting and a source
-    larger than the budget still gets through. Large sources therefore queue a few at a
-    time and small ones many at a time: memory for the one, latency hiding for the other.
-
-    Once a source declares its size (Content-Length, before its body is read), its
-    download goes on only when that fits beside the other sources of known size, or
-    while fewer than ``min_sources`` have a known size. So a burst of large sources after
-    many small ones waits at its headers instead of all arriving at once; only bodies of
-    undeclared length (chunked) can still pass the limit, each by at most the byte limit
-    of one image. Sources of known size never wait again, and they end by themselves, so
-    those that wait are always woken.
-    """
-
-    def __init__(self, limit: int, min_sources: int, first_guess: int = 0) -> None:
-        self.limit = limit
-        self.min_sources = max(1, min_sources)
-        self.held = 0
-        self.sources = 0
-        self.known = 0  # sources whose size is declared or read
-        self.peak = 0
-        # Until a source has been seen, assume a quarter of the budget each, so that a
-        # first burst of large sources does not all start at once.
-        self.typical = first_guess or max(1, limit // 4)
-        self._changed = asyncio.Event()
-
-    def _fits(self) -> bool:
-        return not self.limit or self.sources < self.min_sources or self.held + self.typical <= self.limit
-
-    @contextlib.asynccontextmanager
-    async def hold(self) -> AsyncIterator[SourceHold]:
-        """Wait for room, then hold the expected size; the hold yielded is told the
-        declared size (``expect``, which may wait) and the real one (calling it) once
-        the source is in memory."""
-        while not self._fits():
-            self._changed.clear()
-            await self._changed.wait()
-        hold = SourceHold(self, self.typical)
-        self._add(hold.share)
-        self.sources += 1
-        try:
-            yield hold
-        finally:
-            self._add(-hold.share)
-            self.sources -= 1
-            if hold.known:
-                self.known -= 1
-            self._changed.set()
-
-    def _add(self, size: int) -> None:
-        self.held += size
-        self.peak = max(self.peak, self.held)
-        metrics.source_bytes.set(self.held)
-
-
-class SourceHold:
-    """One source's place in a SourceBudget."""
-
-    def __init__(self, budget: SourceBudget, share: int) -> None:
-        self._budget = budget
-        self.share = share
-        self.known = False
-
-    def _resize(self, size: int) -> None:
-        budget = self._budget
-        budget._add(size - self.share)
-        self.share = size
-        if not self.known:
-            self.known = True
-            budget.known += 1
-        budget._changed.set()
-
-    async def expect(self, size: int) -> None:
-        """The size the source declares, before its body is read: wait until it fits
-        beside the sources of known size, unless fewer than ``min_sources`` have one."""
-        budget = self._budget
-        while (
-            budget.limit
-            and budget.known >= budget.min_sources
-            and budget.held - self.share + size > budget.limit
-        ):
-            budget._changed.clear()
-            await budget._changed.wait()
-        self._resize(size)
-
-    def __call__(self, size: int) -> None:
-        """The source's real size, once it is in memory."""
-        budget = self._budget
-        budget.typical += (size - budget.typical) // 4
-        self._resize(size)
+from imgsvc import __version__, compress, db, download, memory, metrics, priority, settings, storage
 
 
 @dataclasses.dataclass(slots=True)
@@ -127,7 +30,8 @@ class Resources:
     store: storage.Storage
     images: ThreadPoolExecutor
     source_slots: asyncio.Semaphore
-    source_budget: SourceBudget
+    source_budget: memory.SourceBudget
+    codec_budget: memory.MemoryBudget
     image_slots: asyncio.Semaphore
     upload_slots: asyncio.Semaphore
 
@@ -172,11 +76,7 @@ async def opened(
     resolver: AbstractResolver | None = None,
 ) -> AsyncIterator[Resources]:
     """Open everything; close it all on the way out."""
-    compress.configure(
-        allow_svg=config.allow_svg,
-        memory=config.image_memory,
-        large_concurrency=config.large_image_concurrency,
-    )
+    compress.configure(allow_svg=config.allow_svg)
     async with contextlib.AsyncExitStack() as stack:
         pool = await db.create_pool(database_url, max_size=pool_size)
         stack.push_async_callback(pool.close)
@@ -224,7 +124,7 @@ async def opened(
         images = ThreadPoolExecutor(
             max_workers=config.image_concurrency,
             thread_name_prefix="imgsvc-image",
-            initializer=compress.lower_priority,
+            initializer=priority.lower_priority,
             initargs=(config.image_nice,),
         )
         stack.callback(images.shutdown, wait=True, cancel_futures=True)
@@ -243,7 +143,8 @@ async def opened(
             store=store,
             images=images,
             source_slots=asyncio.Semaphore(config.download_concurrency),
-            source_budget=SourceBudget(config.source_memory, config.image_concurrency + 1),
+            source_budget=memory.SourceBudget(config.source_memory, config.image_concurrency + 1),
+            codec_budget=memory.MemoryBudget(config.image_memory, config.large_image_concurrency),
             image_slots=asyncio.Semaphore(config.image_concurrency),
             upload_slots=asyncio.Semaphore(config.upload_concurrency),
             download_limits=download_limits(config),

@@ -88,7 +88,7 @@ UPDATE images SET status = 'queued', error = $2 WHERE id = $1 AND status = 'proc
 -- lock_request --
 SELECT status FROM requests WHERE id = $1 FOR UPDATE;
 
--- finish_image --
+-- record_image --
 -- An image's final state ($3: 'done' or 'failed'), in one round trip and one
 -- transaction: lock the request row (first, as cancelling does), record the image,
 -- count it on the request, and if it was the request's last open image, give the
@@ -133,7 +133,7 @@ WITH locked AS (
 )
 SELECT c.status FROM counted c WHERE c.closes AND EXISTS (SELECT FROM queued);
 
--- finish_request_if_done --
+-- final_status_by_count --
 -- With the request row locked (after a cancel, or by the maintenance task): counts the
 -- images, seeing every other image's committed state, and when none is left to run,
 -- gives the request its final status and sets its counters from the count.
@@ -219,7 +219,7 @@ JOIN images i ON i.product_id = p.id
 GROUP BY p.id, p.position, p.serial, p.name
 ORDER BY p.position;
 
--- get_request_for_finish --
+-- get_request_summary --
 SELECT r.status, r.webhook_url, r.completed_at, pr.total, pr.queued, pr.processing, pr.done,
        pr.failed, pr.cancelled
 FROM requests r JOIN request_progress pr ON pr.request_id = r.id

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from imgsvc import db, localdb, migrate, models, pipeline, resources, settings
+from imgsvc import db, localdb, migrate, models, resources, settings
 from tests import servers
 
 
@@ -109,8 +109,8 @@ async def store_request(
         file_name=file_name,
         webhook_url=webhook_url,
         products=products,
-        queue=pipeline.IMAGE_QUEUE,
-        task=pipeline.PROCESS_IMAGES,
+        queue=models.IMAGE_QUEUE,
+        task=models.PROCESS_IMAGES,
     )
     return stored.request_id
 

@@ -134,7 +134,7 @@ async def test_cancel_stops_queued_images_and_fires_the_webhook(
     Webhook(WEBHOOK_SECRET).verify(body, headers)
     lines = [json.loads(line) for line in process.output().splitlines() if line.startswith("{")]
     assert lines and all({"time", "level", "logger", "message"} <= line.keys() for line in lines)
-    about_images = [line for line in lines if line["logger"] == "imgsvc.pipeline" and "image_id" in line]
+    about_images = [line for line in lines if line["logger"].startswith("imgsvc.") and "image_id" in line]
     assert about_images and all(line["request_id"] == rid for line in about_images)
 
 

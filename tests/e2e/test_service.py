@@ -163,7 +163,7 @@ async def test_api_and_separate_workers_share_the_queue(
     procrastinate = str(Path(sys.executable).parent / "procrastinate")
     commands = [
         [sys.executable, "-m", "imgsvc", "worker"],
-        [procrastinate, "--app=imgsvc.jobs.app", "worker"],
+        [procrastinate, "--app=imgsvc.queue.app", "worker"],
     ]
     workers = [
         Process(command, env, tmp_path / f"worker{n}.log", own_session=True)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from imgsvc import db, errors, migrate, models, pipeline
+from imgsvc import db, errors, migrate, models
 from tests.conftest import request_row_locked, store_request, wait_for_lock_waits
 
 
@@ -43,7 +43,7 @@ async def test_a_request_is_stored_with_one_job_per_image(pool: db.Pool) -> None
         i["id"] for i in images
     ]
     assert {(j["task_name"], j["queue_name"], j["status"]) for j in job_rows} == {
-        (pipeline.PROCESS_IMAGES, pipeline.IMAGE_QUEUE, "todo")
+        (models.PROCESS_IMAGES, models.IMAGE_QUEUE, "todo")
     }
     names = await pool.fetch("SELECT serial, name, position FROM products ORDER BY position")
     assert [tuple(r) for r in names] == [("1.", "Product 1", 1), ("2.", "Product 2", 2)]
@@ -55,8 +55,8 @@ async def test_images_are_queued_in_batches_in_input_order(pool: db.Pool) -> Non
         file_name=None,
         webhook_url=None,
         products=[product(1, 3), product(2, 2)],
-        queue=pipeline.IMAGE_QUEUE,
-        task=pipeline.PROCESS_IMAGES,
+        queue=models.IMAGE_QUEUE,
+        task=models.PROCESS_IMAGES,
         images_per_job=2,
     )
     ids = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
@@ -96,8 +96,8 @@ async def test_a_problem_found_late_in_a_streamed_file_undoes_everything(databas
                 file_name="p.csv",
                 webhook_url=None,
                 products=late_problem(),
-                queue=pipeline.IMAGE_QUEUE,
-                task=pipeline.PROCESS_IMAGES,
+                queue=models.IMAGE_QUEUE,
+                task=models.PROCESS_IMAGES,
             )
         for table in ("requests", "products", "images", "procrastinate_jobs"):
             assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0, table
@@ -132,23 +132,23 @@ async def _finish_concurrently(
         task = models.ImageTask(image_id, request_id, serial_number=1, position=1, url="", attempts=1)
         await barrier.wait()
         if image_id in fail:
-            return await db.finish_image(
+            return await db.record_image(
                 pool, task, result=None, stored=None, error="broken", bytes_in=None, finish_job=FINISH_JOB
             )
-        return await db.finish_image(
+        return await db.record_image(
             pool, task, result=result, stored=stored, error=None, bytes_in=10, finish_job=FINISH_JOB
         )
 
     return await asyncio.gather(*(finish(i) for i in image_ids))
 
 
-FINISH_JOB = (pipeline.REQUEST_QUEUE, pipeline.FINISH_REQUEST)
+FINISH_JOB = (models.REQUEST_QUEUE, models.FINISH_REQUEST)
 
 
 async def _finish_jobs(pool: db.Pool, request_id: str) -> int:
     count: int = await pool.fetchval(
         "SELECT count(*) FROM procrastinate_jobs WHERE task_name = $1 AND args->>'request_id' = $2",
-        pipeline.FINISH_REQUEST,
+        models.FINISH_REQUEST,
         request_id,
     )
     return count

@@ -13,7 +13,7 @@ from typing import Any
 
 from standardwebhooks.webhooks import Webhook
 
-from imgsvc import download, jobs, models, pipeline, resources
+from imgsvc import download, finish, models, notify, queue, resources
 from tests.conftest import WEBHOOK_SECRET, store_request
 from tests.servers import ImageServer, S3Server, WebhookReceiver
 
@@ -32,10 +32,15 @@ async def submit(
 
 async def run_until(res: resources.Resources, database_url: str, sql: str, *args: Any) -> None:
     """Run the worker until a query answers true (retries are scheduled a little later)."""
-    jobs.use(database_url, res.settings, res)
-    async with jobs.app.open_async():
+    app = queue.create_app(res.settings, database_url)
+    async with app.open_async():
         for _ in range(100):
-            await jobs.app.run_worker_async(wait=False, install_signal_handlers=False, concurrency=4)
+            await app.run_worker_async(
+                additional_context=queue.context(res),
+                wait=False,
+                install_signal_handlers=False,
+                concurrency=4,
+            )
             if await res.pool.fetchval(sql, *args):
                 return
             await asyncio.sleep(0.05)
@@ -152,17 +157,17 @@ async def test_two_jobs_for_one_delivery_post_it_once(
     rid = await submit(
         res, [("1", "P", (image_server.url("/img/png_palette_trns.png"),))], webhook_url=receiver.url(path)
     )
-    assert (await pipeline.cancel_request(res, rid))[2] == "cancelled"  # final, nothing run
-    assert await pipeline.complete_request(res, rid) == "webhook queued"  # what the job does
+    assert (await finish.cancel(res, rid))[2] == "cancelled"  # final, nothing run
+    assert await finish.complete(res, rid) == "webhook queued"  # what the job does
     delivery_id = (await delivery(res, rid))["id"]
     async with res.pool.acquire() as conn:  # a second job, as a requeue racing the first
-        await pipeline.queue_delivery(conn, delivery_id)
+        await notify.queue_delivery(conn, delivery_id)
     await run_until(res, database_url, SETTLED, uuid.UUID(rid))
     await run_until(
         res,
         database_url,
         "SELECT NOT EXISTS (SELECT 1 FROM procrastinate_jobs WHERE task_name = $1 AND status <> 'succeeded')",
-        pipeline.DELIVER_WEBHOOK,
+        models.DELIVER_WEBHOOK,
     )
     assert len(receiver.posts(path)) == 1
     found = await delivery(res, rid)
@@ -227,16 +232,16 @@ async def test_finishing_twice_writes_no_second_event(
     )
     await run_until(res, database_url, SETTLED, uuid.UUID(rid))
     # A crashed worker's finishing job runs again: same CSV key, no new event.
-    assert await pipeline.complete_request(res, rid) == "webhook queued"
+    assert await finish.complete(res, rid) == "webhook queued"
     assert await res.pool.fetchval("SELECT count(*) FROM webhook_deliveries") == 1
     assert (
         await res.pool.fetchval(
             "SELECT count(*) FROM procrastinate_jobs WHERE task_name = $1 AND status = 'todo'",
-            pipeline.DELIVER_WEBHOOK,
+            models.DELIVER_WEBHOOK,
         )
         == 0
     )
-    assert await pipeline.deliver_webhook(res, (await delivery(res, rid))["id"]) == "already settled"
+    assert await notify.deliver(res, (await delivery(res, rid))["id"]) == "already settled"
     assert len(receiver.posts(path)) == 1
 
 

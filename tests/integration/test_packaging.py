@@ -21,4 +21,4 @@ def test_the_wheel_ships_the_schema_and_queries(tmp_path: Path) -> None:
         names = set(archive.namelist())
     expected = {f"imgsvc/sql/{p.name}" for p in (ROOT / "sql").glob("*.sql")}
     assert expected and expected <= names
-    assert "imgsvc/jobs.py" in names
+    assert "imgsvc/queue.py" in names

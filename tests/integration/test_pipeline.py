@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import pyvips
 
-from imgsvc import errors, jobs, models, pipeline, quality, resources, settings
+from imgsvc import errors, memory, models, pipeline, quality, queue, resources
 from tests.conftest import store_request, with_settings
 from tests.servers import IMAGES, ImageServer, S3Server
 
@@ -135,11 +135,15 @@ async def test_a_worker_runs_the_queue_with_retries(
         image_server.url(f"/flaky/{key}/2/gif_animated_loop3.gif"),
         image_server.url("/status/404"),
     )
-    jobs.use(database_url, res.settings, res)
-    async with jobs.app.open_async():
+    app = queue.create_app(res.settings, database_url)
+    async with app.open_async():
         for _ in range(40):  # retries are scheduled a little later: run until settled
-            await jobs.app.run_worker_async(
-                queues=[pipeline.IMAGE_QUEUE], wait=False, install_signal_handlers=False, concurrency=4
+            await app.run_worker_async(
+                additional_context=queue.context(res),
+                queues=[models.IMAGE_QUEUE],
+                wait=False,
+                install_signal_handlers=False,
+                concurrency=4,
             )
             if await res.pool.fetchval("SELECT status FROM requests") != "processing":
                 break
@@ -159,21 +163,27 @@ async def test_start_up_objects_are_frozen_out_of_the_collector(res: resources.R
     assert not any(obj is res.store for obj in gc.get_objects())
 
 
-async def test_resources_opened_under_procrastinates_cli_close_with_its_app(
-    config: settings.Settings, database_url: str
+async def test_a_worker_run_without_resources_opens_them_and_closes_them_after(
+    res: resources.Resources, database_url: str, image_server: ImageServer
 ) -> None:
-    """procrastinate's CLI hosts the tasks without imgsvc's start-up: the first task opens
-    the resources, and the CLI closing the app closes them."""
-    jobs.use(database_url, config)
-    jobs._state.pop("resources", None)  # another test's, already closed
-    async with jobs.app.open_async():
-        # The first jobs of a worker start together: they share what the first opens.
-        first, *others = await asyncio.gather(*(jobs._resources() for _ in range(8)))
-        assert all(other is first for other in others)
-        res = await jobs._resources()
-        assert res is first and not res.pool.is_closing()
-    assert res.pool.is_closing()
-    assert "resources" not in jobs._state
+    """procrastinate's CLI runs the worker without imgsvc's start-up: the app opens the
+    resources for the run, every job uses them, and they are closed when it ends."""
+    names = ["bimg_northern_cardinal_bird.jpg", "kodak_kodim23.png"] * 10  # several jobs
+    await enqueue(res, *(image_server.url(f"/img/{name}") for name in names))
+    sessions = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+    before = await res.pool.fetchval(sessions)
+    app = queue.create_app(res.settings, database_url)
+    async with app.open_async():
+        await app.run_worker_async(
+            queues=[models.IMAGE_QUEUE], wait=False, install_signal_handlers=False, concurrency=4
+        )
+    statuses = await res.pool.fetch("SELECT status, count(*) FROM images GROUP BY status")
+    assert [tuple(row) for row in statuses] == [("done", len(names))]
+    # The run's pool is closed: its sessions end (a backend exits just after its client).
+    deadline = asyncio.get_running_loop().time() + 10
+    while await res.pool.fetchval(sessions) > before:
+        assert asyncio.get_running_loop().time() < deadline, "the run's database sessions stayed open"
+        await asyncio.sleep(0.02)
 
 
 async def test_sources_that_declare_a_large_size_wait_for_memory_at_their_headers(
@@ -182,7 +192,7 @@ async def test_sources_that_declare_a_large_size_wait_for_memory_at_their_header
     # Sources seen so far were tiny (1 KiB expected each), so all six downloads start;
     # their answers come together after 300 ms, each declaring about 0.8 MB: with 1 MiB
     # for sources, one body is read and compressed at a time.
-    budget = resources.SourceBudget(1024 * 1024, min_sources=1, first_guess=1024)
+    budget = memory.SourceBudget(1024 * 1024, min_sources=1, first_guess=1024)
     budgeted = dataclasses.replace(res, source_budget=budget)
     names = ["bimg_northern_cardinal_bird.jpg", "mei_Panasonic_DMC-LC70.jpg"] * 3
     _, ids = await enqueue(budgeted, *(image_server.url(f"/slow/300/{name}") for name in names))

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from imgsvc import db, jobs, models, pipeline, resources
+from imgsvc import db, finish, maintenance, models, pipeline, queue, resources
 from tests.conftest import request_row_locked, store_request, wait_for_lock_waits
 from tests.servers import ImageServer, WebhookReceiver
 
@@ -21,27 +21,32 @@ async def test_images_requests_and_webhooks_without_jobs_are_queued_again(
     rid = await store_request(res.pool, products, webhook_url=receiver.url("/ok"), file_name=None)
     # Lose every job, as an abort during a database outage or a manual delete would.
     await res.pool.execute("DELETE FROM procrastinate_jobs")
-    assert await pipeline.requeue_orphans(res) == 2
-    assert await pipeline.requeue_orphans(res) == 0  # each has a job now
-    jobs.use(database_url, res.settings, res)
-    async with jobs.app.open_async():
-        await jobs.app.run_worker_async(
-            queues=[pipeline.IMAGE_QUEUE], wait=False, install_signal_handlers=False
+    assert await maintenance.requeue_orphans(res) == 2
+    assert await maintenance.requeue_orphans(res) == 0  # each has a job now
+    app = queue.create_app(res.settings, database_url)
+    async with app.open_async():
+        await app.run_worker_async(
+            additional_context=queue.context(res),
+            queues=[models.IMAGE_QUEUE],
+            wait=False,
+            install_signal_handlers=False,
         )
     assert await res.pool.fetchval("SELECT status FROM requests") == "completed"
     # The request is final; lose its finishing job: it is queued again.
     await res.pool.execute("DELETE FROM procrastinate_jobs")
-    assert await pipeline.requeue_orphans(res) == 1
-    assert await res.pool.fetchval("SELECT task_name FROM procrastinate_jobs") == pipeline.FINISH_REQUEST
+    assert await maintenance.requeue_orphans(res) == 1
+    assert await res.pool.fetchval("SELECT task_name FROM procrastinate_jobs") == models.FINISH_REQUEST
     # Finish it here, then lose the webhook's job: it is queued again, and delivered.
     await res.pool.execute("DELETE FROM procrastinate_jobs")
-    assert await pipeline.complete_request(res, rid) == "webhook queued"
+    assert await finish.complete(res, rid) == "webhook queued"
     await res.pool.execute("DELETE FROM procrastinate_jobs")
     assert await res.pool.fetchval("SELECT state FROM webhook_deliveries") == "pending"
-    assert await pipeline.requeue_orphans(res) == 1
-    async with jobs.app.open_async():
+    assert await maintenance.requeue_orphans(res) == 1
+    async with app.open_async():
         for _ in range(50):
-            await jobs.app.run_worker_async(wait=False, install_signal_handlers=False)
+            await app.run_worker_async(
+                additional_context=queue.context(res), wait=False, install_signal_handlers=False
+            )
             if await res.pool.fetchval("SELECT state FROM webhook_deliveries") == "delivered":
                 break
             await asyncio.sleep(0.05)
@@ -55,20 +60,20 @@ async def test_a_sweep_for_orphans_while_another_runs_queues_nothing_twice(res: 
     await store_request(res.pool, products)
     await res.pool.execute("DELETE FROM procrastinate_jobs")
     async with res.pool.acquire() as other:  # another machine's sweep, still at work
-        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", pipeline.ORPHANS_LOCK)
-        assert await pipeline.requeue_orphans(res) == 0
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", maintenance.ORPHANS_LOCK)
+        assert await maintenance.requeue_orphans(res) == 0
         assert await res.pool.fetchval("SELECT count(*) FROM procrastinate_jobs") == 0
-        await other.execute("SELECT pg_advisory_unlock($1)", pipeline.ORPHANS_LOCK)
-    assert await pipeline.requeue_orphans(res) == 2
+        await other.execute("SELECT pg_advisory_unlock($1)", maintenance.ORPHANS_LOCK)
+    assert await maintenance.requeue_orphans(res) == 2
     assert await res.pool.fetchval("SELECT count(*) FROM procrastinate_jobs") == 2
-    assert await pipeline.requeue_orphans(res) == 0  # each has its job now
+    assert await maintenance.requeue_orphans(res) == 0  # each has its job now
     # Ended, the sweeps let go of the lock. Two connections at once, so that one is not
     # the sweeps' own (a session may take again a lock it still holds): both can take it.
     first, second = await res.pool.acquire(), await res.pool.acquire()
     try:
         for conn in (first, second):
-            assert await conn.fetchval("SELECT pg_try_advisory_lock($1)", pipeline.ORPHANS_LOCK)
-            await conn.execute("SELECT pg_advisory_unlock($1)", pipeline.ORPHANS_LOCK)
+            assert await conn.fetchval("SELECT pg_try_advisory_lock($1)", maintenance.ORPHANS_LOCK)
+            await conn.execute("SELECT pg_advisory_unlock($1)", maintenance.ORPHANS_LOCK)
     finally:
         await res.pool.release(first)
         await res.pool.release(second)
@@ -87,11 +92,11 @@ async def test_a_request_whose_counters_went_wrong_is_finished_by_a_count(res: r
     assert await res.pool.fetchval("SELECT status FROM requests") == "processing"
     await res.pool.execute("DELETE FROM procrastinate_jobs")
 
-    assert await pipeline.requeue_orphans(res) == 1
+    assert await maintenance.requeue_orphans(res) == 1
     view = await res.pool.fetchrow("SELECT status, failed, queued FROM request_progress")
     assert tuple(view) == ("failed", 2, 0)
     assert await res.pool.fetchval("SELECT args->>'request_id' FROM procrastinate_jobs") == rid
-    assert await pipeline.requeue_orphans(res) == 0
+    assert await maintenance.requeue_orphans(res) == 0
 
 
 async def _one_job(res: resources.Resources, *urls: str) -> tuple[str, list[int]]:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from imgsvc import jobs, models, resources, settings
+from imgsvc import models, queue, resources, settings
 from tests.conftest import store_request
 from tests.servers import FaultyS3Proxy, ImageServer, S3Server
 
@@ -49,10 +49,15 @@ async def test_every_image_is_stored_through_a_failing_store(
     ]
     async with resources.opened(faulty, database_url) as res:
         rid = await store_request(res.pool, products, file_name=None)
-        jobs.use(database_url, faulty, res)
-        async with jobs.app.open_async():
+        app = queue.create_app(res.settings, database_url)
+        async with app.open_async():
             for _ in range(200):
-                await jobs.app.run_worker_async(wait=False, install_signal_handlers=False, concurrency=4)
+                await app.run_worker_async(
+                    additional_context=queue.context(res),
+                    wait=False,
+                    install_signal_handlers=False,
+                    concurrency=4,
+                )
                 if await res.pool.fetchval("SELECT output_csv_url IS NOT NULL FROM requests"):
                     break
                 await asyncio.sleep(0.05)

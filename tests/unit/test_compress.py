@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import pyvips
 
-from imgsvc import compress, errors, models, quality
+from imgsvc import compress, errors, memory, models, quality
 from tests.conftest import autogroup_on
 
 IMAGES = Path(__file__).parents[1] / "images"
@@ -154,10 +154,10 @@ def test_failures_side_by_side_each_keep_their_own_reason() -> None:
 _NICE_PROBE = """
 import glob, sys
 from concurrent.futures import ThreadPoolExecutor
-from imgsvc import compress
+from imgsvc import compress, memory, priority
 compress.configure()
 data = open(sys.argv[1], "rb").read()
-with ThreadPoolExecutor(2, initializer=compress.lower_priority, initargs=(7,)) as pool:
+with ThreadPoolExecutor(2, initializer=priority.lower_priority, initargs=(7,)) as pool:
     list(pool.map(lambda _: compress.compress(data, compress.Limits()), range(4)))
     for task in sorted(glob.glob("/proc/self/task/*")):
         name = open(task + "/comm").read().strip()
@@ -182,8 +182,8 @@ def test_image_threads_and_the_libvips_threads_they_start_run_at_lower_priority(
 
 
 _SESSION_PROBE = """
-from imgsvc import compress
-print(compress.lower_session_priority(6), compress.lower_session_priority(3))
+from imgsvc import compress, memory, priority
+print(priority.lower_session_priority(6), priority.lower_session_priority(3))
 print(open("/proc/self/autogroup").read().strip())
 """
 
@@ -248,7 +248,7 @@ def _held_at_once(
 
 
 def test_the_memory_budget_runs_big_images_one_at_a_time_and_small_ones_together() -> None:
-    budget = compress.MemoryBudget(100)
+    budget = memory.MemoryBudget(100)
 
     def hold(size: str) -> contextlib.AbstractContextManager[None]:
         return budget.hold(int(size))
@@ -259,7 +259,7 @@ def test_the_memory_budget_runs_big_images_one_at_a_time_and_small_ones_together
 
 
 def test_at_most_large_limit_large_photos_at_once_while_small_ones_fill_the_threads() -> None:
-    budget = compress.MemoryBudget(0, large_limit=2)
+    budget = memory.MemoryBudget(0, large_limit=2)
 
     def hold(kind: str) -> contextlib.AbstractContextManager[None]:
         return budget.hold(1, large=kind == "large")
@@ -270,7 +270,7 @@ def test_at_most_large_limit_large_photos_at_once_while_small_ones_fill_the_thre
 
 
 def test_solo_images_run_one_at_a_time_while_others_run_beside_them() -> None:
-    budget = compress.MemoryBudget(0, large_limit=2)
+    budget = memory.MemoryBudget(0, large_limit=2)
 
     def hold(kind: str) -> contextlib.AbstractContextManager[None]:
         return budget.hold(1, large=True, solo=kind == "solo")
@@ -292,7 +292,8 @@ def test_progressive_jpegs_over_the_limit_are_solo_and_nothing_else_is() -> None
 
 
 def test_compress_runs_solo_images_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    compress.configure(large_concurrency=0)
+    compress.configure()
+    budget = memory.MemoryBudget()  # no byte or large-photo rule: only the solo one
     low = compress.Limits(progressive_solo_pixels=1_000_000)
     progressive = (IMAGES / "mei_Panasonic_DMC-LC70.jpg").read_bytes()
     baseline = (IMAGES / "bimg_northern_cardinal_bird.jpg").read_bytes()
@@ -319,7 +320,9 @@ def test_compress_runs_solo_images_one_at_a_time(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(compress, "_compress", watched)
     with ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(lambda data: compress.compress(data, low), [progressive, baseline] * 4))
+        results = list(
+            pool.map(lambda data: compress.compress(data, low, budget), [progressive, baseline] * 4)
+        )
     assert all(r.format_out == "jpeg" for r in results)
     assert max(most_progressive) == 1
     assert max(most) >= 2  # baseline images still ran beside them
@@ -327,7 +330,7 @@ def test_compress_runs_solo_images_one_at_a_time(monkeypatch: pytest.MonkeyPatch
 
 _MEMORY_PROBE = """
 import sys
-from imgsvc import compress
+from imgsvc import compress, memory, priority
 compress.configure()
 data = open(sys.argv[1], "rb").read()
 limits = compress.Limits(optimize_max_pixels=int(sys.argv[2]))
@@ -372,7 +375,7 @@ def test_the_memory_estimate_covers_what_compress_takes(name: str, optimize_max_
 # A fresh interpreter, configured or not, with glibc's malloc statistics at hand.
 _GLIBC_PROBE = """
 import ctypes, sys
-from imgsvc import compress
+from imgsvc import compress, memory, priority
 if sys.argv[1] == "configured":
     compress.configure()
 names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
@@ -439,7 +442,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyvips
 compress.configure()
 if sys.argv[1] == "off":
-    compress._TRIM_AFTER = 1 << 62
+    memory._TRIM_AFTER = 1 << 62
 noise = pyvips.Image.gaussnoise(4000, 3000).cast("uchar")
 data = noise.bandjoin([noise.rot180(), noise.flip("horizontal")]).jpegsave_buffer(Q=90)
 with ThreadPoolExecutor(2) as pool:
@@ -462,9 +465,9 @@ def test_a_large_image_owes_a_trim_paid_when_none_is_left_or_the_interval_is_ove
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     trims: list[float] = []
-    monkeypatch.setattr(compress, "_trim", lambda: trims.append(time.monotonic()))
-    large, small = compress._TRIM_AFTER, compress._TRIM_AFTER - 1
-    trimmer = compress._Trimmer()
+    monkeypatch.setattr(memory, "_trim", lambda: trims.append(time.monotonic()))
+    large, small = memory._TRIM_AFTER, memory._TRIM_AFTER - 1
+    trimmer = memory._Trimmer()
     trimmer.enter()
     trimmer.enter()
     trimmer.leave(large)  # another at work, but no trim ever made: the interval is over
@@ -477,7 +480,7 @@ def test_a_large_image_owes_a_trim_paid_when_none_is_left_or_the_interval_is_ove
     trimmer.enter()
     trimmer.leave(small)  # none left, nothing owed
     assert len(trims) == 2
-    monkeypatch.setattr(compress, "_TRIM_INTERVAL", 0.0)
+    monkeypatch.setattr(memory, "_TRIM_INTERVAL", 0.0)
     trimmer.enter()
     trimmer.enter()
     trimmer.leave(large)  # another at work, the interval over: trims
@@ -490,9 +493,9 @@ import pyvips
 compress.configure()
 mode = sys.argv[1]
 if mode == "every image":
-    compress._TRIM_INTERVAL = 0.0
+    memory._TRIM_INTERVAL = 0.0
 else:  # the last trim stays fresh however long the two images take
-    compress._TRIM_INTERVAL = 3600.0
+    memory._TRIM_INTERVAL = 3600.0
 libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 noise = pyvips.Image.gaussnoise(4000, 3000).cast("uchar")
 data = noise.bandjoin([noise.rot180(), noise.flip("horizontal")]).jpegsave_buffer(Q=90)
@@ -510,13 +513,13 @@ def faults(step):
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 if mode != "idle":
-    compress._trimmer.enter()  # another image at work all along: a worker under load
+    memory.trimmer.enter()  # another image at work all along: a worker under load
 compress.compress(data, compress.Limits())  # the first trim
 buffers()
 compress.compress(data, compress.Limits())
 kept = faults(buffers)
 if mode == "then idle":
-    compress._trimmer.leave(0)  # the other image ends, small: the owed trim is made
+    memory.trimmer.leave(0)  # the other image ends, small: the owed trim is made
     kept = faults(buffers)
 print(kept)
 """

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
-from imgsvc.resources import SourceBudget
+from imgsvc.memory import SourceBudget
 
 MIB = 1024 * 1024
 

@@ -1,0 +1,279 @@
+"""The HTTP answers about requests and the service: status, the output CSV, the list,
+cancel, the browser pages, the OpenAPI document, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import prometheus_client
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response, StreamingResponse
+
+from imgsvc import (
+    __version__,
+    db,
+    errors,
+    finish,
+    ingest,
+    metrics,
+    migrate,
+    models,
+    openapi,
+    pages,
+    report,
+    resources,
+    responses,
+)
+
+MAX_PER_PAGE = 500
+
+
+def _page_params(request: Request) -> tuple[int, int]:
+    def number(name: str, default: int, maximum: int) -> int:
+        raw = request.query_params.get(name, str(default))
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
+            raise errors.UploadError(
+                f"{name} must be a whole number from 1 to {maximum}",
+                status_code=422,
+                code="invalid_parameter",
+            )
+        return int(raw)
+
+    return number("page", 1, 10_000_000), number("per_page", 100, MAX_PER_PAGE)
+
+
+def _page_info(
+    page: int, per_page: int, total_name: str, total: int, url: str, query: str = ""
+) -> dict[str, Any]:
+    """The paging block of a list: where we are, how many in all, the next page's URL."""
+    more = page * per_page < total
+    return {
+        "page": page,
+        "per_page": per_page,
+        total_name: total,
+        "next": f"{url}?page={page + 1}&per_page={per_page}{query}" if more else None,
+    }
+
+
+def _parse_request_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise errors.UploadError(
+            f"{raw[:64]!r} is not a request id (a UUID)", status_code=422, code="invalid_request_id"
+        ) from None
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+async def status(request: Request) -> Response:
+    """GET /status/{request_id}: progress, counts and a page of products with their images."""
+    res: resources.Resources = request.app.state.resources
+    request_id = _parse_request_id(request.path_params["request_id"])
+    page, per_page = _page_params(request)
+    found = await db.get_status(res.pool, request_id, limit=per_page, offset=(page - 1) * per_page)
+    if found is None:
+        raise HTTPException(404, f"no request with id {request_id}")
+    s = found["summary"]
+    base = f"{res.settings.base_url}/status/{request_id}"
+    products = [
+        p | {"images": [i | {"input_url": ingest.redact_url(i["input_url"])} for i in p["images"]]}
+        for p in found["products"]
+    ]
+    webhook = found["webhook"]
+    if webhook is not None:
+        webhook |= {"delivered_at": _iso(webhook["delivered_at"])}
+    counts = {name: s[name] for name in models.COUNTS}
+    finished = s["done"] + s["failed"] + s["cancelled"]
+    return responses.json(
+        {
+            "request_id": str(request_id),
+            "status": s["status"],
+            "file_name": s["file_name"],
+            "created_at": _iso(s["created_at"]),
+            "updated_at": _iso(s["updated_at"]),
+            "started_at": _iso(s["started_at"]),
+            "completed_at": _iso(s["completed_at"]),
+            "counts": counts,
+            "progress": round(finished / s["total"], 4) if s["total"] else 1.0,
+            "bytes_in": s["bytes_in"],
+            "bytes_out": s["bytes_out"],
+            "status_url": base,
+            "output_csv_url": s["output_csv_url"],
+            "output_csv_download_url": f"{res.settings.base_url}/requests/{request_id}/output.csv",
+            "webhook": webhook,
+            "products": products,
+            "page": _page_info(page, per_page, "total_products", s["product_count"], base),
+        }
+    )
+
+
+async def output_csv(request: Request) -> Response:
+    """GET /requests/{request_id}/output.csv: the output CSV, once the request is finished."""
+    res: resources.Resources = request.app.state.resources
+    request_id = _parse_request_id(request.path_params["request_id"])
+    info = await db.get_request_summary(res.pool, request_id)
+    if info is None:
+        raise HTTPException(404, f"no request with id {request_id}")
+    if info["status"] in ("queued", "processing"):
+        finished = info["done"] + info["failed"]
+        raise HTTPException(
+            409,
+            f"the request is still {info['status']} ({finished} of {info['total']} "
+            "images finished); the output CSV exists once all are",
+        )
+    rows = db.output_rows(res.pool, request_id)
+    first = await anext(rows, None)  # a database that is away answers 503 here, not a cut 200
+
+    async def chunks() -> AsyncGenerator[list[report.Row], None]:
+        async with contextlib.aclosing(rows):
+            if first is not None:
+                yield first
+            async for chunk in rows:
+                yield chunk
+
+    return StreamingResponse(
+        report.stream_csv(chunks()),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{request_id}-output.csv"'},
+    )
+
+
+async def index(request: Request) -> Response:
+    """GET /: the upload page for a browser; what this service is, as JSON, for others."""
+    base = request.app.state.resources.settings.base_url
+    if responses.wants_html(request):
+        return HTMLResponse(pages.index(base))
+    return responses.json(
+        {
+            "service": "imgsvc",
+            "version": __version__,
+            "upload": f"{base}/upload",
+            "status": f"{base}/status/{{request_id}}",
+            "docs": f"{base}/docs",
+            "openapi": f"{base}/openapi.json",
+        }
+    )
+
+
+async def request_page(request: Request) -> Response:
+    """GET /requests/{request_id}: the live page for a browser, the status JSON for others."""
+    if not responses.wants_html(request):
+        return await status(request)
+    res: resources.Resources = request.app.state.resources
+    request_id = _parse_request_id(request.path_params["request_id"])
+    if await db.get_request_summary(res.pool, request_id) is None:
+        raise HTTPException(404, f"no request with id {request_id}")
+    return HTMLResponse(pages.request_page(str(request_id), f"{res.settings.base_url}/status/{request_id}"))
+
+
+async def openapi_json(request: Request) -> Response:
+    """GET /openapi.json: the OpenAPI 3.1 document."""
+    return responses.json(openapi.document())
+
+
+async def docs(request: Request) -> Response:
+    """GET /docs: the API documentation page."""
+    return HTMLResponse(pages.docs(openapi.document()))
+
+
+async def healthz(request: Request) -> Response:
+    """GET /healthz: the process is alive (no key needed)."""
+    return responses.json({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """GET /readyz: the database answers, its schema is current, the store is reachable."""
+    res: resources.Resources = request.app.state.resources
+    checks: dict[str, str] = {}
+    for name, check in (
+        ("database", lambda: res.pool.fetchval("SELECT 1")),
+        ("schema", lambda: migrate.check(res.pool)),
+        ("store", res.store.check),
+    ):
+        try:
+            async with asyncio.timeout(3):
+                await check()
+            checks[name] = "ok"
+        except (errors.ImgsvcError, TimeoutError, *db.UNAVAILABLE) as exc:
+            checks[name] = str(exc)[:200] if isinstance(exc, errors.ImgsvcError) else "not answering"
+    ready = all(value == "ok" for value in checks.values())
+    return responses.json(
+        {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
+    )
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """GET /metrics: Prometheus text format; queue depth is read from the database."""
+    res: resources.Resources = request.app.state.resources
+    with contextlib.suppress(errors.DatabaseUnavailable):
+        counts = {(queue, state): count for queue, state, count in await db.job_counts(res.pool)}
+        metrics.jobs.clear()
+        for queue in (models.IMAGE_QUEUE, models.REQUEST_QUEUE):
+            for state in ("todo", "doing", "failed", "aborted"):
+                counts.setdefault((queue, state), 0)
+        for (queue, state), count in counts.items():
+            metrics.jobs.labels(queue, state).set(count)
+    return Response(prometheus_client.generate_latest(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
+async def list_requests(request: Request) -> Response:
+    """GET /requests: requests, newest first, optionally of one status, paged."""
+    res: resources.Resources = request.app.state.resources
+    page, per_page = _page_params(request)
+    wanted = request.query_params.get("status")
+    if wanted is not None and wanted not in {s.value for s in models.RequestStatus}:
+        choices = ", ".join(s.value for s in models.RequestStatus)
+        raise errors.UploadError(
+            f"status must be one of {choices}", status_code=422, code="invalid_parameter"
+        )
+    rows, total = await db.list_requests(
+        res.pool, status=wanted, limit=per_page, offset=(page - 1) * per_page
+    )
+    base = res.settings.base_url
+    query = f"&status={wanted}" if wanted else ""
+    return responses.json(
+        {
+            "requests": [
+                {
+                    "request_id": row["request_id"],
+                    "status": row["status"],
+                    "file_name": row["file_name"],
+                    "counts": {name: row[name] for name in models.COUNTS},
+                    "percent": row["percent"],
+                    "created_at": _iso(row["created_at"]),
+                    "completed_at": _iso(row["completed_at"]),
+                    "status_url": f"{base}/status/{row['request_id']}",
+                }
+                for row in rows
+            ],
+            "page": _page_info(page, per_page, "total", total, f"{base}/requests", query),
+        }
+    )
+
+
+async def cancel(request: Request) -> Response:
+    """POST /requests/{request_id}/cancel: cancel the queued images; the request ends cancelled."""
+    res: resources.Resources = request.app.state.resources
+    request_id = _parse_request_id(request.path_params["request_id"])
+    before, cancelled, now = await finish.cancel(res, str(request_id))
+    if before is None:
+        raise HTTPException(404, f"no request with id {request_id}")
+    if models.RequestStatus(before).is_final:
+        raise HTTPException(409, f"the request already finished: {before}")
+    return responses.json(
+        {
+            "request_id": str(request_id),
+            "status": now,
+            "cancelled_images": cancelled,
+            "status_url": f"{res.settings.base_url}/status/{request_id}",
+        },
+        202,
+    )

@@ -1,0 +1,90 @@
+"""The periodic sweeps behind "nothing lost": jobs of workers that stopped sending
+heartbeats go back to the queue, and unfinished work that has no job gets one.
+
+Run every 15 s by the ``maintenance`` task, on one worker at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from procrastinate import exceptions as procrastinate_exceptions
+from procrastinate import manager
+
+from imgsvc import db, finish, models, notify, resources
+
+logger = logging.getLogger("imgsvc.maintenance")
+
+
+async def sweep(jobs: manager.JobManager, res: resources.Resources) -> int:
+    """One run: retry the stalled jobs, then requeue the orphans; how many were queued.
+    Not under a procrastinate lock: a run stalled on a killed worker would hold it, and
+    only this puts stalled jobs back; ``requeue_orphans`` keeps overlapping runs apart
+    with a lock that dies with its connection."""
+    return await retry_stalled(jobs, res.settings.stalled_seconds) + await requeue_orphans(res)
+
+
+async def retry_stalled(jobs: manager.JobManager, stalled_seconds: float) -> int:
+    """Put back in the queue the jobs of workers silent for ``stalled_seconds``."""
+    count = 0
+    for job in await jobs.get_stalled_jobs(seconds_since_heartbeat=stalled_seconds):
+        with contextlib.suppress(procrastinate_exceptions.ProcrastinateException):
+            await jobs.retry_job(job)
+            count += 1
+            logger.warning("retried job %s (%s) of a stalled worker", job.id, job.task_name)
+    return count
+
+
+# The advisory lock that one sweep for orphans holds at a time.
+ORPHANS_LOCK = 0x696D_6773_7663_0001
+
+
+async def requeue_orphans(res: resources.Resources, limit: int = 1000) -> int:
+    """Queue a job for every unfinished image, request or webhook that has none.
+
+    The safety net behind "nothing lost": a job can end without finishing its row
+    (aborted at shutdown while the database was down, deleted by hand, a crash
+    between two commits). Images and requests are made so that running them twice
+    shows nothing twice. One sweep at a time, on any number of machines: two that
+    overlapped (one slower than the 15 s between runs) would find the same orphans
+    and queue each twice. A sweep that finds another at work does nothing. The lock is
+    a transaction's, held open on a connection of its own for the sweep: it ends with
+    that transaction however the sweep ends (the pool rolls back a transaction left
+    open), or with the connection if the worker dies.
+    """
+    async with db.translated(), res.pool.acquire() as holder, holder.transaction():
+        if not await holder.fetchval("SELECT pg_try_advisory_xact_lock($1)", ORPHANS_LOCK):
+            logger.info("another worker is sweeping for orphans; this one leaves it to it")
+            return 0
+        return await _requeue_orphans(res, limit)
+
+
+async def _requeue_orphans(res: resources.Resources, limit: int) -> int:
+    count = 0
+    for image_id in await db.orphans(res.pool, "orphaned_images", models.PROCESS_IMAGES, limit):
+        count += await db.requeue_image(
+            res.pool, image_id, "queued again: its job had ended", models.IMAGE_QUEUE, models.PROCESS_IMAGES
+        )
+    for task, query, key in (
+        (models.FINISH_REQUEST, "orphaned_requests", "request_id"),
+        (models.DELIVER_WEBHOOK, "orphaned_deliveries", "delivery_id"),
+    ):
+        for row_id in await db.orphans(res.pool, query, task, limit):
+            async with res.pool.acquire() as conn:
+                if task == models.DELIVER_WEBHOOK:
+                    await notify.queue_delivery(conn, row_id)
+                else:
+                    await db.defer_job(conn, models.REQUEST_QUEUE, task, {key: row_id})
+            count += 1
+    # A request is finished by the statement that records its last image, going by
+    # the counters on its row; if those were ever wrong, a count finishes it here.
+    for rid in await db.unfinished_requests(res.pool, limit):
+        async with res.pool.acquire() as conn, conn.transaction():
+            status = await db.settle_by_count(conn, rid)
+            if status is not None:
+                await finish.finalize(conn, str(rid), models.RequestStatus(status))
+                count += 1
+    if count:
+        logger.warning("queued %s unfinished items again that had no job", count)
+    return count
