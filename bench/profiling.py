@@ -205,7 +205,7 @@ def stage(stack: Stack) -> str:
         or any(f.startswith(("aiobotocore/", "botocore/")) for f in files)
     ):
         return "S3 upload: aiobotocore (signing, endpoint rules) and sending the body"
-    if any(f.startswith("imgsvc/download") for f in files):
+    if any(f.startswith("imgsvc/fetch") for f in files):
         return "download: aiohttp GET and reading the body"
     if any(f.startswith(("imgsvc/db", "asyncpg/")) for f in files) or "record" in functions:
         return "imgsvc SQL: claim, finish and record an image (asyncpg)"

@@ -17,7 +17,7 @@ import logging
 import tempfile
 import uuid
 
-from imgsvc import db, metrics, models, notify, report, resources, storage
+from imgsvc import db, metrics, models, notify, report, resources, store
 
 logger = logging.getLogger("imgsvc.finish")
 
@@ -71,7 +71,7 @@ async def complete(res: resources.Resources, request_id: str) -> str:
     info = await db.get_request_summary(res.pool, rid)
     if info is None or not models.RequestStatus(info["status"]).is_final:
         return "not finished"
-    key = storage.csv_key(res.settings.s3_prefix, request_id)
+    key = store.csv_key(res.settings.s3_prefix, request_id)
     # Written as its rows are read: the output of a 100,000-product request is about
     # 70 MB of CSV.
     with tempfile.SpooledTemporaryFile(max_size=OUTPUT_CSV_IN_MEMORY) as out:

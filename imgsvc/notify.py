@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import yarl
 
-from imgsvc import db, download, errors, metrics, models, resources
+from imgsvc import db, errors, fetch, metrics, models, resources
 
 logger = logging.getLogger("imgsvc.notify")
 
@@ -128,7 +128,7 @@ async def post(
     except TimeoutError:
         verdict, error = "retry", f"the receiver did not answer within {time_limit:g} s"
     except aiohttp.ClientConnectorError as exc:
-        if isinstance(exc.os_error, download.RefusedAddress):
+        if isinstance(exc.os_error, fetch.RefusedAddress):
             verdict, error = "give_up", f"refused: {exc.os_error}"
         else:
             verdict, error = "retry", f"could not connect to {exc.host}:{exc.port}"
@@ -158,7 +158,7 @@ def _ready_to_post(res: resources.Resources, url: str) -> tuple[yarl.URL, bytes]
     if not secret:
         return "no WEBHOOK_SECRET is configured to sign the event"
     try:
-        return download.check_address(url, res.download_limits), secret_key(secret)
+        return fetch.check_address(url, res.download_limits), secret_key(secret)
     except errors.PermanentError as exc:
         return str(exc)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from imgsvc import compress, db, download, errors, finish, logs, metrics, models, resources, storage
+from imgsvc import compress, db, errors, fetch, finish, logs, metrics, models, resources, store
 
 logger = logging.getLogger("imgsvc.pipeline")
 
@@ -86,7 +86,7 @@ async def _process_claimed(res: resources.Resources, task: models.ImageTask) -> 
         # for the codec included, by count and by size.
         async with res.source_slots, res.source_budget.hold() as source:
             with metrics.stage_duration.labels("download").time():
-                data = await download.fetch(res.http, task.url, res.download_limits, expect=source.expect)
+                data = await fetch.download(res.http, task.url, res.download_limits, expect=source.expect)
             bytes_in = len(data)
             source(bytes_in)
             metrics.image_bytes.labels("in").inc(bytes_in)
@@ -97,7 +97,7 @@ async def _process_claimed(res: resources.Resources, task: models.ImageTask) -> 
                         res.images, compress.compress, data, res.image_limits, res.codec_budget
                     )
             del data
-        key = storage.object_key(
+        key = store.object_key(
             res.settings.s3_prefix, task.request_id, task.serial_number, task.position, result.extension
         )
         with metrics.stage_duration.labels("upload").time():

@@ -17,7 +17,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver
 from botocore.config import Config
 
-from imgsvc import __version__, compress, db, download, memory, metrics, priority, settings, storage
+from imgsvc import __version__, compress, db, fetch, memory, metrics, priority, settings, store
 
 
 @dataclasses.dataclass(slots=True)
@@ -27,7 +27,7 @@ class Resources:
     settings: settings.Settings
     pool: db.Pool
     http: aiohttp.ClientSession
-    store: storage.Storage
+    store: store.Storage
     images: ThreadPoolExecutor
     source_slots: asyncio.Semaphore
     source_budget: memory.SourceBudget
@@ -35,17 +35,17 @@ class Resources:
     image_slots: asyncio.Semaphore
     upload_slots: asyncio.Semaphore
 
-    download_limits: download.Limits
+    download_limits: fetch.Limits
     image_limits: compress.Limits
 
 
-def download_limits(config: settings.Settings) -> download.Limits:
+def download_limits(config: settings.Settings) -> fetch.Limits:
     """The download limits and address rules from the settings."""
-    return download.Limits(
+    return fetch.Limits(
         max_bytes=config.max_image_bytes,
         max_redirects=config.max_redirects,
         allow_private_networks=config.allow_private_networks,
-        allowed_networks=download.networks(config.allowed_source_networks),
+        allowed_networks=fetch.networks(config.allowed_source_networks),
     )
 
 
@@ -80,7 +80,7 @@ async def opened(
     async with contextlib.AsyncExitStack() as stack:
         pool = await db.create_pool(database_url, max_size=pool_size)
         stack.push_async_callback(pool.close)
-        http = download.create_session(
+        http = fetch.create_session(
             user_agent=f"imgsvc/{__version__} (product image compressor)",
             connect_timeout=config.connect_timeout,
             total_timeout=config.download_timeout,
@@ -90,7 +90,7 @@ async def opened(
             resolver=resolver,
         )
         stack.push_async_callback(http.close)
-        store: storage.Storage
+        output: store.Storage
         if config.aws_bucket_name:
             session = aioboto3.Session()
             client = await stack.enter_async_context(
@@ -113,14 +113,14 @@ async def opened(
                     ),
                 )
             )
-            store = storage.S3Storage(
+            output = store.S3Storage(
                 client,
                 config.aws_bucket_name,
-                storage.s3_public_url(config.aws_bucket_name, config.aws_region, config.aws_endpoint_url),
+                store.s3_public_url(config.aws_bucket_name, config.aws_region, config.aws_endpoint_url),
             )
         else:
             config.local_storage_dir.mkdir(parents=True, exist_ok=True)
-            store = storage.LocalStorage(config.local_storage_dir, f"{config.base_url}/files")
+            output = store.LocalStorage(config.local_storage_dir, f"{config.base_url}/files")
         images = ThreadPoolExecutor(
             max_workers=config.image_concurrency,
             thread_name_prefix="imgsvc-image",
@@ -140,7 +140,7 @@ async def opened(
             settings=config,
             pool=pool,
             http=http,
-            store=store,
+            store=output,
             images=images,
             source_slots=asyncio.Semaphore(config.download_concurrency),
             source_budget=memory.SourceBudget(config.source_memory, config.image_concurrency + 1),

@@ -16,7 +16,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from imgsvc import db, download, errors, ingest, models, resources, responses, settings
+from imgsvc import db, errors, fetch, ingest, models, resources, responses, settings
 
 logger = logging.getLogger("imgsvc.upload")
 
@@ -183,7 +183,7 @@ async def _checked_webhook_url(value: object, res: resources.Resources) -> str |
         reason = "this server has no WEBHOOK_SECRET to sign webhooks with; ask its operator to set one"
     if reason is None:
         try:
-            await download.check_destination(text, res.download_limits)
+            await fetch.check_destination(text, res.download_limits)
         except errors.PermanentError as exc:
             reason = exc.message
     if reason is not None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from standardwebhooks.webhooks import Webhook
 
-from imgsvc import download, finish, models, notify, queue, resources
+from imgsvc import fetch, finish, models, notify, queue, resources
 from tests.conftest import WEBHOOK_SECRET, store_request
 from tests.servers import ImageServer, S3Server, WebhookReceiver
 
@@ -181,7 +181,7 @@ async def test_a_webhook_to_a_literal_private_address_is_refused_at_delivery(
     # tests; the URL (as WEBHOOK_URL would give it, unchecked at upload) is 10.0.0.1
     # once yarl, and so aiohttp, has read it.
     strict = dataclasses.replace(
-        res, download_limits=download.Limits(allowed_networks=download.networks(("127.0.0.0/8",)))
+        res, download_limits=fetch.Limits(allowed_networks=fetch.networks(("127.0.0.0/8",)))
     )
     rid = await submit(
         strict,

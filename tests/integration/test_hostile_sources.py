@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from imgsvc import download, errors, models, pipeline, resources, settings
+from imgsvc import errors, fetch, models, pipeline, resources, settings
 from tests.conftest import store_request
 from tests.servers import HostileServer, ImageServer, StubResolver
 
@@ -134,12 +134,12 @@ async def test_the_allowed_network_still_works(
 )
 async def test_webhook_urls_on_private_addresses_are_refused_at_upload(url: str) -> None:
     with pytest.raises(errors.BlockedAddress):
-        await download.check_destination(url, download.Limits())
+        await fetch.check_destination(url, fetch.Limits())
 
 
 async def test_webhook_urls_that_do_not_resolve_are_refused_at_upload() -> None:
     with pytest.raises(errors.PermanentError, match="does not resolve"):
-        await download.check_destination("https://no-such-host.invalid/hook", download.Limits())
+        await fetch.check_destination("https://no-such-host.invalid/hook", fetch.Limits())
 
 
 async def test_a_malformed_redirect_fails_with_a_reason(

@@ -8,24 +8,22 @@ from pathlib import Path
 
 import pytest
 
-from imgsvc import download, errors, ingest, settings, storage
+from imgsvc import errors, fetch, ingest, settings, store
 
 
 def test_keys_are_unique_per_image_and_carry_no_user_text() -> None:
     rid = "0b7e4a8e-0000-4000-8000-000000000001"
     keys = {
-        storage.object_key("", rid, serial, position, "jpg")
-        for serial in (1, 2, 12)
-        for position in (1, 2, 21)
+        store.object_key("", rid, serial, position, "jpg") for serial in (1, 2, 12) for position in (1, 2, 21)
     }
     assert len(keys) == 9
-    assert storage.object_key("", rid, 12, 3, "png") == f"{rid}/12-3.png"
-    assert storage.object_key("out", rid, 1, 1, "jpg") == f"out/{rid}/1-1.jpg"
+    assert store.object_key("", rid, 12, 3, "png") == f"{rid}/12-3.png"
+    assert store.object_key("out", rid, 1, 1, "jpg") == f"out/{rid}/1-1.jpg"
 
 
 def test_s3_public_url() -> None:
-    assert storage.s3_public_url("b", "eu-west-1", None) == "https://b.s3.eu-west-1.amazonaws.com"
-    assert storage.s3_public_url("b", "x", "http://minio:9000/") == "http://minio:9000/b"
+    assert store.s3_public_url("b", "eu-west-1", None) == "https://b.s3.eu-west-1.amazonaws.com"
+    assert store.s3_public_url("b", "x", "http://minio:9000/") == "http://minio:9000/b"
 
 
 def test_settings_defaults_and_user_names() -> None:
@@ -142,14 +140,14 @@ def test_the_default_public_url_is_a_url_whatever_the_host(host: str, base_url: 
     ],
 )
 def test_private_and_reserved_addresses_are_blocked(address: str) -> None:
-    assert download.blocked_reason(address) is not None
+    assert fetch.blocked_reason(address) is not None
 
 
 @pytest.mark.parametrize(
     "address", ["93.184.215.14", "2606:4700::6810:84e5", "::ffff:8.8.8.8", "64:ff9b::808:808"]
 )
 def test_public_addresses_pass(address: str) -> None:
-    assert download.blocked_reason(address) is None
+    assert fetch.blocked_reason(address) is None
 
 
 @pytest.mark.parametrize(
@@ -164,9 +162,9 @@ def test_public_addresses_pass(address: str) -> None:
 )
 def test_literal_hosts_and_schemes_are_checked_before_connecting(url: str, error: type[Exception]) -> None:
     with pytest.raises(error):
-        download.check_address(url, download.Limits())
+        fetch.check_address(url, fetch.Limits())
     if error is errors.BlockedAddress:
-        download.check_address(url, download.Limits(allow_private_networks=True))
+        fetch.check_address(url, fetch.Limits(allow_private_networks=True))
 
 
 @pytest.mark.parametrize(
@@ -182,10 +180,10 @@ def test_credentials_in_urls_are_hidden(url: str, shown: str) -> None:
 
 
 async def test_local_storage_stores_bytes_and_files_from_their_start(tmp_path: Path) -> None:
-    store = storage.LocalStorage(tmp_path, "http://files.test/files")
-    assert await store.put("r/a.jpg", b"bytes", "image/jpeg") == "http://files.test/files/r/a.jpg"
+    local = store.LocalStorage(tmp_path, "http://files.test/files")
+    assert await local.put("r/a.jpg", b"bytes", "image/jpeg") == "http://files.test/files/r/a.jpg"
     with tempfile.SpooledTemporaryFile(max_size=4) as spooled:  # spills to disk past 4 bytes
         spooled.write(b"S. No.,Product Name\r\n")
-        await store.put("r/output.csv", spooled, "text/csv")
+        await local.put("r/output.csv", spooled, "text/csv")
     assert (tmp_path / "r/a.jpg").read_bytes() == b"bytes"
     assert (tmp_path / "r/output.csv").read_bytes() == b"S. No.,Product Name\r\n"

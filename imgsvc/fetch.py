@@ -210,7 +210,7 @@ async def _read_body(
     return b"".join(chunks)
 
 
-async def fetch(
+async def download(
     session: aiohttp.ClientSession,
     url: str,
     limits: Limits,
