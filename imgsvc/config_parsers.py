@@ -1,0 +1,248 @@
+"""How a setting is declared: its variables, its parser, and how it is documented.
+
+A ``Parser`` pairs a function, which raises ``ValueError`` on text it does not accept,
+with what the error message says was expected and how it quotes the text it got (URLs
+without their credentials). A ``Declaration`` adds the variable's names, the topic and
+meaning that docs/configuration.md shows, and whether the value is a secret, never
+quoted. ``settings`` declares each of its fields with one.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
+
+from imgsvc import errors
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+MIB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Parser(Generic[T_co]):
+    """How a variable's text is read, and how an error about it is worded."""
+
+    parse: Callable[[str], T_co]
+    expected: str = "text"
+    shown: Callable[[str], str] = repr
+    # The value is this many times the number written (MiB settings hold bytes).
+    unit: int = 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Declaration:
+    """How one setting is read from the environment, and how it is documented."""
+
+    names: tuple[str, ...]  # the first one set wins; the first is the usual name
+    topic: str
+    parser: Parser[object]
+    meaning: str
+    secret: bool = False  # a malformed value is not quoted in the error
+    default_text: str | None = None  # for defaults computed at start-up, like core counts
+
+    def read(self, env: Mapping[str, str]) -> tuple[str, Any] | None:
+        """The first of the names that is set and its parsed value, or None when none is.
+        A value that does not parse is quoted in the error through the parser's ``shown``,
+        or not at all when it is a ``secret``."""
+        for name in self.names:
+            raw = env.get(name, "").strip()
+            if not raw:
+                continue
+            try:
+                return name, self.parser.parse(raw)
+            except ValueError:
+                quoted = "a value that is not" if self.secret else self.parser.shown(raw)
+                raise errors.SettingsError(name, f"expected {self.parser.expected}, got {quoted}") from None
+        return None
+
+    def shown_default(self, default: object) -> str:
+        """The default as the documentation writes it."""
+        if self.default_text is not None:
+            return self.default_text
+        if default is None:
+            return "unset"
+        if default in ("", ()):
+            return "empty"
+        if isinstance(default, bool):
+            return f"`{str(default).lower()}`"
+        if isinstance(default, float):
+            return f"`{default:g}`"
+        if isinstance(default, int):
+            number = default // self.parser.unit
+            mib = f" ({number // MIB} MiB)" if number >= MIB and number % MIB == 0 else ""
+            return f"`{number}`{mib}"
+        return f"`{default}`"
+
+    def markdown_row(self, default: object) -> str:
+        """The setting's row in the documentation: variables, default, meaning."""
+        variables = " or ".join(f"`{name}`" for name in self.names)
+        return f"| {variables} | {self.shown_default(default)} | {self.meaning} |"
+
+
+def declare(
+    default: T,
+    names: str | tuple[str, ...],
+    topic: str,
+    parser: Parser[T],
+    meaning: str,
+    *,
+    secret: bool = False,
+    default_text: str | None = None,
+) -> T:
+    """A field of a settings dataclass: its default, and its declaration in the metadata."""
+    names = (names,) if isinstance(names, str) else names
+    declared = Declaration(names, topic, parser, meaning, secret, default_text)
+    return dataclasses.field(default=default, metadata={"declaration": declared})
+
+
+def without_credentials(raw: str) -> str:
+    """A URL that did not parse, as it may be printed: nothing before its last "@" but
+    a scheme (a user and password, however mangled: urlsplit cannot be trusted to find
+    them in a malformed URL), and nothing from its query on (tokens live there)."""
+    shown, hidden = raw, False
+    if "@" in shown:
+        scheme = re.match(r"[A-Za-z][A-Za-z0-9+.-]*:/*", shown)
+        shown = (scheme.group(0) if scheme else "") + "…@" + shown.rpartition("@")[2]
+        hidden = True
+    for mark in "?#":
+        if mark in shown:
+            shown, hidden = shown.partition(mark)[0], True
+    return repr(shown) + (" (credentials and query not shown)" if hidden else "")
+
+
+def _text(raw: str) -> str:
+    return raw
+
+
+def _prefix(raw: str) -> str:
+    return raw.strip("/")
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw.replace("_", ""))
+    if value < 1:
+        raise ValueError(raw)
+    return value
+
+
+def _nice_steps(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 19:
+        raise ValueError(raw)
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError(raw)
+    return value
+
+
+def _mib(raw: str) -> int:
+    return MIB * _non_negative_int(raw)
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError(raw)
+    return value
+
+
+def _fraction(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value <= 1:
+        raise ValueError(raw)
+    return value
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 < value < 65536:
+        raise ValueError(raw)
+    return value
+
+
+def _http_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(raw)
+    return raw
+
+
+def _db_url(raw: str) -> str:
+    if urlsplit(raw).scheme not in ("postgres", "postgresql"):
+        raise ValueError(raw)
+    return raw
+
+
+def _webhook_secret(raw: str) -> str:
+    if raw.startswith("whsec_"):
+        base64.b64decode(raw.removeprefix("whsec_"), validate=True)  # binascii.Error is a ValueError
+    return raw
+
+
+def _networks(raw: str) -> tuple[str, ...]:
+    return tuple(
+        str(ipaddress.ip_network(part.strip(), strict=False)) for part in raw.split(",") if part.strip()
+    )
+
+
+def _keys(raw: str) -> tuple[str, ...]:
+    keys = tuple(part.strip() for part in raw.split(",") if part.strip())
+    if any(len(key) < 16 for key in keys):
+        raise ValueError("short key")
+    return keys
+
+
+def _log_format(raw: str) -> str:
+    if raw.lower() not in ("text", "json"):
+        raise ValueError(raw)
+    return raw.lower()
+
+
+def _level(raw: str) -> str:
+    level = raw.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(raw)
+    return level
+
+
+TEXT = Parser(_text)
+PATH = Parser(Path, "a path")
+S3_PREFIX = Parser(_prefix)  # "/out/" and "out" are the same folder
+PORT = Parser(_port, "a port number from 1 to 65535")
+HTTP_URL = Parser(_http_url, "an http(s) URL", shown=without_credentials)
+DATABASE_URL = Parser(_db_url, "a postgresql:// URL", shown=without_credentials)
+LOG_LEVEL = Parser(_level, "DEBUG, INFO, WARNING or ERROR")
+LOG_FORMAT = Parser(_log_format, "text or json")
+BOOL = Parser(_bool, "true or false")
+NETWORKS = Parser(_networks, "comma-separated networks like 10.1.0.0/16")
+API_KEYS = Parser(_keys, "comma-separated keys of 16 characters or more")
+WEBHOOK_SECRET = Parser(_webhook_secret, "whsec_ followed by base64, or any other text")
+COUNT = Parser(_positive_int, "a whole number above 0")
+SECONDS = Parser(_positive_float, "a number of seconds above 0")
+MEBIBYTES = Parser(_mib, "a whole number of MiB, 0 (no limit) or more", unit=MIB)
+REDIRECTS = Parser(_non_negative_int, "a whole number, 0 or more")
+NICE_STEPS = Parser(_nice_steps, "a whole number from 0 to 19")
+FRACTION = Parser(_fraction, "a number above 0 and at most 1")
+PIXELS_OR_NEVER = Parser(_non_negative_int, "a whole number of pixels, 0 (never) or more")
+PIXELS_OR_NO_RULE = Parser(_non_negative_int, "a whole number of pixels, 0 (no such rule) or more")
