@@ -85,13 +85,13 @@ def test_every_variable_in_the_code_is_declared() -> None:
 
 
 def test_only_settings_reads_the_environment_for_the_service() -> None:
-    # cli: the client's defaults; compress: glibc's MALLOC_*; localdb: the PG* it drops.
+    # cli: the client's defaults; memory: glibc's MALLOC_*; localdb: the PG* it drops.
     readers = {
         path.name
         for path in (ROOT / "imgsvc").glob("*.py")
         if re.search(r"os\.environ|getenv", path.read_text(encoding="utf-8"))
     }
-    assert readers <= {"settings.py", "cli.py", "compress.py", "localdb.py"}
+    assert readers <= {"settings.py", "cli.py", "memory.py", "localdb.py"}
 
 
 def test_secrets_are_marked_and_say_they_are_never_printed() -> None:
