@@ -23,7 +23,8 @@ import asyncpg
 from imgsvc import errors, models, report
 
 Pool: TypeAlias = asyncpg.Pool
-Connection: TypeAlias = asyncpg.Connection
+# What ``pool.acquire()`` gives: every connection of ours comes from the pool.
+Connection: TypeAlias = asyncpg.pool.PoolConnectionProxy
 
 UNAVAILABLE = (  # what asyncpg raises when the database is away
     OSError,
@@ -85,7 +86,7 @@ async def translated() -> AsyncIterator[None]:
         raise errors.DatabaseConflict(f"the database stopped a conflicting change ({exc.sqlstate})") from exc
 
 
-async def _keep_session(conn: Connection) -> None:
+async def _keep_session(conn: asyncpg.Connection) -> None:
     """A connection goes back to the pool as it is. asyncpg's default sends
     ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on every release, a
     round trip for state our queries never leave: no SET, LISTEN or cursor outside a
@@ -156,7 +157,10 @@ async def insert_request(
                 csv_sha256,
             )
             if created is None:  # the same key, committed while this file was read
-                return _replayed(await conn.fetchrow(q["get_request_by_idempotency_key"], idempotency_key))
+                earlier = await conn.fetchrow(q["get_request_by_idempotency_key"], idempotency_key)
+                if earlier is None:
+                    raise errors.ImgsvcError("the earlier request with this Idempotency-Key is gone")
+                return _replayed(earlier)
             await conn.execute(q["insert_products"], request_id)
             await conn.execute(q["insert_images"], request_id)
             queued = await conn.fetchval(q["defer_image_jobs"], request_id, queue, task, images_per_job)

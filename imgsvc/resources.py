@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import aioboto3
+import aiobotocore.config
 import aiohttp
 from aiohttp.abc import AbstractResolver
-from botocore.config import Config
 
 from imgsvc import __version__, compress, db, fetch, memory, metrics, priority, settings, store
 
@@ -100,7 +100,7 @@ async def opened(
                     endpoint_url=config.aws_endpoint_url,
                     aws_access_key_id=config.aws_access_key,
                     aws_secret_access_key=config.aws_secret_key,
-                    config=Config(
+                    config=aiobotocore.config.AioConfig(
                         retries={"max_attempts": 3, "mode": "standard"},
                         max_pool_connections=config.upload_concurrency,
                         connect_timeout=config.connect_timeout,

@@ -11,12 +11,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 from urllib.parse import quote
 
 import botocore.exceptions
 
 from imgsvc import errors
+
+if TYPE_CHECKING:  # the stubs are a development dependency
+    import types_aiobotocore_s3
 
 
 def object_key(prefix: str, request_id: str, serial_number: int, position: int, extension: str) -> str:
@@ -47,7 +50,7 @@ class Storage(Protocol):
 class S3Storage:
     """A bucket in S3 or any S3-compatible store, through one aioboto3 client."""
 
-    def __init__(self, client: Any, bucket: str, public_url: str) -> None:
+    def __init__(self, client: types_aiobotocore_s3.S3Client, bucket: str, public_url: str) -> None:
         self.client = client
         self.bucket = bucket
         self.public_url = public_url.rstrip("/")

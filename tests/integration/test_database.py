@@ -107,7 +107,7 @@ async def test_a_problem_found_late_in_a_streamed_file_undoes_everything(databas
         stored = await pool.fetchrow(
             "SELECT product_count, image_count FROM requests WHERE id = $1", uuid.UUID(request_id)
         )
-        assert tuple(stored) == (2, 4)
+        assert stored is not None and tuple(stored) == (2, 4)
     finally:
         await pool.close()
 
@@ -166,7 +166,7 @@ async def test_the_last_images_finishing_at_once_finish_the_request_exactly_once
         expected = "completed" if not fail else "completed_with_errors"
         assert finished == [expected], outcomes
         row = await pool.fetchrow("SELECT status, completed_at FROM requests WHERE id = $1", uuid.UUID(rid))
-        assert row["status"] == expected and row["completed_at"] is not None
+        assert row is not None and row["status"] == expected and row["completed_at"] is not None
         assert await _finish_jobs(pool, rid) == 1
 
 
@@ -182,6 +182,7 @@ async def test_finishes_that_waited_for_the_request_lock_still_finish_it(pool: d
     outcomes = await pending
     assert sorted(o for o in outcomes if o is not None) == ["completed_with_errors"], outcomes
     view = await pool.fetchrow("SELECT * FROM request_progress WHERE request_id = $1", uuid.UUID(rid))
+    assert view is not None
     counts = (view["status"], view["done"], view["failed"], view["queued"])
     assert counts == ("completed_with_errors", 2, 1, 0)
     assert await _finish_jobs(pool, rid) == 1
@@ -351,8 +352,10 @@ async def test_request_progress_counts_agree_with_the_images_through_every_chang
         rid_uuid = uuid.UUID(rid)
 
         async def agree() -> None:
-            counted = dict(await pool.fetchrow(PROGRESS_FROM_IMAGES, rid_uuid))
-            view = dict(await pool.fetchrow(PROGRESS_VIEW, rid_uuid))
+            counted_row = await pool.fetchrow(PROGRESS_FROM_IMAGES, rid_uuid)
+            view_row = await pool.fetchrow(PROGRESS_VIEW, rid_uuid)
+            assert counted_row is not None and view_row is not None
+            counted, view = dict(counted_row), dict(view_row)
             assert {k: view[k] for k in counted} == counted
             assert view["total"] == 12
             finished = counted["done"] + counted["failed"] + counted["cancelled"]

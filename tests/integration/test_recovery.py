@@ -94,7 +94,7 @@ async def test_a_request_whose_counters_went_wrong_is_finished_by_a_count(res: r
 
     assert await maintenance.requeue_orphans(res) == 1
     view = await res.pool.fetchrow("SELECT status, failed, queued FROM request_progress")
-    assert tuple(view) == ("failed", 2, 0)
+    assert view is not None and tuple(view) == ("failed", 2, 0)
     assert await res.pool.fetchval("SELECT args->>'request_id' FROM procrastinate_jobs") == rid
     assert await maintenance.requeue_orphans(res) == 0
 
