@@ -353,11 +353,26 @@ async def insert_delivery(
     return delivery_id
 
 
-async def claim_delivery(pool: Pool, delivery_id: int) -> dict[str, Any] | None:
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClaimedDelivery:
+    """A webhook delivery about to be attempted: its event, where it goes, what it says,
+    and the number of this attempt."""
+
+    event_id: str
+    url: str
+    payload: str
+    attempts: int
+
+
+async def claim_delivery(pool: Pool, delivery_id: int) -> ClaimedDelivery | None:
     """Count one more attempt; None when the delivery is already settled."""
     async with translated():
         row = await pool.fetchrow(queries()["claim_delivery"], delivery_id)
-    return dict(row) if row is not None else None
+    if row is None:
+        return None
+    return ClaimedDelivery(
+        event_id=row["event_id"], url=row["url"], payload=row["payload"], attempts=row["attempts"]
+    )
 
 
 async def record_attempt(

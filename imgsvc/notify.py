@@ -169,8 +169,8 @@ async def deliver(res: resources.Resources, delivery_id: int) -> str:
     if claimed is None:
         return "already settled"
     config = res.settings
-    attempt_no: int = claimed["attempts"]
-    ready = _ready_to_post(res, claimed["url"])
+    attempt_no = claimed.attempts
+    ready = _ready_to_post(res, claimed.url)
     if isinstance(ready, str):
         attempt = Attempt(
             started_at=datetime.datetime.now(datetime.UTC).timestamp(),
@@ -185,8 +185,8 @@ async def deliver(res: resources.Resources, delivery_id: int) -> str:
             res.http,
             target,
             key=key,
-            event_id=claimed["event_id"],
-            body=claimed["payload"].encode(),
+            event_id=claimed.event_id,
+            body=claimed.payload.encode(),
             time_limit=config.webhook_timeout,
         )
     state: models.DeliveryState
@@ -209,7 +209,7 @@ async def deliver(res: resources.Resources, delivery_id: int) -> str:
         error,
         state,
     )
-    logger.info("webhook %s attempt %s: %s", claimed["event_id"], attempt_no, error or state)
+    logger.info("webhook %s attempt %s: %s", claimed.event_id, attempt_no, error or state)
     metrics.webhooks.labels(str(state)).inc()
     if state is models.DeliveryState.RETRYING:
         raise errors.TransientError(error)
