@@ -122,11 +122,11 @@ async def output_csv(request: Request) -> Response:
     info = await db.get_request_summary(res.pool, request_id)
     if info is None:
         raise HTTPException(404, f"no request with id {request_id}")
-    if info["status"] in ("queued", "processing"):
-        finished = info["done"] + info["failed"]
+    if info.status in ("queued", "processing"):
+        finished = info.done + info.failed
         raise HTTPException(
             409,
-            f"the request is still {info['status']} ({finished} of {info['total']} "
+            f"the request is still {info.status} ({finished} of {info.total} "
             "images finished); the output CSV exists once all are",
         )
     rows = db.output_rows(res.pool, request_id)

@@ -304,11 +304,50 @@ async def defer_job(
     return job_id
 
 
-async def get_request_summary(pool: Pool, request_id: uuid.UUID) -> dict[str, Any] | None:
-    """A request's final status, counts, finish time and webhook URL."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestSummary:
+    """A request's status, its image counts, when it finished and its webhook URL."""
+
+    status: models.RequestStatus
+    webhook_url: str | None
+    completed_at: datetime.datetime | None
+    total: int
+    queued: int
+    processing: int
+    done: int
+    failed: int
+    cancelled: int
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """The image counts by status, named as in ``models.COUNTS``."""
+        return {
+            "total": self.total,
+            "queued": self.queued,
+            "processing": self.processing,
+            "done": self.done,
+            "failed": self.failed,
+            "cancelled": self.cancelled,
+        }
+
+
+async def get_request_summary(pool: Pool, request_id: uuid.UUID) -> RequestSummary | None:
+    """A request's status, counts, finish time and webhook URL; None if it is unknown."""
     async with translated():
         row = await pool.fetchrow(queries()["get_request_summary"], request_id)
-    return dict(row) if row is not None else None
+    if row is None:
+        return None
+    return RequestSummary(
+        status=models.RequestStatus(row["status"]),
+        webhook_url=row["webhook_url"],
+        completed_at=row["completed_at"],
+        total=row["total"],
+        queued=row["queued"],
+        processing=row["processing"],
+        done=row["done"],
+        failed=row["failed"],
+        cancelled=row["cancelled"],
+    )
 
 
 async def output_rows(

@@ -69,7 +69,7 @@ async def complete(res: resources.Resources, request_id: str) -> str:
     """
     rid = uuid.UUID(request_id)
     info = await db.get_request_summary(res.pool, rid)
-    if info is None or not models.RequestStatus(info["status"]).is_final:
+    if info is None or not info.status.is_final or info.completed_at is None:
         return "not finished"
     key = store.csv_key(res.settings.s3_prefix, request_id)
     # Written as its rows are read: the output of a 100,000-product request is about
@@ -80,18 +80,18 @@ async def complete(res: resources.Resources, request_id: str) -> str:
                 out.write(data)
         async with res.upload_slots:
             url = await res.store.put(key, out, "text/csv; charset=utf-8")
-    webhook_url = info["webhook_url"] or res.settings.webhook_url
+    webhook_url = info.webhook_url or res.settings.webhook_url
     async with db.translated(), res.pool.acquire() as conn, conn.transaction():
         await db.set_output_csv(conn, rid, key, url)
         if webhook_url is None:
             return "no webhook"
         payload = notify.event_payload(
             request_id=request_id,
-            status=info["status"],
+            status=str(info.status),
             output_csv_url=url,
-            counts={name: info[name] for name in models.COUNTS},
+            counts=info.counts,
             status_url=f"{res.settings.base_url}/status/{request_id}",
-            completed_at=info["completed_at"].isoformat(),
+            completed_at=info.completed_at.isoformat(),
         )
         delivery_id = await db.insert_delivery(conn, rid, notify.new_event_id(), webhook_url, payload)
         if delivery_id is not None:
