@@ -25,6 +25,7 @@ from imgsvc import (
     models,
     openapi,
     pages,
+    reads,
     report,
     resources,
     responses,
@@ -78,7 +79,7 @@ async def status(request: Request) -> Response:
     res: resources.Resources = request.app.state.resources
     request_id = _parse_request_id(request.path_params["request_id"])
     page, per_page = _page_params(request)
-    found = await db.get_status(res.pool, request_id, limit=per_page, offset=(page - 1) * per_page)
+    found = await reads.get_status(res.pool, request_id, limit=per_page, offset=(page - 1) * per_page)
     if found is None:
         raise HTTPException(404, f"no request with id {request_id}")
     s = found["summary"]
@@ -119,7 +120,7 @@ async def output_csv(request: Request) -> Response:
     """GET /requests/{request_id}/output.csv: the output CSV, once the request is finished."""
     res: resources.Resources = request.app.state.resources
     request_id = _parse_request_id(request.path_params["request_id"])
-    info = await db.get_request_summary(res.pool, request_id)
+    info = await reads.get_request_summary(res.pool, request_id)
     if info is None:
         raise HTTPException(404, f"no request with id {request_id}")
     if info.status in ("queued", "processing"):
@@ -129,7 +130,7 @@ async def output_csv(request: Request) -> Response:
             f"the request is still {info.status} ({finished} of {info.total} "
             "images finished); the output CSV exists once all are",
         )
-    rows = db.output_rows(res.pool, request_id)
+    rows = reads.output_rows(res.pool, request_id)
     first = await anext(rows, None)  # a database that is away answers 503 here, not a cut 200
 
     async def chunks() -> AsyncGenerator[list[report.Row], None]:
@@ -169,7 +170,7 @@ async def request_page(request: Request) -> Response:
         return await status(request)
     res: resources.Resources = request.app.state.resources
     request_id = _parse_request_id(request.path_params["request_id"])
-    if await db.get_request_summary(res.pool, request_id) is None:
+    if await reads.get_request_summary(res.pool, request_id) is None:
         raise HTTPException(404, f"no request with id {request_id}")
     return HTMLResponse(pages.request_page(str(request_id), f"{res.settings.base_url}/status/{request_id}"))
 
@@ -214,7 +215,7 @@ async def metrics_endpoint(request: Request) -> Response:
     """GET /metrics: Prometheus text format; queue depth is read from the database."""
     res: resources.Resources = request.app.state.resources
     with contextlib.suppress(errors.DatabaseUnavailable):
-        counts = {(queue, state): count for queue, state, count in await db.job_counts(res.pool)}
+        counts = {(queue, state): count for queue, state, count in await reads.job_counts(res.pool)}
         metrics.jobs.clear()
         for queue in (models.IMAGE_QUEUE, models.REQUEST_QUEUE):
             for state in ("todo", "doing", "failed", "aborted"):
@@ -234,7 +235,7 @@ async def list_requests(request: Request) -> Response:
         raise errors.UploadError(
             f"status must be one of {choices}", status_code=422, code="invalid_parameter"
         )
-    rows, total = await db.list_requests(
+    rows, total = await reads.list_requests(
         res.pool, status=wanted, limit=per_page, offset=(page - 1) * per_page
     )
     base = res.settings.base_url

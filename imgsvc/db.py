@@ -1,4 +1,5 @@
-"""Queries over asyncpg. The SQL lives in ``sql/queries.sql`` as named blocks, loaded once.
+"""The database: its pool, the named queries in ``sql/queries.sql`` (loaded once), and
+the writes. The reads behind the status API are in ``reads``.
 
 asyncpg's connection errors become ``DatabaseUnavailable`` here, and deadlocks and
 serialization failures ``DatabaseConflict``, so callers see a transient error they may
@@ -14,13 +15,13 @@ import functools
 import json
 import re
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, TypeAlias
 
 import asyncpg
 
-from imgsvc import errors, models, report
+from imgsvc import errors, models
 
 Pool: TypeAlias = asyncpg.Pool
 # What ``pool.acquire()`` gives: every connection of ours comes from the pool.
@@ -304,79 +305,6 @@ async def defer_job(
     return job_id
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class RequestSummary:
-    """A request's status, its image counts, when it finished and its webhook URL."""
-
-    status: models.RequestStatus
-    webhook_url: str | None
-    completed_at: datetime.datetime | None
-    total: int
-    queued: int
-    processing: int
-    done: int
-    failed: int
-    cancelled: int
-
-    @property
-    def counts(self) -> dict[str, int]:
-        """The image counts by status, named as in ``models.COUNTS``."""
-        return {
-            "total": self.total,
-            "queued": self.queued,
-            "processing": self.processing,
-            "done": self.done,
-            "failed": self.failed,
-            "cancelled": self.cancelled,
-        }
-
-
-async def get_request_summary(pool: Pool, request_id: uuid.UUID) -> RequestSummary | None:
-    """A request's status, counts, finish time and webhook URL; None if it is unknown."""
-    async with translated():
-        row = await pool.fetchrow(queries()["get_request_summary"], request_id)
-    if row is None:
-        return None
-    return RequestSummary(
-        status=models.RequestStatus(row["status"]),
-        webhook_url=row["webhook_url"],
-        completed_at=row["completed_at"],
-        total=row["total"],
-        queued=row["queued"],
-        processing=row["processing"],
-        done=row["done"],
-        failed=row["failed"],
-        cancelled=row["cancelled"],
-    )
-
-
-async def output_rows(
-    pool: Pool, request_id: uuid.UUID, chunk: int = 2000
-) -> AsyncGenerator[list[report.Row], None]:
-    """The products of a request in order, with input and output URLs in order, a chunk
-    at a time: a request of 100,000 products is never in memory whole. Each chunk is its
-    own query (after the last product's position), and no connection is held between
-    them, so a client reading the CSV slowly holds none of the pool."""
-    after = 0
-    while True:
-        async with translated():
-            page = await pool.fetch(queries()["get_output_rows"], request_id, after, chunk)
-        if not page:
-            return
-        yield [
-            report.Row(
-                serial=r["serial"],
-                name=r["name"],
-                input_urls=tuple(r["input_urls"]),
-                output_urls=tuple(r["output_urls"]),
-            )
-            for r in page
-        ]
-        if len(page) < chunk:
-            return
-        after = page[-1]["position"]
-
-
 async def set_output_csv(conn: Connection, request_id: uuid.UUID, key: str, url: str) -> None:
     """Record where the output CSV was stored."""
     await conn.execute(queries()["set_output_csv"], request_id, key, url)
@@ -433,16 +361,6 @@ async def record_attempt(
         await conn.execute(q["update_delivery"], delivery_id, state, http_status, error)
 
 
-async def list_requests(
-    pool: Pool, *, status: str | None, limit: int, offset: int
-) -> tuple[list[dict[str, Any]], int]:
-    """A page of requests, newest first, and how many match in all."""
-    async with translated():
-        rows = await pool.fetch(queries()["list_requests"], status, limit, offset)
-    total = rows[0]["matching"] if rows else 0
-    return [dict(row) for row in rows], total
-
-
 async def cancel_request(conn: Connection, request_id: uuid.UUID) -> tuple[str | None, int, str | None]:
     """Cancel a request's queued images, in the caller's transaction. Returns its status
     before (None if unknown), how many images were cancelled, and its final status if
@@ -471,39 +389,3 @@ async def settle_by_count(conn: Connection, request_id: uuid.UUID) -> str | None
     await conn.execute(q["lock_request"], request_id)
     status: str | None = await conn.fetchval(q["final_status_by_count"], request_id)
     return status
-
-
-async def job_counts(pool: Pool) -> list[tuple[str, str, int]]:
-    """Jobs by queue and state."""
-    async with translated():
-        rows = await pool.fetch(queries()["job_counts"])
-    return [(row[0], row[1], row[2]) for row in rows]
-
-
-async def get_status(pool: Pool, request_id: uuid.UUID, *, limit: int, offset: int) -> dict[str, Any] | None:
-    """A request's progress and one page of its products with their images."""
-    q = queries()
-    async with translated(), pool.acquire() as conn:
-        summary = await conn.fetchrow(q["get_request"], request_id)
-        if summary is None:
-            return None
-        products = await conn.fetch(q["get_products_page"], request_id, limit, offset)
-        images = await conn.fetch(q["get_images_of_products"], [p["id"] for p in products])
-        delivery = await conn.fetchrow(q["get_delivery_of_request"], request_id)
-    by_product: dict[int, list[dict[str, Any]]] = {}
-    for image in images:
-        fields = dict(image)
-        by_product.setdefault(fields.pop("product_id"), []).append(fields)
-    return {
-        "summary": dict(summary),
-        "products": [
-            {
-                "serial": p["serial"],
-                "name": p["name"],
-                "position": p["position"],
-                "images": by_product.get(p["id"], []),
-            }
-            for p in products
-        ],
-        "webhook": dict(delivery) if delivery is not None else None,
-    }

@@ -17,7 +17,7 @@ import logging
 import tempfile
 import uuid
 
-from imgsvc import db, metrics, models, notify, report, resources, store
+from imgsvc import db, metrics, models, notify, reads, report, resources, store
 
 logger = logging.getLogger("imgsvc.finish")
 
@@ -68,14 +68,14 @@ async def complete(res: resources.Resources, request_id: str) -> str:
     request gets at most one webhook event.
     """
     rid = uuid.UUID(request_id)
-    info = await db.get_request_summary(res.pool, rid)
+    info = await reads.get_request_summary(res.pool, rid)
     if info is None or not info.status.is_final or info.completed_at is None:
         return "not finished"
     key = store.csv_key(res.settings.s3_prefix, request_id)
     # Written as its rows are read: the output of a 100,000-product request is about
     # 70 MB of CSV.
     with tempfile.SpooledTemporaryFile(max_size=OUTPUT_CSV_IN_MEMORY) as out:
-        async with contextlib.aclosing(db.output_rows(res.pool, rid)) as rows:
+        async with contextlib.aclosing(reads.output_rows(res.pool, rid)) as rows:
             async for data in report.stream_csv(rows):
                 out.write(data)
         async with res.upload_slots:

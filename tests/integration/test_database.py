@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from imgsvc import db, errors, migrate, models
+from imgsvc import db, errors, migrate, models, reads
 from tests.conftest import request_row_locked, store_request, wait_for_lock_waits
 
 
@@ -306,15 +306,15 @@ async def test_output_rows_come_in_chunks_in_input_order_and_hold_no_connection_
     pool = await db.create_pool(database_url, max_size=1)
     try:
         rid = uuid.UUID(await store_request(pool, [product(n, 2) for n in range(1, 6)]))
-        chunks = [chunk async for chunk in db.output_rows(pool, rid, chunk=2)]
+        chunks = [chunk async for chunk in reads.output_rows(pool, rid, chunk=2)]
         assert [len(chunk) for chunk in chunks] == [2, 2, 1]
         rows = [row for chunk in chunks for row in chunk]
         assert [row.serial for row in rows] == ["1.", "2.", "3.", "4.", "5."]
         assert rows[0].input_urls == ("http://img.test/1/0.jpg", "http://img.test/1/1.jpg")
         assert rows[0].output_urls == (None, None)  # nothing processed yet
-        assert [len(chunk) async for chunk in db.output_rows(pool, rid, chunk=5)] == [5]
+        assert [len(chunk) async for chunk in reads.output_rows(pool, rid, chunk=5)] == [5]
         # A client that reads slowly: between two chunks the pool's one connection is free.
-        async with contextlib.aclosing(db.output_rows(pool, rid, chunk=2)) as reading:
+        async with contextlib.aclosing(reads.output_rows(pool, rid, chunk=2)) as reading:
             serials = [row.serial for row in await anext(reading)]
             assert await asyncio.wait_for(pool.fetchval("SELECT 1"), 5) == 1
             serials += [row.serial async for chunk in reading for row in chunk]
