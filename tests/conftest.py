@@ -7,11 +7,12 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import inspect
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,25 @@ def autogroup_on() -> bool:
         return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
     except OSError:
         return False
+
+
+async def eventually(
+    check: Callable[[], object | Awaitable[object]],
+    *,
+    what: str,
+    timeout: float = 10,
+    interval: float = 0.02,
+) -> Any:
+    """Poll ``check`` (plain or async) until it returns something true, and return that;
+    fail after ``timeout`` seconds saying ``what`` never happened and what was last seen."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        seen = check()
+        if inspect.isawaitable(seen):
+            seen = await seen
+        if seen:
+            return seen
+        if loop.time() >= deadline:
+            raise AssertionError(f"not within {timeout} s: {what} (last seen: {seen!r})")
+        await asyncio.sleep(interval)

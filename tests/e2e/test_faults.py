@@ -151,7 +151,7 @@ async def test_a_database_restart_mid_batch_gives_503_then_the_batch_completes(
                     assert response.status == 503
                     body = await response.json()
                     assert body["error"] == "unavailable" and response.headers["Retry-After"]
-                await asyncio.sleep(3)
+                await asyncio.sleep(3)  # the outage itself: how long the database stays down
                 cluster.start()
                 final = await wait_for_final(session, accepted["status_url"], seconds=120)
             assert final["status"] == "completed" and final["counts"]["done"] == 8

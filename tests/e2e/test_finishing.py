@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import csv
 import io
@@ -11,6 +10,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -18,7 +18,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from imgsvc import localdb
-from tests.conftest import WEBHOOK_SECRET
+from tests.conftest import WEBHOOK_SECRET, eventually
 from tests.e2e.processes import (
     Process,
     assert_clean_exit,
@@ -68,7 +68,8 @@ async def test_many_requests_on_several_workers_get_one_csv_and_one_event_each(
             assert status == 202
             request_ids.append(accepted["request_id"])
         finals = [await wait_for_final(session, f"{base}/status/{rid}") for rid in request_ids]
-        for _ in range(100):
+
+        async def all_delivered() -> bool:
             conn = await asyncpg.connect(database_url)
             try:
                 delivered = await conn.fetchval(
@@ -76,9 +77,9 @@ async def test_many_requests_on_several_workers_get_one_csv_and_one_event_each(
                 )
             finally:
                 await conn.close()
-            if delivered == len(request_ids):
-                break
-            await asyncio.sleep(0.1)
+            return bool(delivered == len(request_ids))
+
+        await eventually(all_delivered, what="every request's webhook was delivered")
     assert all(f["status"] == "completed" for f in finals)
     events: collections.defaultdict[str, list[str]] = collections.defaultdict(list)
     for headers, payload in receiver.posts(hook):
@@ -112,12 +113,16 @@ async def test_output_csv_from_the_api_is_409_until_finished_then_the_csv(
             served = await response.read()
         async with session.get(f"{base}/requests/{uuid.uuid4()}/output.csv") as response:
             assert response.status == 404
-        for _ in range(100):  # the CSV in the bucket is written just after the final state
+
+        async def finished() -> dict[str, Any] | None:
             async with session.get(accepted["status_url"]) as response:
-                final = await response.json()
-            if final["output_csv_url"] and final["webhook"] and final["webhook"]["state"] == "delivered":
-                break
-            await asyncio.sleep(0.1)
+                body: dict[str, Any] = await response.json()
+            webhook = body["webhook"]
+            return body if body["output_csv_url"] and webhook and webhook["state"] == "delivered" else None
+
+        final = await eventually(  # the CSV in the bucket is written just after the final state
+            finished, what="the output CSV was in the bucket and the webhook delivered"
+        )
     assert final["status"] == "completed_with_errors"
     assert final["output_csv_url"] == f"{s3.endpoint}/{s3.bucket}/{rid}/output.csv"
     assert final["webhook"]["attempts"] == 1 and final["webhook"]["event_id"].startswith("msg_")

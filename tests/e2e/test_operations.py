@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import sys
@@ -16,7 +15,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from imgsvc import localdb
-from tests.conftest import WEBHOOK_SECRET
+from tests.conftest import WEBHOOK_SECRET, eventually
 from tests.e2e.processes import (
     Process,
     assert_clean_exit,
@@ -93,11 +92,12 @@ async def test_cancel_stops_queued_images_and_fires_the_webhook(
         status, accepted = await post_csv(session, base, (HEADER + rows).encode())
         assert status == 202
         rid = accepted["request_id"]
-        for _ in range(100):
+
+        async def processing() -> bool:
             async with session.get(accepted["status_url"]) as response:
-                if (await response.json())["counts"]["processing"] >= 1:
-                    break
-            await asyncio.sleep(0.05)
+                return bool((await response.json())["counts"]["processing"] >= 1)
+
+        await eventually(processing, timeout=5, what="an image of the request was processing")
         async with session.post(f"{base}/requests/{rid}/cancel") as response:
             assert response.status == 202
             cancelled = await response.json()
@@ -111,15 +111,15 @@ async def test_cancel_stops_queued_images_and_fires_the_webhook(
             listed = await response.json()
         async with session.get(f"{base}/requests?status=bogus") as response:
             assert response.status == 422
-        for _ in range(100):
-            events = [
+        events = await eventually(
+            lambda: [
                 json.loads(body)
                 for headers, body in receiver.posts(hook)
                 if json.loads(body)["request_id"] == rid
-            ]
-            if events:
-                break
-            await asyncio.sleep(0.05)
+            ],
+            timeout=5,
+            what="the receiver got the cancelled request's webhook",
+        )
     assert final["status"] == "cancelled"
     counts = final["counts"]
     assert counts["cancelled"] == cancelled["cancelled_images"]
@@ -151,6 +151,8 @@ def test_a_worker_serves_its_own_metrics(database_url: str, s3: S3Server, tmp_pa
             except OSError:
                 assert worker.popen.poll() is None, worker.output()
                 time.sleep(0.2)
+        else:
+            raise AssertionError(f"the worker's metrics port did not answer in 20 s: {worker.output()}")
         assert "imgsvc_images_total" in text
     finally:
         assert_clean_exit(worker)

@@ -13,7 +13,7 @@ import asyncpg
 import pyvips
 
 from imgsvc import localdb, quality
-from tests.conftest import autogroup_on
+from tests.conftest import autogroup_on, eventually
 from tests.e2e.processes import (
     Process,
     assert_clean_exit,
@@ -165,11 +165,19 @@ async def test_api_and_separate_workers_share_the_queue(
         [sys.executable, "-m", "imgsvc", "worker"],
         [procrastinate, "--app=imgsvc.queue.app", "worker"],
     ]
+    registered = "SELECT count(*) FROM procrastinate_workers"
+    conn = await asyncpg.connect(database_url)
+    try:
+        before = await conn.fetchval(registered)
+    finally:
+        await conn.close()
     workers = [
         Process(command, env, tmp_path / f"worker{n}.log", own_session=True)
         for n, command in enumerate(commands, start=1)
     ]
     try:
+        # Upload only once both workers take jobs, or the first up may take them all.
+        await wait_until_registered(database_url, registered, before + len(workers), workers)
         urls = [image_server.url(f"/slow/300/{name}") for name in PHOTOS[:4]] * 3
         rows = "".join(f"{i},P{i},{url}\n" for i, url in enumerate(urls, start=1))
         async with aiohttp.ClientSession() as session:
@@ -195,6 +203,28 @@ async def test_api_and_separate_workers_share_the_queue(
                 assert "at least 7 nice levels lower" in worker.output(), worker.output()[-2000:]
     finally:
         assert_clean_exit(*workers, api)
+
+
+async def wait_until_registered(
+    database_url: str, registered: str, count: int, workers: list[Process], seconds: float = 30
+) -> None:
+    """Return once ``count`` workers are registered in procrastinate_workers; fail if a
+    worker exits first, or after ``seconds``."""
+    conn = await asyncpg.connect(database_url)
+    try:
+
+        async def all_registered() -> bool:
+            for worker in workers:
+                assert worker.popen.poll() is None, f"a worker exited: {worker.output()[-2000:]}"
+            return bool(await conn.fetchval(registered) >= count)
+
+        await eventually(
+            all_registered,
+            timeout=seconds,
+            what=f"{count} workers registered in procrastinate_workers",
+        )
+    finally:
+        await conn.close()
 
 
 def test_serve_refuses_an_unmigrated_database(

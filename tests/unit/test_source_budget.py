@@ -27,6 +27,8 @@ class Holder:
 
 
 async def settle_down() -> None:
+    """Let the ready tasks run until each blocks: a few turns of the loop, no time passing,
+    so that what has not started by then is held back, not late."""
     for _ in range(5):
         await asyncio.sleep(0)
 
