@@ -48,17 +48,10 @@ def _page_params(request: Request) -> tuple[int, int]:
     return number("page", 1, 10_000_000), number("per_page", 100, MAX_PER_PAGE)
 
 
-def _page_info(
-    page: int, per_page: int, total_name: str, total: int, url: str, query: str = ""
-) -> dict[str, Any]:
-    """The paging block of a list: where we are, how many in all, the next page's URL."""
+def _next(page: int, per_page: int, total: int, url: str, query: str = "") -> str | None:
+    """The next page's URL of a list, or None on its last page."""
     more = page * per_page < total
-    return {
-        "page": page,
-        "per_page": per_page,
-        total_name: total,
-        "next": f"{url}?page={page + 1}&per_page={per_page}{query}" if more else None,
-    }
+    return f"{url}?page={page + 1}&per_page={per_page}{query}" if more else None
 
 
 def _parse_request_id(raw: str) -> uuid.UUID:
@@ -85,34 +78,57 @@ async def status(request: Request) -> Response:
     s = found["summary"]
     base = f"{res.settings.base_url}/status/{request_id}"
     products = [
-        p | {"images": [i | {"input_url": ingest.redact_url(i["input_url"])} for i in p["images"]]}
+        responses.Product(
+            serial=p["serial"],
+            name=p["name"],
+            position=p["position"],
+            images=[_image(i) for i in p["images"]],
+        )
         for p in found["products"]
     ]
-    webhook = found["webhook"]
-    if webhook is not None:
-        webhook |= {"delivered_at": _iso(webhook["delivered_at"])}
-    counts = {name: s[name] for name in models.COUNTS}
     finished = s["done"] + s["failed"] + s["cancelled"]
     return responses.json(
-        {
-            "request_id": str(request_id),
-            "status": s["status"],
-            "file_name": s["file_name"],
-            "created_at": _iso(s["created_at"]),
-            "updated_at": _iso(s["updated_at"]),
-            "started_at": _iso(s["started_at"]),
-            "completed_at": _iso(s["completed_at"]),
-            "counts": counts,
-            "progress": round(finished / s["total"], 4) if s["total"] else 1.0,
-            "bytes_in": s["bytes_in"],
-            "bytes_out": s["bytes_out"],
-            "status_url": base,
-            "output_csv_url": s["output_csv_url"],
-            "output_csv_download_url": f"{res.settings.base_url}/requests/{request_id}/output.csv",
-            "webhook": webhook,
-            "products": products,
-            "page": _page_info(page, per_page, "total_products", s["product_count"], base),
-        }
+        responses.RequestStatus(
+            request_id=str(request_id),
+            status=models.RequestStatus(s["status"]),
+            file_name=s["file_name"],
+            created_at=_iso(s["created_at"]),
+            updated_at=_iso(s["updated_at"]),
+            started_at=_iso(s["started_at"]),
+            completed_at=_iso(s["completed_at"]),
+            counts=responses.Counts.of(s),
+            progress=round(finished / s["total"], 4) if s["total"] else 1.0,
+            bytes_in=s["bytes_in"],
+            bytes_out=s["bytes_out"],
+            status_url=base,
+            output_csv_url=s["output_csv_url"],
+            output_csv_download_url=f"{res.settings.base_url}/requests/{request_id}/output.csv",
+            webhook=_webhook(found["webhook"]),
+            products=products,
+            page=responses.ProductPage(
+                page=page,
+                per_page=per_page,
+                total_products=s["product_count"],
+                next=_next(page, per_page, s["product_count"], base),
+            ),
+        )
+    )
+
+
+def _webhook(row: dict[str, Any] | None) -> responses.Webhook | None:
+    """The request's webhook delivery, if it has one."""
+    if row is None:
+        return None
+    return responses.Webhook(
+        **row | {"state": models.DeliveryState(row["state"]), "delivered_at": _iso(row["delivered_at"])}
+    )
+
+
+def _image(row: dict[str, Any]) -> responses.Image:
+    """An image row as the API shows it: its source URL without credentials."""
+    return responses.Image(
+        **row
+        | {"input_url": ingest.redact_url(row["input_url"]), "status": models.ImageStatus(row["status"])}
     )
 
 
@@ -153,14 +169,14 @@ async def index(request: Request) -> Response:
     if responses.wants_html(request):
         return HTMLResponse(pages.index(base))
     return responses.json(
-        {
-            "service": "imgsvc",
-            "version": __version__,
-            "upload": f"{base}/upload",
-            "status": f"{base}/status/{{request_id}}",
-            "docs": f"{base}/docs",
-            "openapi": f"{base}/openapi.json",
-        }
+        responses.Service(
+            service="imgsvc",
+            version=__version__,
+            upload=f"{base}/upload",
+            status=f"{base}/status/{{request_id}}",
+            docs=f"{base}/docs",
+            openapi=f"{base}/openapi.json",
+        )
     )
 
 
@@ -187,7 +203,7 @@ async def docs(request: Request) -> Response:
 
 async def healthz(request: Request) -> Response:
     """GET /healthz: the process is alive (no key needed)."""
-    return responses.json({"status": "ok"})
+    return responses.json(responses.Health(status="ok"))
 
 
 async def readyz(request: Request) -> Response:
@@ -207,7 +223,8 @@ async def readyz(request: Request) -> Response:
             checks[name] = str(exc)[:200] if isinstance(exc, errors.ImgsvcError) else "not answering"
     ready = all(value == "ok" for value in checks.values())
     return responses.json(
-        {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
+        responses.Ready(status="ready" if ready else "not ready", checks=responses.Checks(**checks)),
+        200 if ready else 503,
     )
 
 
@@ -241,22 +258,27 @@ async def list_requests(request: Request) -> Response:
     base = res.settings.base_url
     query = f"&status={wanted}" if wanted else ""
     return responses.json(
-        {
-            "requests": [
-                {
-                    "request_id": row["request_id"],
-                    "status": row["status"],
-                    "file_name": row["file_name"],
-                    "counts": {name: row[name] for name in models.COUNTS},
-                    "percent": row["percent"],
-                    "created_at": _iso(row["created_at"]),
-                    "completed_at": _iso(row["completed_at"]),
-                    "status_url": f"{base}/status/{row['request_id']}",
-                }
+        responses.RequestList(
+            requests=[
+                responses.RequestSummary(
+                    request_id=row["request_id"],
+                    status=models.RequestStatus(row["status"]),
+                    file_name=row["file_name"],
+                    counts=responses.Counts.of(row),
+                    percent=row["percent"],
+                    created_at=_iso(row["created_at"]),
+                    completed_at=_iso(row["completed_at"]),
+                    status_url=f"{base}/status/{row['request_id']}",
+                )
                 for row in rows
             ],
-            "page": _page_info(page, per_page, "total", total, f"{base}/requests", query),
-        }
+            page=responses.RequestPage(
+                page=page,
+                per_page=per_page,
+                total=total,
+                next=_next(page, per_page, total, f"{base}/requests", query),
+            ),
+        )
     )
 
 
@@ -270,11 +292,11 @@ async def cancel(request: Request) -> Response:
     if models.RequestStatus(before).is_final:
         raise HTTPException(409, f"the request already finished: {before}")
     return responses.json(
-        {
-            "request_id": str(request_id),
-            "status": now,
-            "cancelled_images": cancelled,
-            "status_url": f"{res.settings.base_url}/status/{request_id}",
-        },
+        responses.Cancelled(
+            request_id=str(request_id),
+            status=models.RequestStatus(now),
+            cancelled_images=cancelled,
+            status_url=f"{res.settings.base_url}/status/{request_id}",
+        ),
         202,
     )

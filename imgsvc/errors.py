@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from imgsvc import responses
+
 
 class ImgsvcError(Exception):
     """Something went wrong in imgsvc."""
@@ -59,9 +61,14 @@ class UploadError(ImgsvcError):
         if code is not None:
             self.code = code
 
+    def body(self) -> responses.Error | responses.CsvError:
+        """The body the API answers with."""
+        return responses.Error(error=self.code, message=self.message)
+
     def to_json(self) -> dict[str, Any]:
-        """The JSON body the API answers with."""
-        return {"error": self.code, "message": self.message}
+        """The body as plain JSON values (the browser's error page reads them)."""
+        body: dict[str, Any] = responses.to_dict(self.body())
+        return body
 
 
 class CsvInvalid(UploadError):
@@ -76,11 +83,13 @@ class CsvInvalid(UploadError):
         noun = "problem" if total == 1 else "problems"
         super().__init__(f"The CSV has {total} {noun}; nothing was stored.")
 
-    def to_json(self) -> dict[str, Any]:
-        body = super().to_json()
-        body["problem_count"] = self.total
-        body["problems"] = self.problems
-        return body
+    def body(self) -> responses.CsvError:
+        return responses.CsvError(
+            error=self.code,
+            message=self.message,
+            problem_count=self.total,
+            problems=[responses.Problem(**problem) for problem in self.problems],
+        )
 
 
 class PermanentError(ImgsvcError):

@@ -1,18 +1,79 @@
 """The OpenAPI 3.1 document of the HTTP API, served at /openapi.json and shown at /docs.
 
-Written by hand next to the routes it describes; the e2e tests check the real
-responses against it with schemathesis.
+The paths are written by hand next to the routes they describe; the schemas of the
+bodies are generated from their one declaration, the shapes in responses.py. The e2e
+tests check the real responses against the document with schemathesis.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import enum
+import types
+import typing
+from typing import Annotated, Any, Literal
 
-from imgsvc import __version__, models
+from imgsvc import __version__, models, responses
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
+def _ref(shape: type) -> dict[str, str]:
+    """A reference to a shape's schema among the components."""
+    return {"$ref": f"#/components/schemas/{shape.__name__}"}
+
+
+def _type_schema(hint: Any) -> dict[str, Any]:
+    """The JSON Schema of one field's type (a reference, for another shape)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        out = _type_schema(args[0])
+        for extra in args[1:]:
+            if isinstance(extra, responses.Schema):
+                out |= extra.keywords
+        return out
+    if origin in (types.UnionType, typing.Union):
+        kept = [arg for arg in args if arg is not type(None)]
+        if len(kept) != 1:
+            raise TypeError(f"only X | None unions are supported, not {hint}")
+        inner = _type_schema(kept[0])
+        if len(kept) == len(args):
+            return inner
+        if isinstance(inner.get("type"), str):
+            return inner | {"type": [inner["type"], "null"]}
+        return {"anyOf": [inner, {"type": "null"}]}
+    if origin is list:
+        return {"type": "array", "items": _type_schema(args[0])}
+    if origin is Literal:
+        return {"const": args[0]} if len(args) == 1 else {"enum": list(args)}
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return {"enum": [member.value for member in hint]}
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _ref(hint)
+    simple = {str: "string", int: "integer", float: "number", bool: "boolean"}
+    if hint in simple:
+        return {"type": simple[hint]}
+    raise TypeError(f"no JSON Schema for {hint!r}")
+
+
+def schema(shape: type) -> dict[str, Any]:
+    """A shape's JSON Schema: every field not OMIT is required; no other key is allowed."""
+    properties: dict[str, Any] = {}
+    required = []
+    for name, hint, omit in responses.fields(shape):
+        if omit:  # absent rather than null: the schema is of the value when present
+            base, *extras = typing.get_args(hint)
+            hint = Annotated[(next(a for a in typing.get_args(base) if a is not type(None)), *extras)]
+        else:
+            required.append(name)
+        properties[name] = _type_schema(hint)
+    out: dict[str, Any] = {"type": "object"}
+    if shape.__doc__:
+        out["description"] = " ".join(shape.__doc__.split())
+    return out | {"required": required, "properties": properties, "additionalProperties": False}
+
+
+def components() -> dict[str, Any]:
+    """The JSON Schema of every shape, by name: the OpenAPI document's components."""
+    return {shape.__name__: schema(shape) for shape in responses.SHAPES}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -20,12 +81,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 def _error(description: str) -> dict[str, Any]:
-    return _json(_ref("Error"), description)
+    return _json(_ref(responses.Error), description)
 
-
-_NULLABLE_STRING = {"type": ["string", "null"]}
-_NULLABLE_INT = {"type": ["integer", "null"]}
-_TIME = {"type": ["string", "null"], "format": "date-time"}
 
 _REQUEST_ID = {
     "name": "request_id",
@@ -52,174 +109,11 @@ _COMMON_ERRORS = {
     ),
 }
 
-_SCHEMAS: dict[str, Any] = {
-    "Error": {
-        "type": "object",
-        "required": ["error", "message"],
-        "properties": {
-            "error": {"type": "string", "description": "A code, e.g. invalid_csv."},
-            "message": {"type": "string", "description": "What was wrong, in words."},
-        },
-    },
-    "CsvProblem": {
-        "type": "object",
-        "required": ["line", "message"],
-        "properties": {
-            "line": {"type": "integer", "minimum": 1},
-            "column": {"type": "integer", "minimum": 1, "maximum": 3},
-            "column_name": {"type": "string"},
-            "message": {"type": "string"},
-        },
-    },
-    "CsvError": {
-        "allOf": [
-            _ref("Error"),
-            {
-                "type": "object",
-                "required": ["problem_count", "problems"],
-                "properties": {
-                    "problem_count": {"type": "integer"},
-                    "problems": {"type": "array", "items": _ref("CsvProblem")},
-                },
-            },
-        ],
-    },
-    "Accepted": {
-        "type": "object",
-        "required": ["request_id", "status", "products", "images", "status_url"],
-        "properties": {
-            "request_id": {"type": "string", "format": "uuid"},
-            "status": {"const": "queued"},
-            "products": {"type": "integer"},
-            "images": {"type": "integer"},
-            "status_url": {"type": "string"},
-        },
-    },
-    "Counts": {
-        "type": "object",
-        "required": list(models.COUNTS),
-        "properties": {name: {"type": "integer", "minimum": 0} for name in models.COUNTS},
-    },
-    "Image": {
-        "type": "object",
-        "properties": {
-            "position": {"type": "integer"},
-            "input_url": {"type": "string"},
-            "status": {"enum": [s.value for s in models.ImageStatus]},
-            "output_url": _NULLABLE_STRING,
-            "error": _NULLABLE_STRING,
-            "bytes_in": _NULLABLE_INT,
-            "bytes_out": _NULLABLE_INT,
-            "width": _NULLABLE_INT,
-            "height": _NULLABLE_INT,
-            "format_in": _NULLABLE_STRING,
-            "format_out": _NULLABLE_STRING,
-            "quality_in": _NULLABLE_INT,
-            "quality_out": _NULLABLE_INT,
-            "kept_original": {"type": ["boolean", "null"]},
-            "attempts": {"type": "integer"},
-        },
-    },
-    "Product": {
-        "type": "object",
-        "required": ["serial", "name", "position", "images"],
-        "properties": {
-            "serial": {"type": "string"},
-            "name": {"type": "string"},
-            "position": {"type": "integer"},
-            "images": {"type": "array", "items": _ref("Image")},
-        },
-    },
-    "Webhook": {
-        "type": ["object", "null"],
-        "properties": {
-            "event_id": {"type": "string"},
-            "state": {"enum": ["pending", "retrying", "delivered", "failed"]},
-            "attempts": {"type": "integer"},
-            "last_status": _NULLABLE_INT,
-            "last_error": _NULLABLE_STRING,
-            "delivered_at": _TIME,
-        },
-    },
-    "RequestStatus": {
-        "type": "object",
-        "required": ["request_id", "status", "counts", "progress", "products", "page", "status_url"],
-        "properties": {
-            "request_id": {"type": "string", "format": "uuid"},
-            "status": {"enum": [s.value for s in models.RequestStatus]},
-            "file_name": _NULLABLE_STRING,
-            "created_at": _TIME,
-            "updated_at": _TIME,
-            "started_at": _TIME,
-            "completed_at": _TIME,
-            "counts": _ref("Counts"),
-            "progress": {"type": "number", "minimum": 0, "maximum": 1},
-            "bytes_in": {"type": "integer"},
-            "bytes_out": {"type": "integer"},
-            "status_url": {"type": "string"},
-            "output_csv_url": _NULLABLE_STRING,
-            "output_csv_download_url": {"type": "string"},
-            "webhook": _ref("Webhook"),
-            "products": {"type": "array", "items": _ref("Product")},
-            "page": {
-                "type": "object",
-                "properties": {
-                    "page": {"type": "integer"},
-                    "per_page": {"type": "integer"},
-                    "total_products": {"type": "integer"},
-                    "next": _NULLABLE_STRING,
-                },
-            },
-        },
-    },
-    "RequestList": {
-        "type": "object",
-        "required": ["requests", "page"],
-        "properties": {
-            "requests": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "request_id": {"type": "string"},
-                        "status": {"enum": [s.value for s in models.RequestStatus]},
-                        "file_name": _NULLABLE_STRING,
-                        "counts": _ref("Counts"),
-                        "percent": {"type": "number"},
-                        "created_at": _TIME,
-                        "completed_at": _TIME,
-                        "status_url": {"type": "string"},
-                    },
-                },
-            },
-            "page": {
-                "type": "object",
-                "properties": {
-                    "page": {"type": "integer"},
-                    "per_page": {"type": "integer"},
-                    "total": {"type": "integer"},
-                    "next": _NULLABLE_STRING,
-                },
-            },
-        },
-    },
-    "Cancelled": {
-        "type": "object",
-        "required": ["request_id", "status", "cancelled_images"],
-        "properties": {
-            "request_id": {"type": "string"},
-            "status": {"type": "string"},
-            "cancelled_images": {"type": "integer"},
-            "status_url": {"type": "string"},
-        },
-    },
-}
-
 
 def document() -> dict[str, Any]:
     """The OpenAPI document."""
     status_responses = {
-        "200": _json(_ref("RequestStatus"), "The request's progress and a page of its products."),
+        "200": _json(_ref(responses.RequestStatus), "The request's progress and a page of its products."),
         "404": _error("No request has this id."),
         "422": _error("The id is not a UUID, or a query parameter is out of range."),
         **_COMMON_ERRORS,
@@ -233,7 +127,7 @@ def document() -> dict[str, Any]:
             "progress, download the output CSV.",
         },
         "components": {
-            "schemas": _SCHEMAS,
+            "schemas": components(),
             "securitySchemes": {
                 "bearer": {
                     "type": "http",
@@ -251,7 +145,7 @@ def document() -> dict[str, Any]:
                         "200": {
                             "description": "JSON links, or the HTML upload page (Accept: text/html).",
                             "content": {
-                                "application/json": {"schema": {"type": "object"}},
+                                "application/json": {"schema": _ref(responses.Service)},
                                 "text/html": {"schema": {"type": "string"}},
                             },
                         },
@@ -263,9 +157,7 @@ def document() -> dict[str, Any]:
                 "get": {
                     "summary": "The process is alive",
                     "security": [{}],
-                    "responses": {
-                        "200": _json({"type": "object", "properties": {"status": {"const": "ok"}}}, "Alive.")
-                    },
+                    "responses": {"200": _json(_ref(responses.Health), "Alive.")},
                 }
             },
             "/readyz": {
@@ -273,8 +165,8 @@ def document() -> dict[str, Any]:
                     "summary": "The database answers, the schema is current, the store is reachable",
                     "security": [{}],
                     "responses": {
-                        "200": _json({"type": "object"}, "Ready."),
-                        "503": _json({"type": "object"}, "Not ready; checks says which part failed."),
+                        "200": _json(_ref(responses.Ready), "Ready."),
+                        "503": _json(_ref(responses.Ready), "Not ready; checks says which part failed."),
                     },
                 }
             },
@@ -324,13 +216,13 @@ def document() -> dict[str, Any]:
                         },
                     },
                     "responses": {
-                        "202": _json(_ref("Accepted"), "Stored and queued; follow status_url."),
+                        "202": _json(_ref(responses.Accepted), "Stored and queued; follow status_url."),
                         "303": {"description": "For a browser (Accept: text/html): to the request's page."},
                         "400": _error("The form is malformed, has no file, or has two."),
                         "413": _error("The upload is over IMGSVC_MAX_CSV_BYTES."),
                         "415": _error("The body is not multipart/form-data."),
                         "422": _json(
-                            {"anyOf": [_ref("CsvError"), _ref("Error")]},
+                            {"anyOf": [_ref(responses.CsvError), _ref(responses.Error)]},
                             "The CSV has problems (each with its line and column), the webhook_url "
                             "is refused, or the Idempotency-Key was used for another file.",
                         ),
@@ -358,7 +250,7 @@ def document() -> dict[str, Any]:
                         _PER_PAGE,
                     ],
                     "responses": {
-                        "200": _json(_ref("RequestList"), "A page of requests."),
+                        "200": _json(_ref(responses.RequestList), "A page of requests."),
                         "422": _error("A query parameter is out of range."),
                         **_COMMON_ERRORS,
                     },
@@ -373,7 +265,7 @@ def document() -> dict[str, Any]:
                         "200": {
                             "description": "The status JSON, or the HTML page (Accept: text/html).",
                             "content": {
-                                "application/json": {"schema": _ref("RequestStatus")},
+                                "application/json": {"schema": _ref(responses.RequestStatus)},
                                 "text/html": {"schema": {"type": "string"}},
                             },
                         },
@@ -385,7 +277,7 @@ def document() -> dict[str, Any]:
                     "summary": "Cancel a request's queued images; it ends 'cancelled'",
                     "parameters": [_REQUEST_ID],
                     "responses": {
-                        "202": _json(_ref("Cancelled"), "Queued images cancelled."),
+                        "202": _json(_ref(responses.Cancelled), "Queued images cancelled."),
                         "404": _error("No request has this id."),
                         "409": _error("The request has already finished."),
                         "422": _error("The id is not a UUID."),

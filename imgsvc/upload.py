@@ -121,13 +121,13 @@ async def upload(request: Request) -> Response:
     if stored.replayed:
         headers["Idempotent-Replayed"] = "true"
     return responses.json(
-        {
-            "request_id": stored.request_id,
-            "status": "queued",
-            "products": stored.products,
-            "images": stored.images,
-            "status_url": status_url,
-        },
+        responses.Accepted(
+            request_id=stored.request_id,
+            status="queued",
+            products=stored.products,
+            images=stored.images,
+            status_url=status_url,
+        ),
         202,
         headers=headers,
     )

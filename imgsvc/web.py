@@ -85,7 +85,7 @@ class ApiKeyAuth:
         if header:
             message = "the API key is not valid"
         response = responses.json(
-            {"error": "unauthorized", "message": message},
+            responses.Error(error="unauthorized", message=message),
             401,
             headers={"WWW-Authenticate": 'Bearer realm="imgsvc"'},
         )
@@ -97,13 +97,13 @@ async def _upload_error(request: Request, exc: Exception) -> Response:
     if responses.wants_html(request):
         base = request.app.state.resources.settings.base_url
         return HTMLResponse(pages.upload_error(exc.to_json(), base), exc.status_code)
-    return responses.json(exc.to_json(), exc.status_code)
+    return responses.json(exc.body(), exc.status_code)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     return responses.json(
-        {"error": "http_error", "message": exc.detail}, exc.status_code, headers=exc.headers
+        responses.Error(error="http_error", message=exc.detail), exc.status_code, headers=exc.headers
     )
 
 
@@ -117,12 +117,16 @@ _TRY_AGAIN: dict[type[Exception], tuple[str, str, int]] = {
 async def _try_again(request: Request, exc: Exception) -> Response:
     code, message, seconds = next(v for kind, v in _TRY_AGAIN.items() if isinstance(exc, kind))
     logger.warning("database %s: %s", code, exc)
-    return responses.json({"error": code, "message": message}, 503, headers={"Retry-After": str(seconds)})
+    return responses.json(
+        responses.Error(error=code, message=message), 503, headers={"Retry-After": str(seconds)}
+    )
 
 
 async def _internal(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return responses.json({"error": "internal", "message": "internal error; it has been logged"}, 500)
+    return responses.json(
+        responses.Error(error="internal", message="internal error; it has been logged"), 500
+    )
 
 
 _ERROR_HANDLERS = {

@@ -1,14 +1,18 @@
 """The OpenAPI document matches the real API: schemathesis generates requests from it
 and checks every answer (no server errors, documented statuses, content types and
-bodies, Allow on 405, malformed input refused)."""
+bodies, Allow on 405, malformed input refused). Every body schema is generated from
+its shape in responses.py with ``required`` and ``additionalProperties: false``, so an
+undeclared or missing key in any answer fails the run."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
-from imgsvc import localdb
+from imgsvc import localdb, openapi
 from tests.e2e.processes import Process, assert_clean_exit, service_env, wait_until_up
 from tests.servers import S3Server
 
@@ -25,6 +29,10 @@ def test_the_api_answers_as_its_openapi_document_says(
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(base, api)
+        with urllib.request.urlopen(f"{base}/openapi.json") as served:
+            schemas = json.load(served)["components"]["schemas"]
+        assert schemas == openapi.components()
+        assert all(schema["additionalProperties"] is False for schema in schemas.values())
         schemathesis = Path(sys.executable).parent / "schemathesis"
         run = subprocess.run(
             [
