@@ -34,6 +34,9 @@ UNAVAILABLE = (  # what asyncpg raises when the database is away
     asyncpg.exceptions.OperatorInterventionError,  # shutting down, cannot connect now
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.ConnectionFailureError,
+    # A pooled connection whose last operation was cut off by the database going away
+    # refuses the next one ("cannot switch to state …"): the same outage, seen later.
+    asyncpg.exceptions.InternalClientError,
 )
 
 CONFLICTS = (  # rolled back so that another transaction can go on; worth a retry
