@@ -31,14 +31,7 @@ class RequestSummary:
     @property
     def counts(self) -> dict[str, int]:
         """The image counts by status, named as in ``models.COUNTS``."""
-        return {
-            "total": self.total,
-            "queued": self.queued,
-            "processing": self.processing,
-            "done": self.done,
-            "failed": self.failed,
-            "cancelled": self.cancelled,
-        }
+        return {name: getattr(self, name) for name in models.COUNTS}
 
 
 async def get_request_summary(pool: db.Pool, request_id: uuid.UUID) -> RequestSummary | None:
@@ -47,17 +40,8 @@ async def get_request_summary(pool: db.Pool, request_id: uuid.UUID) -> RequestSu
         row = await pool.fetchrow(db.queries()["get_request_summary"], request_id)
     if row is None:
         return None
-    return RequestSummary(
-        status=models.RequestStatus(row["status"]),
-        webhook_url=row["webhook_url"],
-        completed_at=row["completed_at"],
-        total=row["total"],
-        queued=row["queued"],
-        processing=row["processing"],
-        done=row["done"],
-        failed=row["failed"],
-        cancelled=row["cancelled"],
-    )
+    # The query selects exactly the summary's fields.
+    return RequestSummary(**dict(row) | {"status": models.RequestStatus(row["status"])})
 
 
 async def output_rows(
