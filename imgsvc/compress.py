@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import logging
 import re
@@ -69,6 +70,22 @@ class Limits:
     def solo(self, pixels: int, *, progressive: bool) -> bool:
         """Whether a source of ``pixels`` must be compressed beside no other such source."""
         return progressive and 0 < self.progressive_solo_pixels < pixels
+
+
+#: Raised whenever this module would make other bytes from the same source and settings:
+#: outputs stored under an older value are made again.
+RULES = 1
+
+
+@functools.cache
+def settings_key(limits: Limits) -> str:
+    """What shapes an output's bytes, readable: the outputs table's key with the source's
+    SHA-256. The pixel limits only refuse sources, so they are not part of it."""
+    vips = ".".join(str(pyvips.version(part)) for part in range(3))
+    return (
+        f"rules={RULES};quality_factor={limits.quality_factor:g};"
+        f"optimize_max_pixels={limits.optimize_max_pixels};libvips={vips}"
+    )
 
 
 def configure(*, allow_svg: bool = False) -> None:

@@ -21,7 +21,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
-from imgsvc import errors, models
+from imgsvc import catalog, errors, models
 
 Pool: TypeAlias = asyncpg.Pool
 # What ``pool.acquire()`` gives: every connection of ours comes from the pool.
@@ -131,6 +131,7 @@ async def insert_request(
     images_per_job: int = 1,
     idempotency_key: str | None = None,
     csv_sha256: str | None = None,
+    reprocess: bool = False,
 ) -> Inserted:
     """Store a request, its products and images, and queue its jobs, atomically.
 
@@ -138,6 +139,8 @@ async def insert_request(
     table), so a large file is never held in memory; whatever ``products`` raises
     (CsvInvalid, say) rolls everything back. With an ``idempotency_key`` that an
     earlier request has, nothing is stored and that request is returned (``replayed``).
+    Images with the same source URL as an earlier one of the request get no job: they
+    end with it. ``reprocess`` asks the workers to reuse no stored result.
     """
     q = queries()
     async with translated(), pool.acquire() as conn:
@@ -159,6 +162,7 @@ async def insert_request(
                 counted.images,
                 idempotency_key,
                 csv_sha256,
+                reprocess,
             )
             if created is None:  # the same key, committed while this file was read
                 earlier = await conn.fetchrow(q["get_request_by_idempotency_key"], idempotency_key)
@@ -167,8 +171,11 @@ async def insert_request(
                 return _replayed(earlier)
             await conn.execute(q["insert_products"], request_id)
             await conn.execute(q["insert_images"], request_id)
+            duplicates = 0
+            if counted.repeats:
+                duplicates = int((await conn.execute(q["mark_duplicates"], request_id)).split()[-1])
             queued = await conn.fetchval(q["defer_image_jobs"], request_id, queue, task, images_per_job)
-            expected = -(-counted.images // images_per_job)
+            expected = -(-(counted.images - duplicates) // images_per_job)
             if queued != expected:
                 raise errors.ImgsvcError(
                     f"queued {queued} jobs for {counted.images} images; expected {expected}"
@@ -178,16 +185,20 @@ async def insert_request(
     )
 
 
-_UPLOAD_COLUMNS = ("position", "line", "serial", "serial_number", "name", "urls")
+_UPLOAD_COLUMNS = ("position", "line", "serial", "serial_number", "name", "urls", "sources")
 
 
 class _Counted:
-    """Products as rows of ``upload_rows``, counted on the way."""
+    """Products as rows of ``upload_rows``, counted on the way, with their source URLs
+    (``catalog.normalize_url``) and whether any came twice (by hash: the database
+    decides which are the same)."""
 
     def __init__(self, products: Iterable[models.Product] | AsyncIterable[models.Product]) -> None:
         self._products = products
         self.products = 0
         self.images = 0
+        self.repeats = 0
+        self._seen: set[int] = set()
 
     async def rows(self) -> AsyncIterator[tuple[Any, ...]]:
         source = self._products
@@ -201,7 +212,14 @@ class _Counted:
     def _row(self, p: models.Product) -> tuple[Any, ...]:
         self.products += 1
         self.images += len(p.urls)
-        return (self.products, p.line, p.serial, p.serial_number, p.name, p.urls)
+        sources = [catalog.normalize_url(url) for url in p.urls]
+        for source in sources:
+            digest = hash(source)
+            if digest in self._seen:
+                self.repeats += 1
+            else:
+                self._seen.add(digest)
+        return (self.products, p.line, p.serial, p.serial_number, p.name, p.urls, sources)
 
 
 def _replayed(earlier: asyncpg.Record) -> Inserted:
@@ -226,6 +244,8 @@ async def claim_images(pool: Pool, image_ids: list[int]) -> list[models.ImageTas
             position=row["position"],
             url=row["input_url"],
             attempts=row["attempts"],
+            source_url=row["source_url"],
+            reprocess=row["reprocess"],
         )
         for row in rows
     ]
@@ -255,41 +275,81 @@ async def release_image(pool: Pool, image_id: int, reason: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Stored:
-    """Where a compressed image was stored."""
+class Output:
+    """A stored output image, as a done image records it: made now, or reused."""
 
     key: str
     url: str
+    bytes_out: int
+    width: int | None
+    height: int | None
+    format_in: str | None
+    format_out: str | None
+    quality_in: int | None
+    quality_out: int | None
+    kept_original: bool
+    sha256: str
+    reused: models.ReuseReason | None = None
+    bytes_saved: int | None = None
+
+    @classmethod
+    def made(cls, result: models.Compressed, key: str, url: str, sha256: str) -> Output:
+        """The output just compressed and stored."""
+        return cls(
+            key=key, url=url, bytes_out=len(result.data), width=result.width, height=result.height,
+            format_in=result.format_in, format_out=result.format_out, quality_in=result.quality_in,
+            quality_out=result.quality_out, kept_original=result.kept_original, sha256=sha256,
+        )  # fmt: skip
 
 
 async def record_image(
     pool: Pool,
     task: models.ImageTask,
     *,
-    result: models.Compressed | None,
-    stored: Stored | None,
+    output: Output | None,
     error: str | None,
     bytes_in: int | None,
+    source_sha256: str | None = None,
     finish_job: tuple[str, str],
-) -> str | None:
-    """Record an image's final state, in one statement; return the request's final
-    status if this image was its last, having queued ``finish_job`` (queue, task) for
-    it in the same transaction. Exactly one image finishes a request, even when its
-    last images finish at the same moment on several workers; an image already
-    finished is left as it is."""
-    if result is not None and stored is not None:
+) -> Recorded:
+    """Record an image's final state, and its duplicates', in one statement; say the
+    request's final status if they were its last, having queued ``finish_job`` (queue,
+    task) for it in the same transaction. Exactly one image finishes a request, even
+    when its last images finish at the same moment on several workers; an image
+    already finished is left as it is."""
+    if output is not None:
         outcome: tuple[Any, ...] = (
-            str(models.ImageStatus.DONE), None, stored.key, stored.url, bytes_in, len(result.data),
-            result.width, result.height, result.format_in, result.format_out,
-            result.quality_in, result.quality_out, result.kept_original,
+            str(models.ImageStatus.DONE), None, output.key, output.url, bytes_in, output.bytes_out,
+            output.width, output.height, output.format_in, output.format_out,
+            output.quality_in, output.quality_out, output.kept_original,
+        )  # fmt: skip
+        reuse: tuple[Any, ...] = (
+            None if output.reused is None else str(output.reused), output.bytes_saved, source_sha256,
+            output.sha256,
         )  # fmt: skip
     else:
         outcome = (str(models.ImageStatus.FAILED), error, None, None, bytes_in, *[None] * 8)
+        reuse = (None, None, source_sha256, None)
     async with translated():
-        status: str | None = await pool.fetchval(
-            queries()["record_image"], task.image_id, uuid.UUID(task.request_id), *outcome, *finish_job
+        row = await pool.fetchrow(
+            queries()["record_image"],
+            task.image_id,
+            uuid.UUID(task.request_id),
+            *outcome,
+            *finish_job,
+            *reuse,
         )
-    return status
+    assert row is not None  # the statement always returns one row
+    return Recorded(status=row["status"], duplicates=row["duplicates"])
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Recorded:
+    """What recording an image did: the request's final status if it finished it, and
+    how many duplicates of the image ended with it."""
+
+    status: str | None
+    duplicates: int
 
 
 async def defer_job(

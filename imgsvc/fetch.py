@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import ipaddress
 import socket
 import zlib
@@ -23,7 +24,7 @@ import aiohttp
 import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from imgsvc import errors
+from imgsvc import catalog, errors
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _RETRY_STATUSES = frozenset({408, 425, 429})
@@ -179,7 +180,8 @@ def _is_ip(host: str) -> bool:
 
 async def _read_body(
     response: aiohttp.ClientResponse, limits: Limits, expect: Callable[[int], Awaitable[None]] | None
-) -> bytes:
+) -> tuple[bytes, str]:
+    """The body within the limits, and its SHA-256, taken chunk by chunk as it comes."""
     declared = response.content_length
     if declared is not None and declared > limits.max_bytes:
         raise errors.SourceTooLarge(
@@ -197,17 +199,29 @@ async def _read_body(
     # source, where growing a bytearray and converting it made two or three.
     chunks: list[bytes] = []
     size = 0
+    digest = hashlib.sha256()
     async for chunk in response.content.iter_any():
         if decoder is not None:
             # Decompress at most one byte past the cap: a bomb stops here.
             chunk = decoder.decompress(chunk, limits.max_bytes + 1 - size)
         chunks.append(chunk)
+        digest.update(chunk)
         size += len(chunk)
         if size > limits.max_bytes:
             raise errors.SourceTooLarge(
                 f"the source is over the limit of {limits.max_bytes:,} bytes (IMGSVC_MAX_IMAGE_BYTES)"
             )
-    return b"".join(chunks)
+    return b"".join(chunks), digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Fetched:
+    """What a source answered: its bytes (None when it answered 304 Not Modified to our
+    validators) and the validators to ask it with next time."""
+
+    data: bytes | None
+    validators: catalog.Validators
+    sha256: str | None = None
 
 
 async def download(
@@ -219,11 +233,46 @@ async def download(
 ) -> bytes:
     """The bytes at ``url``, following redirects; raise Permanent- or TransientError.
     ``expect`` is told the size the source declares before its body is read."""
+    fetched = await fetch(session, url, limits, expect=expect)
+    assert fetched.data is not None  # no validators were sent
+    return fetched.data
+
+
+async def fetch(
+    session: aiohttp.ClientSession,
+    url: str,
+    limits: Limits,
+    *,
+    expect: Callable[[int], Awaitable[None]] | None = None,
+    validators: catalog.Validators | None = None,
+) -> Fetched:
+    """The source at ``url``, asked with ``validators`` if there are any: a 304 that
+    answers them gives no bytes. A 304 whose ETag is not the one asked with is not
+    trusted (the source is fetched again without validators); a 304 to a request
+    without validators is an error."""
+    fetched = await _fetch(session, url, limits, expect, validators or catalog.Validators())
+    if fetched is None:  # an untrusted 304
+        fetched = await _fetch(session, url, limits, expect, catalog.Validators())
+        if fetched is None:
+            raise errors.PermanentError(
+                "the source answered 304 Not Modified to a request without validators"
+            )
+    return fetched
+
+
+async def _fetch(
+    session: aiohttp.ClientSession,
+    url: str,
+    limits: Limits,
+    expect: Callable[[int], Awaitable[None]] | None,
+    validators: catalog.Validators,
+) -> Fetched | None:
     current = url
+    headers = validators.headers()
     for _ in range(limits.max_redirects + 1):
         target = check_address(current, limits)
         try:
-            async with session.get(target, allow_redirects=False) as response:
+            async with session.get(target, allow_redirects=False, headers=headers) as response:
                 if response.status in _REDIRECTS:
                     location = response.headers.get("Location")
                     if not location:
@@ -237,6 +286,8 @@ async def download(
                             f"the source redirected to a malformed URL: {location[:200]!r}"
                         ) from None
                     continue
+                if response.status == 304:
+                    return _not_modified(response, validators)
                 if response.status in _RETRY_STATUSES or response.status >= 500:
                     raise errors.TransientError(
                         f"the source answered HTTP {response.status} {response.reason or ''}".rstrip()
@@ -245,7 +296,15 @@ async def download(
                     raise errors.PermanentError(
                         f"the source answered HTTP {response.status} {response.reason or ''}".rstrip()
                     )
-                return await _read_body(response, limits, expect)
+                data, sha256 = await _read_body(response, limits, expect)
+                return Fetched(
+                    data,
+                    catalog.Validators(
+                        catalog.strong_etag(response.headers.get("ETag")),
+                        response.headers.get("Last-Modified"),
+                    ),
+                    sha256,
+                )
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, RefusedAddress):
                 raise errors.BlockedAddress(f"refused to fetch: {exc.os_error}") from exc
@@ -265,3 +324,15 @@ async def download(
         except aiohttp.ClientError as exc:
             raise errors.TransientError(f"the download failed ({type(exc).__name__})") from exc
     raise errors.PermanentError(f"more than {limits.max_redirects} redirects (IMGSVC_MAX_REDIRECTS)")
+
+
+def _not_modified(response: aiohttp.ClientResponse, asked: catalog.Validators) -> Fetched | None:
+    """A 304 that answers what was asked, or None. When we asked with an ETag and the 304
+    names another (it must send the ETag it would send with a 200), it is not an answer
+    to our question."""
+    if not asked:
+        return None
+    etag = response.headers.get("ETag")
+    if asked.etag and etag is not None and catalog.strong_etag(etag) != asked.etag:
+        return None
+    return Fetched(None, asked)

@@ -24,6 +24,12 @@ http_duration = Histogram(
 images = Counter(
     "imgsvc_images_total", "Images by outcome: done, failed, or retry (a transient failure).", ["outcome"]
 )
+images_reused = Counter(
+    "imgsvc_images_reused_total",
+    "Done images whose output was reused rather than made again, by why: duplicate, "
+    "not_modified, same_content, own_output.",
+    ["reason"],
+)
 image_bytes = Counter(
     "imgsvc_image_bytes_total", "Bytes of images: in (downloaded) and out (stored).", ["direction"]
 )

@@ -55,6 +55,15 @@ class ImageStatus(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+class ReuseReason(enum.StrEnum):
+    """Why a done image made no new output; the SQL check constraint lists the same values."""
+
+    DUPLICATE = "duplicate"  # the same source URL earlier in the request did the work
+    NOT_MODIFIED = "not_modified"  # the origin answered 304 to our validators
+    SAME_CONTENT = "same_content"  # these bytes were compressed before, with these settings
+    OWN_OUTPUT = "own_output"  # the bytes are one of our outputs: never degraded twice
+
+
 class DeliveryState(enum.StrEnum):
     """Where one webhook delivery is; the SQL check constraint lists the same values."""
 
@@ -85,6 +94,8 @@ class ImageTask:
     position: int
     url: str
     attempts: int
+    source_url: str | None = None  # the URL as matched against earlier sources
+    reprocess: bool = False  # the request asked for no reuse
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

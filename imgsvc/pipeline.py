@@ -9,9 +9,24 @@ request's last image makes the request final and queues what follows (``finish``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
-from imgsvc import compress, db, errors, fetch, finish, logs, metrics, models, resources, store
+from imgsvc import (
+    catalog,
+    compress,
+    db,
+    errors,
+    fetch,
+    finish,
+    logs,
+    memory,
+    metrics,
+    models,
+    resources,
+    reuse,
+    store,
+)
 
 logger = logging.getLogger("imgsvc.pipeline")
 
@@ -74,41 +89,28 @@ ALREADY_FINISHED = "already finished"
 INTERRUPTED = "interrupted: the worker stopped before this image was finished; queued again"
 
 
+@dataclasses.dataclass(slots=True)
+class _Seen:
+    """What an image's stages learnt of its source, for its record if it fails."""
+
+    bytes_in: int | None = None
+    sha256: str | None = None
+
+
 async def _process_claimed(res: resources.Resources, task: models.ImageTask) -> str:
     image_id = task.image_id
     logs.image_id.set(image_id)
     logs.request_id.set(task.request_id)
     final_attempt = task.attempts >= res.settings.max_attempts
-    bytes_in: int | None = None
+    seen = _Seen()
     try:
-        # A source slot and the source's bytes are held from the start of the download to
-        # the end of compression: they bound the sources in memory, downloaded ones waiting
-        # for the codec included, by count and by size.
-        async with res.source_slots, res.source_budget.hold() as source:
-            with metrics.stage_duration.labels("download").time():
-                data = await fetch.download(res.http, task.url, res.download_limits, expect=source.expect)
-            bytes_in = len(data)
-            source(bytes_in)
-            metrics.image_bytes.labels("in").inc(bytes_in)
-            with metrics.stage_duration.labels("compress").time():
-                async with res.image_slots:
-                    loop = asyncio.get_running_loop()
-                    result = await loop.run_in_executor(
-                        res.images, compress.compress, data, res.image_limits, res.codec_budget
-                    )
-            del data
-        key = store.object_key(
-            res.settings.s3_prefix, task.request_id, task.serial_number, task.position, result.extension
-        )
-        with metrics.stage_duration.labels("upload").time():
-            async with res.upload_slots:
-                url = await res.store.put(key, result.data, result.content_type)
+        output = await _output(res, task, seen)
     except errors.PermanentError as exc:
-        return await record_failure(res, task, exc.message, bytes_in)
+        return await record_failure(res, task, exc.message, seen)
     except errors.TransientError as exc:
         if final_attempt:
             return await record_failure(
-                res, task, f"{exc.message} (gave up after {task.attempts} attempts)", bytes_in
+                res, task, f"{exc.message} (gave up after {task.attempts} attempts)", seen
             )
         await db.release_image(res.pool, image_id, f"attempt {task.attempts}: {exc.message}")
         metrics.images.labels("retry").inc()
@@ -116,20 +118,92 @@ async def _process_claimed(res: resources.Resources, task: models.ImageTask) -> 
         raise
     except Exception as exc:  # a bug must not leave the image unfinished
         logger.exception("image %s: unexpected error", image_id)
-        return await record_failure(res, task, f"internal error ({type(exc).__name__})", bytes_in)
-    await record(res, task, result=result, stored=db.Stored(key=key, url=url), bytes_in=bytes_in)
-    metrics.images.labels("done").inc()
-    metrics.image_bytes.labels("out").inc(len(result.data))
+        return await record_failure(res, task, f"internal error ({type(exc).__name__})", seen)
+    duplicates = await record(res, task, output=output, bytes_in=seen.bytes_in, source_sha256=seen.sha256)
+    metrics.images.labels("done").inc(1 + duplicates)
+    if output.reused is not None:
+        metrics.images_reused.labels(str(output.reused)).inc()
+    else:
+        metrics.image_bytes.labels("out").inc(output.bytes_out)
+    if duplicates:
+        metrics.images_reused.labels(str(models.ReuseReason.DUPLICATE)).inc(duplicates)
     return models.ImageStatus.DONE
 
 
-async def record_failure(
-    res: resources.Resources, task: models.ImageTask, reason: str, bytes_in: int | None
-) -> str:
-    """Fail an image with a reason a person can read."""
+async def _output(res: resources.Resources, task: models.ImageTask, seen: _Seen) -> db.Output:
+    """The image's output: reused where a stored result answers (``reuse``), else
+    downloaded, compressed and stored under the SHA-256 of its bytes."""
+    source_url = task.source_url or catalog.normalize_url(task.url)
+    settings_key = compress.settings_key(res.image_limits)
+    # A source slot and the source's bytes are held from the start of the download to
+    # the end of compression: they bound the sources in memory, downloaded ones waiting
+    # for the codec included, by count and by size.
+    async with res.source_slots, res.source_budget.hold() as source:
+        known = None if task.reprocess else await reuse.known_source(res.pool, source_url)
+        with metrics.stage_duration.labels("download").time():
+            fetched = await fetch.fetch(
+                res.http, task.url, res.download_limits, expect=source.expect,
+                validators=known.validators if known else None,
+            )  # fmt: skip
+        if fetched.data is None and known is not None:  # 304 Not Modified
+            seen.bytes_in, seen.sha256 = known.bytes, known.sha256
+            found = await reuse.stored_output(res.pool, res.store, known.sha256, settings_key, own=False)
+            if found is not None:
+                await reuse.touch_source(res.pool, source_url)
+                saved = known.bytes + found.output.bytes_out
+                return reuse.reused(found, models.ReuseReason.NOT_MODIFIED, saved)
+            with metrics.stage_duration.labels("download").time():
+                fetched = await fetch.fetch(res.http, task.url, res.download_limits, expect=source.expect)
+        data, seen.sha256 = fetched.data, fetched.sha256
+        assert data is not None and seen.sha256 is not None
+        seen.bytes_in = len(data)
+        source(seen.bytes_in)
+        metrics.image_bytes.labels("in").inc(seen.bytes_in)
+        await reuse.remember_source(res.pool, source_url, fetched)
+        # Bytes that are one of our outputs are taken as they are, reprocess or not: no
+        # image is degraded twice.
+        found = await reuse.stored_output(
+            res.pool, res.store, seen.sha256, settings_key, same=not task.reprocess
+        )
+        if found is not None:
+            if found.missing:
+                await _put(res, found.output.key, data, models.CONTENT_TYPES[found.output.format_out or ""])
+            reason = models.ReuseReason.OWN_OUTPUT if found.own else models.ReuseReason.SAME_CONTENT
+            return reuse.reused(found, reason, found.output.bytes_out)
+        with metrics.stage_duration.labels("compress").time():
+            async with res.image_slots:
+                loop = asyncio.get_running_loop()
+                result, output_sha256 = await loop.run_in_executor(
+                    res.images, _compressed, data, res.image_limits, res.codec_budget
+                )
+        del data
+    key = store.content_key(res.settings.s3_prefix, output_sha256, result.extension)
+    url = await _put(res, key, result.data, result.content_type)
+    output = db.Output.made(result, key, url, output_sha256)
+    await reuse.remember_output(res.pool, seen.sha256, settings_key, output, seen.bytes_in)
+    return output
+
+
+def _compressed(
+    data: bytes, limits: compress.Limits, budget: memory.MemoryBudget
+) -> tuple[models.Compressed, str]:
+    """The compressed image and its SHA-256, on a codec thread."""
+    result = compress.compress(data, limits, budget)
+    return result, catalog.sha256(result.data)
+
+
+async def _put(res: resources.Resources, key: str, data: bytes, content_type: str) -> str:
+    """Store an output under its content-addressed key, cacheable forever."""
+    with metrics.stage_duration.labels("upload").time():
+        async with res.upload_slots:
+            return await res.store.put(key, data, content_type, store.IMMUTABLE)
+
+
+async def record_failure(res: resources.Resources, task: models.ImageTask, reason: str, seen: _Seen) -> str:
+    """Fail an image (and its duplicates) with a reason a person can read."""
     logger.info("image %s failed: %s", task.image_id, reason)
-    metrics.images.labels("failed").inc()
-    await record(res, task, error=reason, bytes_in=bytes_in)
+    duplicates = await record(res, task, error=reason, bytes_in=seen.bytes_in, source_sha256=seen.sha256)
+    metrics.images.labels("failed").inc(1 + duplicates)
     return models.ImageStatus.FAILED
 
 
@@ -137,21 +211,23 @@ async def record(
     res: resources.Resources,
     task: models.ImageTask,
     *,
-    result: models.Compressed | None = None,
-    stored: db.Stored | None = None,
+    output: db.Output | None = None,
     error: str | None = None,
     bytes_in: int | None = None,
-) -> None:
-    """Store an image's final state and, if it was the request's last, finish the request
-    (the statement that records the image queues the request's finishing job)."""
-    status = await db.record_image(
+    source_sha256: str | None = None,
+) -> int:
+    """Store an image's final state, and its duplicates', and if they were the request's
+    last, finish the request (the statement that records them queues the request's
+    finishing job). Returns how many duplicates ended with it."""
+    recorded = await db.record_image(
         res.pool,
         task,
-        result=result,
-        stored=stored,
+        output=output,
         error=error,
         bytes_in=bytes_in,
+        source_sha256=source_sha256,
         finish_job=(models.REQUEST_QUEUE, models.FINISH_REQUEST),
     )
-    if status is not None:
-        finish.announce(task.request_id, models.RequestStatus(status))
+    if recorded.status is not None:
+        finish.announce(task.request_id, models.RequestStatus(recorded.status))
+    return recorded.duplicates

@@ -1,7 +1,10 @@
 """Where output files go: an S3-compatible bucket, or a local folder served by the API.
 
-Keys are made only from the request id (a UUID) and numbers, so no user text ever
-reaches a key, and two images can never share one.
+Keys are made only from hex digests, the request id (a UUID) and numbers, so no user
+text ever reaches a key. An output image's key is the SHA-256 of its bytes: two images
+share a key only when they share every byte, and a key never changes what it holds,
+so its object is sent as cacheable forever. Images stored before that layout keep
+their per-request keys (``object_key``).
 """
 
 from __future__ import annotations
@@ -22,8 +25,19 @@ if TYPE_CHECKING:  # the stubs are a development dependency
     import types_aiobotocore_s3
 
 
+#: The Cache-Control of a content-addressed object: its bytes never change.
+IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+def content_key(prefix: str, sha256: str, extension: str) -> str:
+    """The key of an output image: the SHA-256 of its bytes."""
+    key = f"img/{sha256}.{extension}"
+    return f"{prefix}/{key}" if prefix else key
+
+
 def object_key(prefix: str, request_id: str, serial_number: int, position: int, extension: str) -> str:
-    """The key of one output image: request, product serial, image position."""
+    """The key of one output image in the older, per-request layout (request, product
+    serial, image position); kept for the rows that have one."""
     key = f"{request_id}/{serial_number}-{position}.{extension}"
     return f"{prefix}/{key}" if prefix else key
 
@@ -37,9 +51,15 @@ def csv_key(prefix: str, request_id: str) -> str:
 class Storage(Protocol):
     """Stores bytes under a key and says where a person can open them."""
 
-    async def put(self, key: str, data: bytes | IO[bytes], content_type: str) -> str:
+    async def put(
+        self, key: str, data: bytes | IO[bytes], content_type: str, cache_control: str | None = None
+    ) -> str:
         """Store ``data`` (bytes, or a seekable file read from its start) under ``key``;
         return its public URL."""
+        ...
+
+    async def exists(self, key: str) -> bool:
+        """Whether an object is stored under ``key``; TransientError if the store cannot say."""
         ...
 
     async def check(self) -> None:
@@ -55,17 +75,40 @@ class S3Storage:
         self.bucket = bucket
         self.public_url = public_url.rstrip("/")
 
-    async def put(self, key: str, data: bytes | IO[bytes], content_type: str) -> str:
+    async def put(
+        self, key: str, data: bytes | IO[bytes], content_type: str, cache_control: str | None = None
+    ) -> str:
         if not isinstance(data, bytes):
             data.seek(0)
         try:
-            await self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+            if cache_control:
+                await self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=data,
+                    ContentType=content_type,
+                    CacheControl=cache_control,
+                )
+            else:
+                await self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
         except botocore.exceptions.ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "error")
             raise errors.TransientError(f"the S3 store refused the upload ({code})") from exc
         except (TimeoutError, botocore.exceptions.BotoCoreError, OSError) as exc:
             raise errors.TransientError(f"the S3 store could not be reached ({type(exc).__name__})") from exc
         return f"{self.public_url}/{quote(key)}"
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await self.client.head_object(Bucket=self.bucket, Key=key)
+        except botocore.exceptions.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", "error"))
+            if code in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise errors.TransientError(f"the S3 store could not say whether {key} exists ({code})") from exc
+        except (TimeoutError, botocore.exceptions.BotoCoreError, OSError) as exc:
+            raise errors.TransientError(f"the S3 store could not be reached ({type(exc).__name__})") from exc
+        return True
 
     async def check(self) -> None:
         try:
@@ -108,12 +151,17 @@ class LocalStorage:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    async def put(self, key: str, data: bytes | IO[bytes], content_type: str) -> str:
+    async def put(
+        self, key: str, data: bytes | IO[bytes], content_type: str, cache_control: str | None = None
+    ) -> str:
         try:
             await asyncio.to_thread(self._write, key, data)
         except OSError as exc:
             raise errors.TransientError(f"could not write the output file ({exc.strerror})") from exc
         return f"{self.public_url}/{quote(key)}"
+
+    async def exists(self, key: str) -> bool:
+        return await asyncio.to_thread((self.root / key).is_file)
 
     async def check(self) -> None:
         if not os.access(self.root, os.W_OK):

@@ -3,8 +3,8 @@
 -- insert_request --
 -- Nothing is inserted when another request already has this Idempotency-Key.
 INSERT INTO requests (id, file_name, webhook_url, product_count, image_count, idempotency_key,
-                      csv_sha256)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+                      csv_sha256, reprocess)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING id;
 
@@ -20,7 +20,8 @@ CREATE TEMPORARY TABLE upload_rows (
     serial          text NOT NULL,
     serial_number   integer NOT NULL,
     name            text NOT NULL,
-    urls            text[] NOT NULL
+    urls            text[] NOT NULL,
+    sources         text[] NOT NULL
 ) ON COMMIT DROP;
 
 -- insert_products --
@@ -29,12 +30,21 @@ SELECT $1, position, line, serial, serial_number, name FROM upload_rows ORDER BY
 
 -- insert_images --
 -- Image ids follow the input order: products by position, then URLs as listed.
-INSERT INTO images (request_id, product_id, position, input_url)
-SELECT $1, p.id, u.position, u.url
+INSERT INTO images (request_id, product_id, position, input_url, source_url)
+SELECT $1, p.id, u.position, u.url, u.source
 FROM upload_rows r
 JOIN products p ON p.request_id = $1 AND p.position = r.position
-CROSS JOIN LATERAL unnest(r.urls) WITH ORDINALITY AS u (url, position)
+CROSS JOIN LATERAL unnest(r.urls, r.sources) WITH ORDINALITY AS u (url, source, position)
 ORDER BY r.position, u.position;
+
+-- mark_duplicates --
+-- Images of the request with the same source URL as an earlier one are its duplicates:
+-- they get no job of their own, and end when that one does. Run only when the upload
+-- saw a URL twice.
+UPDATE images i SET duplicate_of = d.first
+FROM (SELECT id, min(id) OVER (PARTITION BY source_url) AS first
+      FROM images WHERE request_id = $1) d
+WHERE i.id = d.id AND d.id <> d.first;
 
 -- defer_image_jobs --
 -- One procrastinate job per batch of at most $4 images, in input order, through
@@ -45,7 +55,7 @@ SELECT cardinality(procrastinate_defer_jobs_v1(array_agg(
     ::procrastinate_job_to_defer_v1 ORDER BY batch)))
 FROM (SELECT batch, jsonb_agg(id ORDER BY id) AS ids
       FROM (SELECT id, (row_number() OVER (ORDER BY id) - 1) / $4 AS batch
-            FROM images WHERE request_id = $1) numbered
+            FROM images WHERE request_id = $1 AND duplicate_of IS NULL) numbered
       GROUP BY batch) batches;
 
 -- claim_images --
@@ -73,13 +83,15 @@ WITH locked AS (
     SET status = 'processing', attempts = i.attempts + 1, started_at = coalesce(i.started_at, now())
     FROM ordered o, products p
     WHERE i.id = o.id AND p.id = i.product_id
-    RETURNING i.id, i.request_id, p.serial_number, i.position, i.input_url, i.attempts
+    RETURNING i.id, i.request_id, p.serial_number, i.position, i.input_url, i.attempts, i.source_url
 ), started AS (
     UPDATE requests r
     SET status = 'processing', started_at = now(), updated_at = now()
     WHERE r.id IN (SELECT request_id FROM claimed) AND r.status = 'queued'
 )
-SELECT id, request_id::text, serial_number, position, input_url, attempts FROM claimed ORDER BY id;
+SELECT c.id, c.request_id::text, c.serial_number, c.position, c.input_url, c.attempts, c.source_url,
+       r.reprocess
+FROM claimed c JOIN requests r ON r.id = c.request_id ORDER BY c.id;
 
 -- release_image --
 -- A transient failure: back to the queue, with the reason, for the next attempt.
@@ -89,14 +101,18 @@ UPDATE images SET status = 'queued', error = $2 WHERE id = $1 AND status = 'proc
 SELECT status FROM requests WHERE id = $1 FOR UPDATE;
 
 -- record_image --
--- An image's final state ($3: 'done' or 'failed'), in one round trip and one
--- transaction: lock the request row (first, as cancelling does), record the image,
--- count it on the request, and if it was the request's last open image, give the
+-- An image's final state ($3: 'done' or 'failed'), and its duplicates' (the images of
+-- the request with the same source URL, which end with it), in one round trip and one
+-- transaction: lock the request row (first, as cancelling does), record the images,
+-- count them on the request, and if they were the request's last open images, give the
 -- request its final status and queue procrastinate's finish_request job ($16 queue,
 -- $17 task). The counters decide, not a count of the images: this statement's
 -- snapshot predates its wait for the lock, but the lock returns the newest committed
 -- row, so when the last two images finish at once, exactly one sees the total.
--- Returns the final status when this image finished the request; no row else.
+-- $18 why the output was reused (NULL: made now), $19 the bytes that saved, $20 and
+-- $21 the SHA-256 of the source and of the output.
+-- Returns the final status when this image finished the request (else NULL), and how
+-- many duplicates ended with it.
 WITH locked AS (
     SELECT id, status, done_count + failed_count + cancelled_count AS ended, image_count
     FROM requests WHERE id = $2 FOR UPDATE
@@ -104,14 +120,24 @@ WITH locked AS (
     UPDATE images i
     SET status = $3, error = $4, output_key = $5, output_url = $6, bytes_in = coalesce($7, i.bytes_in),
         bytes_out = $8, width = $9, height = $10, format_in = $11, format_out = $12,
-        quality_in = $13, quality_out = $14, kept_original = $15, finished_at = now()
+        quality_in = $13, quality_out = $14, kept_original = $15, finished_at = now(),
+        reused = CASE WHEN i.id = $1 THEN $18 WHEN $3 = 'done' THEN 'duplicate' END,
+        bytes_saved = CASE WHEN i.id = $1 THEN $19::bigint
+                           WHEN $3 = 'done' THEN coalesce($7::bigint, 0) + coalesce($8::bigint, 0) END,
+        source_sha256 = $20, output_sha256 = $21
     FROM locked l
-    WHERE i.id = $1 AND i.status IN ('queued', 'processing')
-    RETURNING i.request_id, (i.status = 'done')::int AS done, (i.status = 'failed')::int AS failed,
-              l.status IN ('queued', 'processing') AND l.ended + 1 >= l.image_count AS closes
+    WHERE (i.id = $1 OR i.duplicate_of = $1) AND i.request_id = $2 AND i.status IN ('queued', 'processing')
+    RETURNING i.id, i.request_id, (i.status = 'done')::int AS done, (i.status = 'failed')::int AS failed,
+              (i.reused IS NOT NULL)::int AS reused, coalesce(i.bytes_saved, 0) AS saved,
+              l.status IN ('queued', 'processing') AS open, l.ended, l.image_count
+), totals AS (
+    SELECT request_id, sum(done) AS done, sum(failed) AS failed, sum(reused) AS reused,
+           sum(saved) AS saved, bool_and(open) AND max(ended) + count(*) >= max(image_count) AS closes
+    FROM finished GROUP BY request_id
 ), counted AS (
     UPDATE requests r
     SET done_count = r.done_count + f.done, failed_count = r.failed_count + f.failed,
+        reused_count = r.reused_count + f.reused, bytes_saved = r.bytes_saved + f.saved,
         done_bytes_in = r.done_bytes_in + f.done * coalesce($7, 0),
         done_bytes_out = r.done_bytes_out + f.done * coalesce($8, 0),
         status = CASE
@@ -122,7 +148,7 @@ WITH locked AS (
             ELSE 'completed_with_errors' END,
         completed_at = CASE WHEN f.closes THEN now() ELSE r.completed_at END,
         updated_at = now()
-    FROM finished f
+    FROM totals f
     WHERE r.id = f.request_id
     RETURNING r.id, r.status, f.closes
 ), queued AS (
@@ -131,7 +157,8 @@ WITH locked AS (
             NULL)::procrastinate_job_to_defer_v1])
     FROM counted c WHERE c.closes
 )
-SELECT c.status FROM counted c WHERE c.closes AND EXISTS (SELECT FROM queued);
+SELECT (SELECT c.status FROM counted c WHERE c.closes AND EXISTS (SELECT FROM queued)) AS status,
+       (SELECT count(*) FROM finished WHERE id <> $1)::int AS duplicates;
 
 -- final_status_by_count --
 -- With the request row locked (after a cancel, or by the maintenance task): counts the
@@ -144,13 +171,16 @@ SET status = CASE WHEN r.cancel_requested_at IS NOT NULL THEN 'cancelled'
                   ELSE 'completed_with_errors' END,
     done_count = c.done, failed_count = c.failed, cancelled_count = c.cancelled,
     done_bytes_in = c.bytes_in, done_bytes_out = c.bytes_out,
+    reused_count = c.reused, bytes_saved = c.saved,
     completed_at = now(), updated_at = now()
 FROM (SELECT count(*) FILTER (WHERE status = 'done') AS done,
              count(*) FILTER (WHERE status = 'failed') AS failed,
              count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
              count(*) FILTER (WHERE status NOT IN ('done', 'failed', 'cancelled')) AS open,
              coalesce(sum(bytes_in) FILTER (WHERE status = 'done'), 0) AS bytes_in,
-             coalesce(sum(bytes_out) FILTER (WHERE status = 'done'), 0) AS bytes_out
+             coalesce(sum(bytes_out) FILTER (WHERE status = 'done'), 0) AS bytes_out,
+             count(*) FILTER (WHERE status = 'done' AND reused IS NOT NULL) AS reused,
+             coalesce(sum(bytes_saved) FILTER (WHERE status = 'done'), 0) AS saved
       FROM images WHERE request_id = $1) c
 WHERE r.id = $1 AND r.status IN ('queued', 'processing') AND c.open = 0
 RETURNING r.status;
@@ -158,7 +188,8 @@ RETURNING r.status;
 -- get_request --
 SELECT pr.request_id, pr.status, pr.total, pr.queued, pr.processing, pr.done, pr.failed,
        pr.cancelled, pr.percent, pr.bytes_in, pr.bytes_out, pr.created_at, pr.updated_at,
-       pr.completed_at, r.file_name, r.product_count, r.started_at, r.output_csv_url
+       pr.completed_at, r.file_name, r.product_count, r.started_at, r.output_csv_url,
+       pr.compressed, pr.reused, pr.bytes_saved, r.reprocess
 FROM request_progress pr JOIN requests r ON r.id = pr.request_id
 WHERE pr.request_id = $1;
 
@@ -198,7 +229,8 @@ FROM products p WHERE p.request_id = $1 ORDER BY p.position LIMIT $2 OFFSET $3;
 
 -- get_images_of_products --
 SELECT product_id, position, input_url, status, output_url, error, bytes_in, bytes_out,
-       width, height, format_in, format_out, quality_in, quality_out, kept_original, attempts
+       width, height, format_in, format_out, quality_in, quality_out, kept_original, attempts,
+       reused, bytes_saved
 FROM images WHERE product_id = ANY($1::bigint[]) ORDER BY product_id, position;
 
 -- defer_job --
@@ -263,9 +295,14 @@ WHERE id = $1 AND status IN ('queued', 'processing')
 RETURNING id;
 
 -- orphaned_images --
--- Unfinished images with no live job: re-queued by the maintenance task.
+-- Unfinished images with no live job: re-queued by the maintenance task. A duplicate
+-- has no job while the image it follows is open; it has one of its own only if it
+-- was left open after that one ended.
 SELECT i.id FROM images i
 WHERE i.status IN ('queued', 'processing')
+  AND (i.duplicate_of IS NULL
+       OR NOT EXISTS (SELECT 1 FROM images f
+                      WHERE f.id = i.duplicate_of AND f.status IN ('queued', 'processing')))
   AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs j
                   WHERE j.status IN ('todo', 'doing') AND j.task_name = $1
                     AND j.args->'image_ids' @> to_jsonb(i.id))
@@ -296,3 +333,52 @@ WHERE d.state IN ('pending', 'retrying')
                   WHERE j.status IN ('todo', 'doing') AND j.task_name = $1
                     AND j.args->>'delivery_id' = d.id::text)
 LIMIT $2;
+
+-- get_source --
+SELECT etag, last_modified, sha256, bytes FROM sources WHERE url = $1;
+
+-- save_source --
+-- What the origin sent for a URL: its bytes' SHA-256, and the validators to ask with
+-- next time ($2 and $3; NULL when it sent none). changed_at moves only when the bytes did.
+INSERT INTO sources AS s (url, etag, last_modified, sha256, bytes)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (url) DO UPDATE
+SET etag = excluded.etag, last_modified = excluded.last_modified, sha256 = excluded.sha256,
+    bytes = excluded.bytes, checked_at = now(),
+    changed_at = CASE WHEN s.sha256 = excluded.sha256 THEN s.changed_at ELSE now() END;
+
+-- touch_source --
+-- The origin answered 304: the bytes are those already known.
+UPDATE sources SET checked_at = now() WHERE url = $1;
+
+-- find_output --
+-- A stored output for these source bytes: made from them under these settings ($2;
+-- looked for if $3), or the bytes are themselves one of our outputs (own = true;
+-- looked for if $4). The first is preferred: an output kept as the original has the
+-- source's own SHA-256.
+(SELECT false AS own, output_key, output_url, bytes_in, bytes_out, width, height, format_in,
+        format_out, quality_in, quality_out, kept_original, output_sha256
+ FROM outputs WHERE $3 AND source_sha256 = $1 AND settings_key = $2)
+UNION ALL
+(SELECT true, output_key, output_url, bytes_out, bytes_out, width, height, format_out,
+        format_out, quality_out, quality_out, true, output_sha256
+ FROM outputs WHERE $4 AND output_sha256 = $1 ORDER BY created_at LIMIT 1)
+LIMIT 1;
+
+-- save_output --
+-- The newest output made from these bytes under these settings. Two workers that made
+-- it at once stored the same key (the output's SHA-256) or two keys that both exist;
+-- the row points at one that does.
+INSERT INTO outputs (source_sha256, settings_key, output_sha256, output_key, output_url, bytes_in,
+                     bytes_out, width, height, format_in, format_out, quality_in, quality_out,
+                     kept_original)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+ON CONFLICT (source_sha256, settings_key) DO UPDATE
+SET output_sha256 = excluded.output_sha256, output_key = excluded.output_key,
+    output_url = excluded.output_url, bytes_out = excluded.bytes_out, width = excluded.width,
+    height = excluded.height, format_out = excluded.format_out, quality_in = excluded.quality_in,
+    quality_out = excluded.quality_out, kept_original = excluded.kept_original, created_at = now();
+
+-- forget_output --
+-- The stored object of an output is gone: the next image makes it again.
+DELETE FROM outputs WHERE output_key = $1;

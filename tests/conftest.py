@@ -103,6 +103,7 @@ async def store_request(
     *,
     webhook_url: str | None = None,
     file_name: str | None = "p.csv",
+    reprocess: bool = False,
 ) -> str:
     """Store and queue a request as an upload does; its id."""
     stored = await db.insert_request(
@@ -112,6 +113,7 @@ async def store_request(
         products=products,
         queue=models.IMAGE_QUEUE,
         task=models.PROCESS_IMAGES,
+        reprocess=reprocess,
     )
     return stored.request_id
 

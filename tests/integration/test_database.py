@@ -116,7 +116,6 @@ async def _finish_concurrently(
     pool: db.Pool, request_id: str, image_ids: list[int], fail: set[int]
 ) -> list[str | None]:
     barrier = asyncio.Barrier(len(image_ids))
-    stored = db.Stored(key="k", url="http://out.test/k")
     result = models.Compressed(
         data=b"x",
         format_in="jpeg",
@@ -127,17 +126,20 @@ async def _finish_concurrently(
         quality_out=40,
         kept_original=False,
     )
+    output = db.Output.made(result, key="k", url="http://out.test/k", sha256="00" * 32)
 
     async def finish(image_id: int) -> str | None:
         task = models.ImageTask(image_id, request_id, serial_number=1, position=1, url="", attempts=1)
         await barrier.wait()
         if image_id in fail:
-            return await db.record_image(
-                pool, task, result=None, stored=None, error="broken", bytes_in=None, finish_job=FINISH_JOB
+            failed = await db.record_image(
+                pool, task, output=None, error="broken", bytes_in=None, finish_job=FINISH_JOB
             )
-        return await db.record_image(
-            pool, task, result=result, stored=stored, error=None, bytes_in=10, finish_job=FINISH_JOB
+            return failed.status
+        done = await db.record_image(
+            pool, task, output=output, error=None, bytes_in=10, finish_job=FINISH_JOB
         )
+        return done.status
 
     return await asyncio.gather(*(finish(i) for i in image_ids))
 

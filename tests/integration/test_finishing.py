@@ -6,6 +6,7 @@ import asyncio
 import csv
 import dataclasses
 import io
+import re
 import json
 import tempfile
 import uuid
@@ -89,8 +90,10 @@ async def test_output_csv_has_every_row_and_an_empty_slot_for_a_failure(
     assert read[0] == ["S. No.", "Product Name", "Input Image Urls", "Output Image Urls"]
     assert [row[:3] for row in read[1:]] == [[s, n, ",".join(u)] for s, n, u in products]
     outputs = [row[3].split(",") for row in read[1:]]
-    base = f"{s3.endpoint}/{s3.bucket}/{rid}"
-    assert outputs == [[f"{base}/1-1.png", "", f"{base}/1-3.png"], [f"{base}/2-1.png"], [""]]
+    # One image in three slots: one output, one object, one URL (named by its bytes).
+    out = outputs[0][0]
+    assert re.fullmatch(rf"{s3.endpoint}/{s3.bucket}/img/[0-9a-f]{{64}}\.png", out)
+    assert outputs == [[out, "", out], [out], [""]]
     assert await res.pool.fetchval("SELECT count(*) FROM webhook_deliveries") == 0  # none configured
 
 

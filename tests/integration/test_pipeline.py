@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import hashlib
 import uuid
 from typing import Any
 
@@ -42,10 +43,19 @@ async def test_an_image_is_stored_compressed_in_the_bucket(
     assert await pipeline.process_image(res, image_id) == "done"
     row = await image_row(res, image_id)
     assert row["status"] == "done" and row["attempts"] == 1
-    assert row["output_key"] == f"{rid}/1-1.jpg"
-    assert row["output_url"] == f"{s3.endpoint}/{s3.bucket}/{rid}/1-1.jpg"
     data, content_type = s3.get(str(row["output_key"]))
+    # The key is the SHA-256 of the stored bytes, and the object says it never changes.
+    assert (
+        row["output_key"]
+        == f"img/{hashlib.sha256(data).hexdigest()}.jpg"
+        == f"img/{row['output_sha256']}.jpg"
+    )
+    assert row["output_url"] == f"{s3.endpoint}/{s3.bucket}/{row['output_key']}"
     assert content_type == "image/jpeg"
+    head = s3.client().head_object(Bucket=s3.bucket, Key=row["output_key"])
+    assert head["CacheControl"] == "public, max-age=31536000, immutable"
+    assert row["source_sha256"] == hashlib.sha256((IMAGES / name).read_bytes()).hexdigest()
+    assert row["reused"] is None and row["bytes_saved"] is None
     assert len(data) == row["bytes_out"] < (IMAGES / name).stat().st_size == row["bytes_in"]
     assert quality.estimate_jpeg_quality(data) == row["quality_out"] == 50
     assert pyvips.Image.new_from_buffer(data, "").width == 1280

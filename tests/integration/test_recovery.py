@@ -17,7 +17,7 @@ async def test_images_requests_and_webhooks_without_jobs_are_queued_again(
     res: resources.Resources, database_url: str, image_server: ImageServer, receiver: WebhookReceiver
 ) -> None:
     url = image_server.url("/img/png_palette_trns.png")
-    products = [models.Product(line=2, serial="1", serial_number=1, name="P", urls=(url, url))]
+    products = [models.Product(line=2, serial="1", serial_number=1, name="P", urls=(url, url + "?copy"))]
     rid = await store_request(res.pool, products, webhook_url=receiver.url("/ok"), file_name=None)
     # Lose every job, as an abort during a database outage or a manual delete would.
     await res.pool.execute("DELETE FROM procrastinate_jobs")
@@ -56,7 +56,7 @@ async def test_images_requests_and_webhooks_without_jobs_are_queued_again(
 
 async def test_a_sweep_for_orphans_while_another_runs_queues_nothing_twice(res: resources.Resources) -> None:
     url = "http://img.test/a.jpg"
-    products = [models.Product(line=2, serial="1", serial_number=1, name="P", urls=(url, url))]
+    products = [models.Product(line=2, serial="1", serial_number=1, name="P", urls=(url, url + "?copy"))]
     await store_request(res.pool, products)
     await res.pool.execute("DELETE FROM procrastinate_jobs")
     async with res.pool.acquire() as other:  # another machine's sweep, still at work
@@ -81,7 +81,7 @@ async def test_a_sweep_for_orphans_while_another_runs_queues_nothing_twice(res: 
 
 async def test_a_request_whose_counters_went_wrong_is_finished_by_a_count(res: resources.Resources) -> None:
     url = "http://img.test/a.jpg"
-    products = [models.Product(line=2, serial="1", serial_number=1, name="P", urls=(url, url))]
+    products = [models.Product(line=2, serial="1", serial_number=1, name="P", urls=(url, url + "?copy"))]
     rid = await store_request(res.pool, products)
     ids = [row["id"] for row in await res.pool.fetch("SELECT id FROM images ORDER BY id")]
     first, second = await db.claim_images(res.pool, ids)

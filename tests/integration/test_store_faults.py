@@ -43,12 +43,13 @@ async def test_every_image_is_stored_through_a_failing_store(
             serial=str(n + 1),
             serial_number=n + 1,
             name=f"P{n}",
-            urls=(image_server.url(f"/img/{name}"),),
+            urls=(image_server.url(f"/img/{name}?copy={n}"),),
         )
         for n, name in enumerate(names)
     ]
     async with resources.opened(faulty, database_url) as res:
-        rid = await store_request(res.pool, products, file_name=None)
+        # Each image made and stored on its own (no reuse), for the proxy to break.
+        rid = await store_request(res.pool, products, file_name=None, reprocess=True)
         app = queue.create_app(res.settings, database_url)
         async with app.open_async():
             for _ in range(200):

@@ -1,0 +1,108 @@
+"""What a stored result answers, so that no image is made twice.
+
+Two records, in PostgreSQL: ``sources`` (per source URL, the validators it last sent
+and the SHA-256 of its bytes) and ``outputs`` (per source SHA-256 and settings key,
+the output made and where it is stored). An image asks the origin with the source's
+validators; on a 304, or on bytes whose SHA-256 is known, it takes the stored output
+instead of compressing. Bytes that are one of our outputs are never compressed again.
+
+A stored output is trusted only once the store says its object is there (a HEAD): a
+record whose object was deleted is forgotten and the output made again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from imgsvc import catalog, db, fetch, models, store
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Known:
+    """What was last seen at a source URL."""
+
+    validators: catalog.Validators
+    sha256: str
+    bytes: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Found:
+    """A stored output for some source bytes. ``own``: the bytes are that output."""
+
+    output: db.Output
+    own: bool
+    missing: bool = False
+
+
+async def known_source(pool: db.Pool, url: str) -> Known | None:
+    """The record of ``url``, or None if it was never fetched."""
+    async with db.translated():
+        row = await pool.fetchrow(db.queries()["get_source"], url)
+    if row is None:
+        return None
+    return Known(catalog.Validators(row["etag"], row["last_modified"]), row["sha256"], row["bytes"])
+
+
+async def remember_source(pool: db.Pool, url: str, fetched: fetch.Fetched) -> None:
+    """Record what ``url`` sent: its bytes' SHA-256 and its validators."""
+    assert fetched.data is not None and fetched.sha256 is not None
+    v = fetched.validators
+    async with db.translated():
+        await pool.execute(
+            db.queries()["save_source"], url, v.etag, v.last_modified, fetched.sha256, len(fetched.data)
+        )
+
+
+async def touch_source(pool: db.Pool, url: str) -> None:
+    """The origin said the bytes at ``url`` did not change."""
+    async with db.translated():
+        await pool.execute(db.queries()["touch_source"], url)
+
+
+async def stored_output(
+    pool: db.Pool,
+    storage: store.Storage,
+    source_sha256: str,
+    settings_key: str,
+    *,
+    same: bool = True,
+    own: bool = True,
+) -> Found | None:
+    """The output stored for these source bytes under these settings (with ``same``),
+    or the output these bytes are (with ``own``); None when there is none, or its
+    object is gone."""
+    async with db.translated():
+        row = await pool.fetchrow(db.queries()["find_output"], source_sha256, settings_key, same, own)
+    if row is None:
+        return None
+    output = db.Output(
+        key=row["output_key"], url=row["output_url"], bytes_out=row["bytes_out"], width=row["width"],
+        height=row["height"], format_in=row["format_in"], format_out=row["format_out"],
+        quality_in=row["quality_in"], quality_out=row["quality_out"],
+        kept_original=row["kept_original"], sha256=row["output_sha256"],
+    )  # fmt: skip
+    if await storage.exists(output.key):
+        return Found(output, own=row["own"])
+    if row["own"]:  # the bytes in hand are that object's: it can be stored again
+        return Found(output, own=True, missing=True)
+    async with db.translated():
+        await pool.execute(db.queries()["forget_output"], output.key)
+    return None
+
+
+async def remember_output(
+    pool: db.Pool, source_sha256: str, settings_key: str, output: db.Output, bytes_in: int
+) -> None:
+    """Record the output made from these source bytes under these settings."""
+    async with db.translated():
+        await pool.execute(
+            db.queries()["save_output"], source_sha256, settings_key, output.sha256, output.key,
+            output.url, bytes_in, output.bytes_out, output.width, output.height, output.format_in,
+            output.format_out, output.quality_in, output.quality_out, output.kept_original,
+        )  # fmt: skip
+
+
+def reused(found: Found, reason: models.ReuseReason, saved: int) -> db.Output:
+    """The output a reusing image records."""
+    return dataclasses.replace(found.output, reused=reason, bytes_saved=saved)
