@@ -97,6 +97,12 @@ async def status(request: Request) -> Response:
             started_at=_iso(s["started_at"]),
             completed_at=_iso(s["completed_at"]),
             counts=responses.Counts.of(s),
+            reuse=responses.Reuse(
+                compressed=s["compressed"],
+                reused=s["reused"],
+                bytes_saved=s["bytes_saved"],
+                reprocess=s["reprocess"],
+            ),
             progress=round(finished / s["total"], 4) if s["total"] else 1.0,
             bytes_in=s["bytes_in"],
             bytes_out=s["bytes_out"],
@@ -128,7 +134,11 @@ def _image(row: dict[str, Any]) -> responses.Image:
     """An image row as the API shows it: its source URL without credentials."""
     return responses.Image(
         **row
-        | {"input_url": ingest.redact_url(row["input_url"]), "status": models.ImageStatus(row["status"])}
+        | {
+            "input_url": ingest.redact_url(row["input_url"]),
+            "status": models.ImageStatus(row["status"]),
+            "reused": None if row["reused"] is None else models.ReuseReason(row["reused"]),
+        }
     )
 
 

@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="follow the request until it finishes")
     submit.add_argument("--webhook-url", help="a webhook for this request")
     submit.add_argument("--idempotency-key", help="send it again safely: the same key, the same request")
+    submit.add_argument(
+        "--reprocess", action="store_true", help="compress every image again: reuse no stored result"
+    )
     status = commands.add_parser("status", help="show a request's status")
     status.add_argument("request_id")
     status.add_argument("--wait", action="store_true", help="follow the request until it finishes")
@@ -69,6 +72,7 @@ def _client(args: argparse.Namespace) -> int:
                 wait=args.wait,
                 webhook_url=args.webhook_url,
                 idempotency_key=args.idempotency_key,
+                reprocess=args.reprocess,
             )
         )
     return client.run(client.show(server, args.request_id, wait=args.wait))

@@ -69,6 +69,7 @@ async def upload(
     *,
     webhook_url: str | None = None,
     idempotency_key: str | None = None,
+    reprocess: bool = False,
 ) -> dict[str, Any]:
     """POST the CSV; return the 202 answer."""
     form = aiohttp.FormData()
@@ -76,6 +77,8 @@ async def upload(
     form.add_field("file", data, filename=csv_path.name, content_type="text/csv")
     if webhook_url:
         form.add_field("webhook_url", webhook_url)
+    if reprocess:
+        form.add_field("reprocess", "true")
     headers = dict(server.headers)
     if idempotency_key:
         headers["Idempotency-Key"] = idempotency_key
@@ -174,12 +177,18 @@ async def submit(
     wait: bool,
     webhook_url: str | None,
     idempotency_key: str | None,
+    reprocess: bool = False,
     out: TextIO = sys.stdout,
 ) -> int:
     """Upload a CSV, and with ``wait`` follow it to the end; return the exit code."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
         accepted = await upload(
-            session, server, csv_path, webhook_url=webhook_url, idempotency_key=idempotency_key
+            session,
+            server,
+            csv_path,
+            webhook_url=webhook_url,
+            idempotency_key=idempotency_key,
+            reprocess=reprocess,
         )
         out.write(
             f"request {accepted['request_id']}: {accepted['products']} products, "

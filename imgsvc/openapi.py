@@ -210,6 +210,13 @@ def document() -> dict[str, Any]:
                                             "description": "The CSV, as a file part.",
                                         },
                                         "webhook_url": {"type": "string", "format": "uri"},
+                                        "reprocess": {
+                                            "type": "string",
+                                            "enum": ["true", "false"],
+                                            "description": "true: compress every image again, "
+                                            "reusing no stored result (our own outputs are still "
+                                            "never compressed twice).",
+                                        },
                                     },
                                 }
                             }
@@ -224,7 +231,8 @@ def document() -> dict[str, Any]:
                         "422": _json(
                             {"anyOf": [_ref(responses.CsvError), _ref(responses.Error)]},
                             "The CSV has problems (each with its line and column), the webhook_url "
-                            "is refused, or the Idempotency-Key was used for another file.",
+                            "or reprocess field is refused, or the Idempotency-Key was used for "
+                            "another file.",
                         ),
                         **_COMMON_ERRORS,
                     },

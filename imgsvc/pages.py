@@ -82,7 +82,8 @@ function render(s) {
   document.getElementById("state").textContent = s.status;
   document.getElementById("counts").textContent =
     `${s.counts.done} done, ${s.counts.failed} failed, ${s.counts.cancelled} cancelled, ` +
-    `${s.counts.processing} in progress, ${s.counts.queued} waiting, of ${s.counts.total} images`;
+    `${s.counts.processing} in progress, ${s.counts.queued} waiting, of ${s.counts.total} images` +
+    (s.reuse.reused ? ` (${s.reuse.reused} reused, ${size(s.reuse.bytes_saved)} saved)` : "");
   const csv = document.getElementById("csv");
   if (["queued", "processing"].includes(s.status)) { csv.hidden = true; }
   else { csv.hidden = false; csv.href = s.output_csv_download_url; }
@@ -99,6 +100,7 @@ function render(s) {
       }
       const cell = el("td"); cell.append(pair); tr.append(cell);
       const state = el("td", i.status, i.status === "failed" ? "error" : "status");
+      if (i.reused) { state.append(el("div", "reused: " + i.reused.replace("_", " "), "muted")); }
       if (i.error) { state.append(el("div", i.error, i.status === "failed" ? "error" : "muted")); }
       tr.append(state); rows.append(tr);
     }

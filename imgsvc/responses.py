@@ -113,6 +113,16 @@ class Counts:
 
 
 @body
+class Reuse:
+    """How a request's done images were made: compressed now, or reused."""
+
+    compressed: Count
+    reused: Count
+    bytes_saved: Annotated[int, Schema({"minimum": 0})]
+    reprocess: Annotated[bool, Schema({"description": "Sent with reprocess=true: nothing reused."})]
+
+
+@body
 class Image:
     """One image of a product, as its row in the images table has it."""
 
@@ -131,6 +141,13 @@ class Image:
     quality_out: int | None
     kept_original: bool | None
     attempts: int
+    reused: Annotated[
+        models.ReuseReason | None,
+        Schema({"description": "Why no new output was made (a stored one answered), or null."}),
+    ]
+    bytes_saved: Annotated[
+        int | None, Schema({"description": "Bytes not downloaded and not stored thanks to the reuse."})
+    ]
 
 
 @body
@@ -177,6 +194,7 @@ class RequestStatus:
     started_at: Time
     completed_at: Time
     counts: Counts
+    reuse: Reuse
     progress: Annotated[float, Schema({"minimum": 0, "maximum": 1})]
     bytes_in: int
     bytes_out: int
@@ -276,6 +294,7 @@ SHAPES: tuple[type, ...] = (
     CsvError,
     Accepted,
     Counts,
+    Reuse,
     Image,
     Product,
     Webhook,

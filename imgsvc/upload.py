@@ -90,6 +90,7 @@ async def upload(request: Request) -> Response:
         if not isinstance(file, UploadFile):
             raise errors.UploadError("the form has no file in the field 'file'", code="missing_file")
         webhook_url = await _checked_webhook_url(form.get("webhook_url"), res)
+        reprocess = _flag(form.get("reprocess"), "reprocess")
         digest = await asyncio.to_thread(_sha256, file.file)
         stored = await db.insert_request(
             res.pool,
@@ -101,6 +102,7 @@ async def upload(request: Request) -> Response:
             images_per_job=config.images_per_job,
             idempotency_key=key,
             csv_sha256=digest,
+            reprocess=reprocess,
         )
     finally:
         await form.close()
@@ -170,6 +172,18 @@ async def _products(file: BinaryIO, limits: ingest.Limits) -> AsyncIterator[mode
 
 
 _PARSE_SLICE = 2000  # products read per trip to the thread
+
+
+def _flag(value: object, field: str) -> bool:
+    """A true/false form field; absent is false."""
+    if value is None:
+        return False
+    text = str(value).strip().lower() if isinstance(value, str) else ""
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", ""):
+        return False
+    raise errors.UploadError(f"{field} must be true or false", status_code=422, code=f"invalid_{field}")
 
 
 async def _checked_webhook_url(value: object, res: resources.Resources) -> str | None:

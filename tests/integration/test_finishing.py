@@ -6,8 +6,8 @@ import asyncio
 import csv
 import dataclasses
 import io
-import re
 import json
+import re
 import tempfile
 import uuid
 from typing import Any

@@ -39,7 +39,7 @@ async def test_an_image_is_stored_compressed_in_the_bucket(
     res: resources.Resources, image_server: ImageServer, s3: S3Server
 ) -> None:
     name = "mei_Panasonic_DMC-LC70.jpg"
-    rid, (image_id,) = await enqueue(res, image_server.url(f"/img/{name}"))
+    _, (image_id,) = await enqueue(res, image_server.url(f"/img/{name}"))
     assert await pipeline.process_image(res, image_id) == "done"
     row = await image_row(res, image_id)
     assert row["status"] == "done" and row["attempts"] == 1

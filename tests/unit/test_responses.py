@@ -35,9 +35,13 @@ def _status() -> responses.RequestStatus:
         "quality_out": 45,
         "kept_original": False,
         "attempts": 1,
+        "reused": models.ReuseReason.SAME_CONTENT,
+        "bytes_saved": 900,
     }
     failed = image | {"position": 2, "status": models.ImageStatus.FAILED, "error": "404"}
-    failed |= dict.fromkeys(("output_url", "bytes_in", "bytes_out", "width", "height"), None)
+    failed |= dict.fromkeys(
+        ("output_url", "bytes_in", "bytes_out", "width", "height", "reused", "bytes_saved"), None
+    )
     return responses.RequestStatus(
         request_id=RID,
         status=models.RequestStatus.COMPLETED_WITH_ERRORS,
@@ -47,6 +51,7 @@ def _status() -> responses.RequestStatus:
         started_at=TIME,
         completed_at=None,
         counts=responses.Counts(total=2, queued=0, processing=0, done=1, failed=1, cancelled=0),
+        reuse=responses.Reuse(compressed=0, reused=1, bytes_saved=900, reprocess=False),
         progress=1.0,
         bytes_in=2000,
         bytes_out=900,
