@@ -55,10 +55,14 @@ async def wait_for(database_url: str, sql: str, seconds: float = 30) -> None:
 
 
 def slow_csv(image_server: ImageServer, count: int, ms: int) -> bytes:
+    """``count`` products of two images each: its own source, and the next product's, so
+    that every source is shared by two slots (``count`` sources, twice as many images)."""
     names = ["png_palette_trns.png", "gif_animated_loop3.gif", "jpeg_cmyk_adobe_no-icc.jpg"]
-    rows = "".join(
-        f"{n},P{n},{image_server.url(f'/slow/{ms}/{names[n % 3]}')}\n" for n in range(1, count + 1)
-    )
+
+    def url(n: int) -> str:
+        return image_server.url(f"/slow/{ms}/{names[n % 3]}?source={n}")
+
+    rows = "".join(f'{n},P{n},"{url(n)},{url(n % count + 1)}"\n' for n in range(1, count + 1))
     return (HEADER + rows).encode()
 
 
@@ -95,10 +99,13 @@ async def test_a_worker_killed_mid_batch_loses_nothing(
             final = await wait_for_final(session, accepted["status_url"], seconds=120)
         finally:
             assert_clean_exit(second)
-    assert final["status"] == "completed" and final["counts"]["done"] == 12
+    assert final["status"] == "completed" and final["counts"]["done"] == 24
     retried = await query(database_url, "SELECT count(*) FROM images WHERE attempts > 1")
     assert isinstance(retried, int) and retried >= 1  # the killed worker's images ran again
-    assert await query(database_url, "SELECT count(DISTINCT output_key) FROM images") == 12
+    # Every slot has its output; the 12 sources are 3 distinct files: 3 objects in all.
+    assert await query(database_url, "SELECT count(*) FROM images WHERE output_key IS NULL") == 0
+    assert await query(database_url, "SELECT count(*) FROM images WHERE reused = 'duplicate'") == 12
+    assert await query(database_url, "SELECT count(DISTINCT output_key) FROM images") == 3
     assert "stalled worker" in second.output()
 
 
@@ -124,7 +131,7 @@ async def test_sigterm_releases_in_flight_images_and_nothing_stays_processing(
             final = await wait_for_final(session, accepted["status_url"], seconds=120)
         finally:
             assert_clean_exit(second)
-    assert final["status"] == "completed" and final["counts"]["done"] == 6
+    assert final["status"] == "completed" and final["counts"]["done"] == 12
 
 
 async def test_a_database_restart_mid_batch_gives_503_then_the_batch_completes(
@@ -154,7 +161,7 @@ async def test_a_database_restart_mid_batch_gives_503_then_the_batch_completes(
                 await asyncio.sleep(3)  # the outage itself: how long the database stays down
                 cluster.start()
                 final = await wait_for_final(session, accepted["status_url"], seconds=120)
-            assert final["status"] == "completed" and final["counts"]["done"] == 8
+            assert final["status"] == "completed" and final["counts"]["done"] == 16
         finally:
             codes = server.stop()
             output = server.output()

@@ -179,7 +179,7 @@ async def test_api_and_separate_workers_share_the_queue(
         # Upload only once both workers take jobs, or the first up may take them all.
         await wait_until_registered(database_url, registered, before + len(workers), workers)
         urls = [image_server.url(f"/slow/300/{name}") for name in PHOTOS[:4]] * 3
-        rows = "".join(f"{i},P{i},{url}\n" for i, url in enumerate(urls, start=1))
+        rows = "".join(f"{i},P{i},{url}?copy={i}\n" for i, url in enumerate(urls, start=1))
         async with aiohttp.ClientSession() as session:
             status, accepted = await post_csv(
                 session, base, ("S. No.,Product Name,Input Image Urls\n" + rows).encode()

@@ -205,7 +205,8 @@ async def test_sources_that_declare_a_large_size_wait_for_memory_at_their_header
     budget = memory.SourceBudget(1024 * 1024, min_sources=1, first_guess=1024)
     budgeted = dataclasses.replace(res, source_budget=budget)
     names = ["bimg_northern_cardinal_bird.jpg", "mei_Panasonic_DMC-LC70.jpg"] * 3
-    _, ids = await enqueue(budgeted, *(image_server.url(f"/slow/300/{name}") for name in names))
+    urls = (image_server.url(f"/slow/300/{name}?copy={n}") for n, name in enumerate(names))
+    _, ids = await enqueue(budgeted, *urls)
     outcomes = await asyncio.gather(*(pipeline.process_image(budgeted, i) for i in ids))
     assert outcomes == ["done"] * 6
     sizes = sorted((IMAGES / name).stat().st_size for name in names)
