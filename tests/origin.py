@@ -45,8 +45,8 @@ class CatalogOrigin(_Served):
         return f"http://127.0.0.1:{self.port}/{mode}/{path}"
 
     def bodies(self, path: str | None = None) -> int:
-        """How many answers carried a body (of ``path``, or of any)."""
-        return sum(1 for hit in self.hits if hit.status == 200 and (path is None or hit.path.endswith(path)))
+        """How many answers carried a body (of a path with ``path`` in it, or of any)."""
+        return sum(1 for hit in self.hits if hit.status == 200 and (path is None or path in hit.path))
 
     def _last_modified(self, path: str, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
