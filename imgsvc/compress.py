@@ -52,6 +52,8 @@ class Limits:
     max_pixels: int = 50_000_000
     max_frames: int = 300
     quality_factor: float = 0.5
+    # The lowest quality an output is encoded at, unless its source's is lower.
+    min_quality: int = 30
     allow_svg: bool = False
     # JPEG outputs up to this many pixels get Huffman tables computed for the image
     # (optimize_coding); larger ones use the standard tables, which the encoder can
@@ -83,7 +85,7 @@ def settings_key(limits: Limits) -> str:
     SHA-256. The pixel limits only refuse sources, so they are not part of it."""
     vips = ".".join(str(pyvips.version(part)) for part in range(3))
     return (
-        f"rules={RULES};quality_factor={limits.quality_factor:g};"
+        f"rules={RULES};quality_factor={limits.quality_factor:g};min_quality={limits.min_quality};"
         f"optimize_max_pixels={limits.optimize_max_pixels};libvips={vips}"
     )
 
@@ -294,14 +296,16 @@ def _encode(image: pyvips.Image, fmt: str, q: int | None, limits: Limits) -> byt
     raise errors.ImgsvcError(f"no encoder for {fmt}")
 
 
-def _plan(fmt: str, data: bytes, image: pyvips.Image, factor: float) -> tuple[str, int | None, int | None]:
+def _plan(
+    fmt: str, data: bytes, image: pyvips.Image, factor: float, floor: int
+) -> tuple[str, int | None, int | None]:
     """The output format, the estimated source quality and the output quality."""
     if fmt == "jpeg":
         q_in = quality.estimate_jpeg_quality(data) or quality.LOSSLESS_QUALITY
-        return "jpeg", q_in, quality.target_quality(q_in, factor)
+        return "jpeg", q_in, quality.target_quality(q_in, factor, floor)
     if fmt in ("webp", "avif"):
         q_in = quality.NOMINAL_QUALITY[fmt]
-        return fmt, q_in, quality.target_quality(q_in, factor)
+        return fmt, q_in, quality.target_quality(q_in, factor, floor)
     if fmt == "png":
         return "png", quality.LOSSLESS_QUALITY, quality.PNG_PALETTE_QUALITY
     if fmt == "gif":
@@ -310,7 +314,7 @@ def _plan(fmt: str, data: bytes, image: pyvips.Image, factor: float) -> tuple[st
     q_in = quality.NOMINAL_QUALITY.get(fmt, quality.LOSSLESS_QUALITY)
     if image.hasalpha():
         return "png", q_in, quality.PNG_PALETTE_QUALITY
-    return "jpeg", q_in, quality.target_quality(quality.LOSSLESS_QUALITY, factor)
+    return "jpeg", q_in, quality.target_quality(quality.LOSSLESS_QUALITY, factor, floor)
 
 
 def compress(data: bytes, limits: Limits, budget: memory.MemoryBudget | None = None) -> models.Compressed:
@@ -334,7 +338,7 @@ def compress(data: bytes, limits: Limits, budget: memory.MemoryBudget | None = N
 
 
 def _convert(data: bytes, image: pyvips.Image, fmt_in: str, limits: Limits) -> models.Compressed:
-    fmt_out, q_in, q_out = _plan(fmt_in, data, image, limits.quality_factor)
+    fmt_out, q_in, q_out = _plan(fmt_in, data, image, limits.quality_factor, limits.min_quality)
     if image.get_n_pages() == 1 or fmt_in not in _ANIMATED:
         image = image.autorot()
     image = _to_srgb(image)

@@ -147,6 +147,11 @@ def estimate_jpeg_quality(data: bytes) -> int | None:
     return min(_IJG_SUMS, key=lambda quality: (abs(_IJG_SUMS[quality] - total), -quality))
 
 
-def target_quality(source_quality: int, factor: float) -> int:
-    """The output quality for a source of ``source_quality``: the factor of it, 1 at least."""
-    return max(1, min(100, round(source_quality * factor)))
+def target_quality(source_quality: int, factor: float, floor: int = 1) -> int:
+    """The output quality for a source of ``source_quality``: the factor of it, but not
+    below ``floor`` (nor above the source's own quality, where that is lower).
+
+    The floor is what keeps an image of ours that was re-encoded elsewhere (a CDN, an
+    editor: its bytes no longer match our outputs) from being halved again and again:
+    a second pass lands on the floor and goes no lower."""
+    return max(1, min(100, max(round(source_quality * factor), min(floor, source_quality))))

@@ -55,6 +55,7 @@ def image_limits(config: settings.Settings) -> compress.Limits:
         max_pixels=config.max_pixels,
         max_frames=config.max_frames,
         quality_factor=config.quality_factor,
+        min_quality=config.min_quality,
         allow_svg=config.allow_svg,
         optimize_max_pixels=config.jpeg_optimize_max_pixels,
         progressive_solo_pixels=config.progressive_solo_pixels,

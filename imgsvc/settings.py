@@ -236,6 +236,14 @@ class Settings:
     quality_factor: float = p.declare(
         0.5, "IMGSVC_QUALITY_FACTOR", IMAGES, p.FRACTION, "output quality as a share of the source's"
     )
+    min_quality: int = p.declare(
+        30,
+        "IMGSVC_MIN_QUALITY",
+        IMAGES,
+        p.QUALITY,
+        "no JPEG, WebP or AVIF is encoded below this quality (or below its source's, if lower): "
+        "an image of ours re-encoded elsewhere and sent again is not halved without end",
+    )
     download_concurrency: int = p.declare(
         8 * _CORES,
         "IMGSVC_DOWNLOAD_CONCURRENCY",

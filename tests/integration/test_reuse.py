@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import pyvips
 
 from imgsvc import db, finish, maintenance, models, pipeline, quality, queue, reads, resources, settings
 from tests.conftest import store_request
@@ -356,3 +357,24 @@ async def test_a_request_from_before_the_catalog_reads_as_before(res: resources.
     assert (s["done"], s["compressed"], s["reused"], s["bytes_saved"]) == (1, 1, 0, 0)
     (image,) = found["products"][0]["images"]
     assert image["output_url"] == f"http://bucket.test/{rid}/1-1.jpg" and image["reused"] is None
+
+
+async def test_our_image_re_encoded_elsewhere_stops_at_the_quality_floor(
+    res: resources.Resources, database_url: str, origin: CatalogOrigin, files: str, s3: S3Server
+) -> None:
+    (made,) = await images(res, await run(res, database_url, origin.url("honest", f"{files}/{JPEG}")))
+    output, _ = s3.get(made["output_key"])
+    # A CDN in front of our bucket re-encodes at its own quality and strips metadata:
+    # the bytes are no longer ours, by hash; their quality reads as the CDN's.
+    cdn = bytes(
+        pyvips.Image.new_from_buffer(output, "").jpegsave_buffer(Q=50, keep=pyvips.enums.ForeignKeep.NONE)
+    )
+    origin.files[f"{files}/cdn-copy.jpg"] = cdn
+    (again,) = await images(res, await run(res, database_url, origin.url("ignore", f"{files}/cdn-copy.jpg")))
+    assert again["reused"] is None and again["quality_in"] == 50
+    assert again["quality_out"] == res.settings.min_quality == 30  # not 25: the floor holds
+    origin.files[f"{files}/cdn-copy-2.jpg"] = s3.get(again["output_key"])[0]
+    (third,) = await images(
+        res, await run(res, database_url, origin.url("ignore", f"{files}/cdn-copy-2.jpg"))
+    )
+    assert third["reused"] == "own_output" and third["quality_out"] == 30  # and goes no lower

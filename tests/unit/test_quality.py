@@ -57,3 +57,16 @@ def test_no_estimate_without_tables(data: bytes) -> None:
 )
 def test_target_quality(source: int, factor: float, expected: int) -> None:
     assert quality.target_quality(source, factor) == expected
+
+
+def test_the_floor_stops_a_second_halving_but_not_a_low_source() -> None:
+    # Our output at 45, re-encoded by a CDN at 50: sent again, it lands on the floor.
+    assert quality.target_quality(50, 0.5, 30) == 30
+    # Any number of such round trips ends there.
+    q = 90
+    for _ in range(5):
+        q = quality.target_quality(q, 0.5, 30)
+    assert q == 30
+    # A source already below the floor keeps its own quality: never raised above it.
+    assert quality.target_quality(20, 0.5, 30) == 20
+    assert quality.target_quality(90, 0.5, 30) == 45  # above the floor, half as ever
