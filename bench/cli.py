@@ -61,6 +61,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--images", type=_positive(int), default=200, help="images to send (default 200)")
     p.add_argument(
+        "--rerun-images",
+        type=int,
+        default=200,
+        help="images in the re-run phase's catalog, sent three times (default 200; 0 skips the phase)",
+    )
+    p.add_argument(
         "--images-dir",
         type=Path,
         default=imageset.BUNDLED,
@@ -254,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         upload_rows=args.upload_rows,
         upload_repeat=args.upload_repeat,
         large_csv_mb=args.large_csv_mb,
+        rerun_images=args.rerun_images,
         paired=None if args.no_paired else paired,
     )
     try:
@@ -350,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "pipeline": measured.as_json(),
         "codec": codec_json,
         "large_uploads": measured.large_uploads.as_json() if measured.large_uploads else None,
+        "rerun": measured.rerun,
     }
     results["summary"] = report.summary_rows(results)
     results["run"]["seconds"] = round(time.monotonic() - started, 1)

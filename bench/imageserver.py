@@ -3,15 +3,25 @@
     python -m bench.imageserver --root DIR --port PORT
 
 GET /img/{index}/{name} answers the file ``name`` of DIR (the index only makes each
-URL of a CSV unique); anything else, including a name not in DIR, answers 404.
+URL of a CSV unique), with a strong ETag and a Last-Modified, and 304 Not Modified to
+a request that names them, as a real image host does; anything else, including a
+name not in DIR, answers 404.
+
+POST /change/{index} changes what every URL of that index answers (the file, with a
+few bytes after its end: other bytes, the same picture), as a re-exported image in a
+catalog would. GET /stats says how many answers carried a body and how many were 304s.
 """
 
 from __future__ import annotations
 
 import argparse
+import zlib
+from email.utils import formatdate
 from pathlib import Path
 
 from aiohttp import web
+
+_EPOCH = 1_700_000_000
 
 
 def make_app(root: Path) -> web.Application:
@@ -20,19 +30,40 @@ def make_app(root: Path) -> web.Application:
     CPU on the benchmark's machine that a remote image host would not take from it."""
     names = {path.name: path for path in root.iterdir() if path.is_file()}
     bodies: dict[str, bytes] = {}
+    versions: dict[str, int] = {}  # index -> how many times it was changed
+    stats = {"bodies": 0, "not_modified": 0}
 
     async def image(request: web.Request) -> web.StreamResponse:
-        name = request.match_info["name"]
+        index, name = request.match_info["index"], request.match_info["name"]
         path = names.get(name)
         if path is None:
             return web.Response(status=404, text="not found")
         body = bodies.get(name)
         if body is None:
             body = bodies[name] = path.read_bytes()
-        return web.Response(body=body, content_type="application/octet-stream")
+        version = versions.get(index, 0)
+        etag = f'"{zlib.crc32(name.encode()):08x}-{version}"'
+        headers = {"ETag": etag, "Last-Modified": formatdate(_EPOCH + version, usegmt=True)}
+        if request.headers.get("If-None-Match") == etag:
+            stats["not_modified"] += 1
+            return web.Response(status=304, headers=headers)
+        stats["bodies"] += 1
+        if version:
+            body += b"\0changed %d" % version  # after the image's end: decoders ignore it
+        return web.Response(body=body, content_type="application/octet-stream", headers=headers)
+
+    async def change(request: web.Request) -> web.StreamResponse:
+        index = request.match_info["index"]
+        versions[index] = versions.get(index, 0) + 1
+        return web.json_response({"index": index, "version": versions[index]})
+
+    async def counts(request: web.Request) -> web.StreamResponse:
+        return web.json_response(stats)
 
     app = web.Application()
     app.router.add_get("/img/{index}/{name}", image)
+    app.router.add_post("/change/{index}", change)
+    app.router.add_get("/stats", counts)
     return app
 
 

@@ -39,16 +39,21 @@ def _epoch(value: str | None) -> float | None:
     return datetime.datetime.fromisoformat(value).timestamp() if value else None
 
 
-def csv_form(body: bytes, name: str) -> aiohttp.FormData:
-    """The multipart form POST /upload takes: the CSV in the field ``file``."""
+def csv_form(body: bytes, name: str, *, reprocess: bool = False) -> aiohttp.FormData:
+    """The multipart form POST /upload takes: the CSV in the field ``file``; with
+    ``reprocess``, every image is compressed again (no stored result reused)."""
     form = aiohttp.FormData()
     form.add_field("file", body, filename=name, content_type="text/csv")
+    if reprocess:
+        form.add_field("reprocess", "true")
     return form
 
 
-async def upload(session: aiohttp.ClientSession, base: str, body: bytes, name: str) -> dict[str, Any]:
+async def upload(
+    session: aiohttp.ClientSession, base: str, body: bytes, name: str, *, reprocess: bool = False
+) -> dict[str, Any]:
     """POST /upload; return the 202 answer, or raise RuntimeError with the server's words."""
-    async with session.post(base + "/upload", data=csv_form(body, name)) as response:
+    async with session.post(base + "/upload", data=csv_form(body, name, reprocess=reprocess)) as response:
         answer: dict[str, Any] = await response.json(content_type=None)
         if response.status != 202:
             raise RuntimeError(f"POST /upload answered {response.status}: {answer}")
@@ -72,6 +77,7 @@ class Batch:
     csv_written: float | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+    reuse: dict[str, Any] = dataclasses.field(default_factory=dict)
     errors: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -103,6 +109,7 @@ async def run_batch(
     time_limit: float,
     poll_interval: float = 0.5,
     on_uploaded: Callable[[str], None] | None = None,
+    reprocess: bool = True,
 ) -> Batch:
     """Upload ``rows``, poll (one product a page) until the request is final and its
     output CSV written; raise TimeoutError after ``time_limit`` seconds.
@@ -110,10 +117,14 @@ async def run_batch(
     Twice a second, so that the harness adds little load (the timing uses the server's
     completed_at), until the images left should finish before the next poll: then every
     END_POLL seconds, so that the CPU windows the caller closes on return end close to
-    the request's end rather than up to a poll interval after it."""
+    the request's end rather than up to a poll interval after it.
+
+    ``reprocess`` (the default: the phases that measure the pipeline send the same
+    images again and again) makes the service compress every image again; the re-run
+    phase sends without it, to measure reuse."""
     body = csv_body(rows)
     started = time.time()
-    answer = await upload(session, base, body, "bench.csv")
+    answer = await upload(session, base, body, "bench.csv", reprocess=reprocess)
     batch = Batch(
         request_id=answer["request_id"],
         images=answer["images"],
@@ -151,6 +162,7 @@ async def run_batch(
     batch.completed_at = _epoch(status["completed_at"])
     batch.bytes_in = status["bytes_in"]
     batch.bytes_out = status["bytes_out"]
+    batch.reuse = status["reuse"]
     if status["counts"]["failed"]:
         full = await get_status(session, status_url + "?per_page=500")
         batch.errors = [

@@ -34,7 +34,7 @@ from typing import Any
 
 import aiohttp
 
-from bench import imageset, load, procstat, profiling, uploads
+from bench import imageset, load, procstat, profiling, rerun, uploads
 from bench.services import Services
 from imgsvc import metrics
 
@@ -62,6 +62,7 @@ class Options:
     upload_rows: int
     upload_repeat: int
     large_csv_mb: float
+    rerun_images: int = 0  # the re-run phase's catalog; 0: no such phase
     # One ceiling pass over a request's sources, run right after the request; None: none.
     paired: Callable[[list[bytes]], dict[str, Any]] | None = None
 
@@ -166,6 +167,7 @@ class PipelineResults:
     rss_samples: int
     pids: dict[str, int]
     large_uploads: uploads.LargeUploads | None = None  # in the JSON under a key of its own
+    rerun: dict[str, Any] | None = None  # likewise
 
     def as_json(self) -> dict[str, Any]:
         """Figures for the report."""
@@ -347,6 +349,7 @@ async def run(services: Services, items: list[imageset.Item], options: Options) 
     latency: list[dict[str, Any]] = []
     api_loop_lag: dict[str, Any] | None = None
     profile: dict[str, Any] | None = None
+    rerun_results: dict[str, Any] | None = None
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             if options.warmup:
@@ -406,6 +409,13 @@ async def run(services: Services, items: list[imageset.Item], options: Options) 
                 profile_items = expanded(items, options.profile_seconds, rate)
                 print(f"bench: profile, {len(profile_items)} images with py-spy on the worker", flush=True)
                 profile = await _profile_phase(session, services, profile_items, options)
+            if options.rerun_images:
+                print(
+                    f"bench: re-run, a catalog of {options.rerun_images} images sent three times", flush=True
+                )
+                rerun_results = await rerun.run(
+                    session, services, items, options.rerun_images, options.timeout
+                )
     finally:
         sampler.stop()
     # Read before the large uploads: the worker is stopped there, and the API's peak
@@ -434,4 +444,5 @@ async def run(services: Services, items: list[imageset.Item], options: Options) 
         rss_samples=sampler.samples,
         pids=roots,
         large_uploads=large,
+        rerun=rerun_results,
     )

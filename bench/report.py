@@ -138,6 +138,28 @@ def _large_uploads(large: dict[str, Any]) -> list[str]:
     return out
 
 
+def _rerun(rerun: dict[str, Any]) -> list[str]:
+    """The re-run phase: a catalog sent three times, then its changed images alone."""
+    rows = [
+        [r["run"], str(r["images"]), _num(r["seconds"], 2), str(r["downloads"]), str(r["not_modified"]),
+         str(r["compressed"]), str(r["stored"]), str(r["reused"])]
+        for r in rerun["runs"]
+    ]  # fmt: skip
+    speedup, changed = rerun["unchanged_speedup"], rerun["changed_over_changed_only"]
+    unchanged = rerun["runs"][1]
+    return [
+        "",
+        f"Re-run: a catalog of {rerun['images']} images, sent three times ({rerun['changed']} changed "
+        "before the third), then its changed images alone",
+        *_table(["request", "images", "s", "downloads", "304s", "compressed", "stored", "reused"], rows),
+        f"  unchanged re-run: {speedup:.1f}x faster than the first, {unchanged['compressed']} compressed, "
+        f"{unchanged['stored']} stored (target >= 5x, aim 20x, 0 and 0): "
+        + _verdict(speedup >= 5 and unchanged["compressed"] == 0 and unchanged["stored"] == 0),
+        f"  1% changed: {changed:.2f}x the cost of the changed images alone (target <= 3x): "
+        + _verdict(changed <= 3),
+    ]
+
+
 def _settings_table(variants_by_group: dict[str, list[dict[str, Any]]], run: dict[str, Any]) -> list[str]:
     """What each encode setting costs, one added at a time."""
     out = [
@@ -342,6 +364,8 @@ def render(results: dict[str, Any]) -> str:
     large = results.get("large_uploads")
     if large:
         out += _large_uploads(large)
+    if results.get("rerun"):
+        out += _rerun(results["rerun"])
     foreign = {
         "throughput": max((t["machine_cpu"]["foreign_cores"] for t in pipeline["throughput"]), default=0.0),
         "latency": (pipeline["latency_batch"] or {}).get("machine_cpu", {}).get("foreign_cores", 0.0),

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SHORT = [
     "--images", "3", "--repeat", "1", "--warmup", "1", "--rounds", "1",
     "--ceiling-seconds", "0.05", "--latency-seconds", "1",
-    "--upload-rows", "50", "--upload-repeat", "2", "--large-csv-mb", "1",
+    "--upload-rows", "50", "--upload-repeat", "2", "--large-csv-mb", "1", "--rerun-images", "4",
 ]  # fmt: skip
 
 
@@ -75,6 +75,25 @@ def test_every_phase_measures_the_pipeline_and_writes_table_and_json(tmp_path: P
     assert status["sent"] > 0 and status["ok"] == status["sent"] and status["failed"] == 0
     assert results["pipeline"]["latency_batch"]["status"] == "completed"
 
+    # Re-run: the unchanged catalog is answered by 304s, with nothing compressed or stored;
+    # with one source changed, that one alone is downloaded and compressed again.
+    rerun = {r["run"]: r for r in results["rerun"]["runs"]}
+    assert results["rerun"]["changed"] == 1
+    first, unchanged, changed, alone = (
+        rerun[k] for k in ("first", "unchanged", "1% changed", "changed only")
+    )
+    assert (first["downloads"], first["compressed"], first["reused"]) == (4, 4, 0)
+    assert (unchanged["downloads"], unchanged["not_modified"], unchanged["compressed"]) == (0, 4, 0)
+    assert unchanged["stored"] == 0 and unchanged["reused"] == 4
+    assert (changed["downloads"], changed["not_modified"], changed["compressed"], changed["reused"]) == (
+        1,
+        3,
+        1,
+        3,
+    )
+    assert (alone["downloads"], alone["compressed"]) == (1, 1)
+    assert "Re-run: a catalog of 4 images" in done.stdout
+
     large = results["large_uploads"]
     assert large["worker_stopped"] and large["worker_exit_code"] == 0
     assert large["rows_upload"]["accepted"] == 2
@@ -91,7 +110,7 @@ def test_a_request_that_does_not_complete_fails_the_run(tmp_path: Path) -> None:
     # Every image is over the pixel limit given to the service, so the request fails:
     # its "throughput" would measure refusals, and the run must say so and exit 1.
     done, out = bench(
-        tmp_path, *SHORT, "--no-latency", "--no-settings", "--no-large-uploads",
+        tmp_path, *SHORT, "--no-latency", "--no-settings", "--no-large-uploads", "--rerun-images", "0",
         "--env", "IMGSVC_MAX_PIXELS=1000",
     )  # fmt: skip
     assert done.returncode == 1, done.stdout[-4000:] + done.stderr[-4000:]
