@@ -126,6 +126,10 @@ def main() -> None:
                 15: "false",
                 16: "'requests'",
                 17: "'finish_request'",
+                18: "NULL::text",
+                19: "NULL::bigint",
+                20: "NULL::text",
+                21: "NULL::text",
             }
             cells = []
             for name, params, rollback in (
@@ -137,7 +141,7 @@ def main() -> None:
                     cells.append(f"{'missing':>12}")
                     continue
                 sql = queries[name]
-                for number in sorted(params, reverse=True):  # $17 before $1
+                for number in sorted(params, reverse=True):  # $21 before $2 before $1
                     sql = sql.replace(f"${number}", params[number])
                 cells.append(f"{_best_ms(cluster, sql, rollback=rollback):9.2f} ms")
             print(f"{size:>7}   {cells[0]:>26}   {cells[1]:>39}   {cells[2]:>31}")
