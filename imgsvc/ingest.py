@@ -165,6 +165,7 @@ class Reader:
         self.warnings = _Warnings(limits.max_problems)
         self.products = 0
         self.images = 0
+        self.done = False  # True once the file has been read to its end
         # Serial number << 32 | line, one per row with a valid serial number:
         # duplicates are found by sorting, at the end.
         self._serials = array.array("q")
@@ -211,6 +212,7 @@ class Reader:
         elif not self.products and problems.total == 0:
             problems.add(max(last_line, 1), None, "the file has a header but no product rows")
         self._check_duplicates()
+        self.done = True
 
     def _check_duplicates(self) -> None:
         previous, first_line = -1, 0
