@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import re
+from pathlib import Path
 
 import pytest
 
 from imgsvc import errors, ingest, models
 
 HEADER = "S. No.,Product Name,Input Image Urls\n"
+UNQUOTED = "the image URLs were not quoted and were read as one list"
 LIMITS = ingest.Limits(max_rows=5, max_images=8, max_urls_per_row=4, max_url_length=100, max_problems=10)
 
 
@@ -274,3 +277,30 @@ def test_a_file_refused_keeps_its_problems_not_its_warnings() -> None:
     found = problems(HEADER + "1,A,http://a.test/1.jpg,http://a.test/2.jpg\n2,B,http://a.test/3.jpg,note\n")
     assert [(p["line"], p.get("column")) for p in found] == [(3, None)]
     assert "column 4 ('note') is not a URL" in str(found[0]["message"])
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_forms_in_docs_csv_md_read_as_it_says() -> None:
+    blocks = re.findall(r"```csv\n(.*?)```", (ROOT / "docs" / "csv.md").read_text(), flags=re.DOTALL)
+    *accepted, ambiguous = blocks
+    assert len(accepted) == 5
+    for block in accepted:
+        products, warnings, _ = read(block)
+        assert [(p.serial, p.name, p.urls) for p in products] == [
+            ("1", "Shirt", ("https://shop.test/a.jpg", "https://shop.test/b.jpg")),
+            ("2", "Socks", ("https://shop.test/c.jpg",)),
+        ], block
+        unquoted = block.startswith("Serial Number")
+        assert warnings == ([{"line": 2, "message": f"4 cells; {UNQUOTED}"}] if unquoted else []), block
+    (problem,) = problems(ambiguous)
+    assert problem["line"] == 2 and str(problem["message"]).startswith(
+        "4 cells where 3 are expected, and column 3 ('large') is not a URL"
+    )
+
+
+def test_the_unquoted_example_is_read_with_its_warnings() -> None:
+    products, warnings, _ = read((ROOT / "examples" / "products-unquoted.csv").read_text(), ingest.Limits())
+    assert [len(p.urls) for p in products] == [2, 1, 2]
+    assert warnings == [{"line": n, "message": f"4 cells; {UNQUOTED}"} for n in (2, 4)]
