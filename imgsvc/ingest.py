@@ -336,7 +336,9 @@ def _check_row(
         serials.append(serial_number << 32 | line)
     if not name:
         problems.add(line, 2, "the product name is empty")
-    urls = tuple(piece.strip() for piece in _URL_SEPARATORS.split(url_cell) if piece.strip())
+    plain = "|" not in url_cell and "\n" not in url_cell and "\r" not in url_cell
+    pieces = url_cell.split(",") if plain else _URL_SEPARATORS.split(url_cell)  # the first is faster
+    urls = tuple(piece.strip() for piece in pieces if piece.strip())
     if not urls:
         problems.add(line, 3, "no image URLs")
     elif len(urls) > limits.max_urls_per_row:
