@@ -170,6 +170,19 @@ async def summary(session: aiohttp.ClientSession, server: Server, state: dict[st
             out.write(f"  … and {counts['failed'] - 10} more (see {state['status_url']})\n")
 
 
+SHOWN_WARNINGS = 10
+
+
+def warnings_text(accepted: dict[str, Any]) -> str:
+    """The warnings of a 202 answer, a line each: the first ten, then how many in all."""
+    warnings = accepted.get("warnings", [])
+    lines = [f"warning: line {w['line']}: {w['message']}\n" for w in warnings[:SHOWN_WARNINGS]]
+    total = accepted.get("warning_count", len(warnings))
+    if total > len(lines):
+        lines.append(f"warning: … {total:,} warnings in all\n")
+    return "".join(lines)
+
+
 async def submit(
     server: Server,
     csv_path: Path,
@@ -179,8 +192,10 @@ async def submit(
     idempotency_key: str | None,
     reprocess: bool = False,
     out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
 ) -> int:
-    """Upload a CSV, and with ``wait`` follow it to the end; return the exit code."""
+    """Upload a CSV, and with ``wait`` follow it to the end; return the exit code. What
+    the server assumed to read the CSV goes to ``err``, as warnings."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
         accepted = await upload(
             session,
@@ -194,6 +209,7 @@ async def submit(
             f"request {accepted['request_id']}: {accepted['products']} products, "
             f"{accepted['images']} images\nstatus: {accepted['status_url']}\n"
         )
+        err.write(warnings_text(accepted))
         if not wait:
             return 0
         state = await watch(session, server, accepted["request_id"], out)

@@ -4,6 +4,12 @@ Every problem in the file is collected with its line and column (the first
 ``max_problems`` are reported). ``Reader`` hands out the valid products one at a time,
 so a caller can store them as they come and throw everything away if ``check()``
 raises ``CsvInvalid`` at the end; ``parse_csv`` is the same as one list.
+
+What is unambiguous is read as meant, and what had to be assumed is said: the header
+names have aliases (``HEADER_ALIASES``); a URL list is separated by commas, ``|`` or
+line breaks; a row whose cells after the name are all URLs is one unquoted URL list,
+and earns a warning (``Reader.warnings``, the first ``max_problems`` of them kept).
+Anything else, a cell that is not a URL among those, say, is still a problem.
 """
 
 from __future__ import annotations
@@ -19,7 +25,15 @@ from urllib.parse import urlsplit
 from imgsvc import errors, models
 
 COLUMNS = ("S. No.", "Product Name", "Input Image Urls")
-_HEADER_KEYS = ("sno", "productname", "inputimageurls")
+#: The names each column may have in the header, matched as ``_header_key`` makes them.
+HEADER_ALIASES = (
+    ("S. No.", "S.No", "Sr. No.", "Serial Number", "Serial No", "#", "No"),
+    ("Product Name", "Product", "Name"),
+    ("Input Image Urls", "Image Urls", "Images", "Input Image URL(s)"),
+)
+_URL_SEPARATORS = re.compile(r"[,|\r\n]")
+# What a cell that is meant as a URL starts with; a bad one is then checked as a URL.
+_LOOKS_LIKE_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 _SERIAL = re.compile(r"\s*(\d{1,9})\s*\.?\s*")
 _SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f]")
 _HOST = re.compile(r"[A-Za-z0-9.\-\[\]:_%]+")
@@ -40,7 +54,11 @@ class Limits:
 
 
 def _header_key(cell: str) -> str:
-    return re.sub(r"[^a-z]", "", cell.lower())
+    """A header name without case, spaces or punctuation, but with "#" (a name of its own)."""
+    return re.sub(r"[^a-z#]", "", cell.lower())
+
+
+_HEADER_KEYS = tuple(frozenset(_header_key(name) for name in names) for names in HEADER_ALIASES)
 
 
 def check_url(url: str, max_length: int) -> str | None:
@@ -119,6 +137,21 @@ class _Problems:
         return sorted(self.items, key=lambda item: (item["line"], item.get("column", 0)))
 
 
+class _Warnings:
+    """What was assumed to read the file, by line: all counted, the first ``limit`` kept,
+    so that a large file read the same way throughout gets a bounded answer."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.items: list[dict[str, Any]] = []
+        self.total = 0
+
+    def add(self, line: int, message: str) -> None:
+        self.total += 1
+        if len(self.items) < self.limit:
+            self.items.append({"line": line, "message": message})
+
+
 class Reader:
     """Reads a CSV (an iterable of byte lines) product by product, keeping only what
     the checks need: the problems, the counts and each serial number as an 8-byte
@@ -129,8 +162,10 @@ class Reader:
         self._data = data
         self.limits = limits
         self.problems = _Problems(limits.max_problems)
+        self.warnings = _Warnings(limits.max_problems)
         self.products = 0
         self.images = 0
+        self.done = False  # True once the file has been read to its end
         # Serial number << 32 | line, one per row with a valid serial number:
         # duplicates are found by sorting, at the end.
         self._serials = array.array("q")
@@ -150,7 +185,7 @@ class Reader:
                 last_line = reader.line_num
                 if not header_done:
                     header_done = True
-                    _check_header(row, line, problems)
+                    _check_header(row, line, problems, self.warnings)
                     continue
                 if not row:
                     blank_lines.append(line)
@@ -161,7 +196,7 @@ class Reader:
                 if self.products >= limits.max_rows:
                     problems.add(line, None, f"more than {limits.max_rows} product rows (the limit)")
                     break
-                product = _check_row(row, line, limits, problems, self._serials)
+                product = _check_row(row, line, limits, problems, self.warnings, self._serials)
                 if product is None:
                     continue
                 self.products += 1
@@ -177,6 +212,7 @@ class Reader:
         elif not self.products and problems.total == 0:
             problems.add(max(last_line, 1), None, "the file has a header but no product rows")
         self._check_duplicates()
+        self.done = True
 
     def _check_duplicates(self) -> None:
         previous, first_line = -1, 0
@@ -202,13 +238,41 @@ def parse_csv(data: Iterable[bytes], limits: Limits) -> list[models.Product]:
     return products
 
 
-def _check_header(row: list[str], line: int, problems: _Problems) -> None:
-    keys = tuple(_header_key(cell) for cell in row)
-    if keys == _HEADER_KEYS:
+def _check_header(row: list[str], line: int, problems: _Problems, warnings: _Warnings) -> None:
+    cells = [cell.strip() for cell in row]
+    padding = _empty_tail(cells)
+    if padding and len(cells) - padding == len(COLUMNS):
+        cells = cells[: len(COLUMNS)]
+        warnings.add(line, f"{len(row)} header cells; the {padding} empty ones at the end were ignored")
+    wrong = [
+        (cell, names)
+        for cell, keys, names in zip(cells, _HEADER_KEYS, HEADER_ALIASES, strict=False)
+        if _header_key(cell) not in keys
+    ]
+    if len(cells) == len(COLUMNS) and not wrong:
         return
-    expected = ",".join(COLUMNS)
-    found = ",".join(cell.strip() for cell in row)
-    problems.add(line, None, f"the header must be {expected!r}; found {found[:300]!r}")
+    found = ", ".join(repr(cell[:60]) for cell in cells[:8]) + (", …" if len(cells) > 8 else "")
+    noun = "column" if len(cells) == 1 else "columns"
+    message = f"the header must be {','.join(COLUMNS)!r} or aliases of those names; " + (
+        f"found {len(cells)} {noun}: {found}" if cells else "found an empty line"
+    )
+    if cells and _SERIAL.fullmatch(cells[0]):
+        message += "; this looks like a product row: is the header missing?"
+    elif len(cells) == 1 and ";" in cells[0]:
+        message += "; the cells seem to be separated by ';': separate them with commas"
+    elif len(cells) == len(COLUMNS):
+        message += "".join(f"; {cell[:60]!r} is not one of {', '.join(names)}" for cell, names in wrong)
+    problems.add(line, None, message)
+
+
+def _empty_tail(cells: list[str]) -> int:
+    """How many cells at the end are empty (a spreadsheet pads short rows so)."""
+    count = 0
+    for cell in reversed(cells):
+        if cell:
+            break
+        count += 1
+    return count
 
 
 def longest_cell(limits: Limits) -> int:
@@ -234,20 +298,25 @@ def _malformed(error: str, limits: Limits) -> str:
 
 
 def _check_row(
-    row: list[str], line: int, limits: Limits, problems: _Problems, serials: array.array[int]
+    row: list[str],
+    line: int,
+    limits: Limits,
+    problems: _Problems,
+    warnings: _Warnings,
+    serials: array.array[int],
 ) -> models.Product | None:
     cells = [cell.strip() for cell in row]
     if not any(cells):
         problems.add(line, None, "empty row")
         return None
-    if len(cells) != len(COLUMNS):
-        problems.add(
-            line,
-            None,
-            f"expected {len(COLUMNS)} columns, found {len(cells)}"
-            " (quote the image URLs cell when it holds commas)",
-        )
+    if len(cells) < len(COLUMNS):
+        problems.add(line, None, f"expected {len(COLUMNS)} columns, found {len(cells)}")
         return None
+    if len(cells) > len(COLUMNS):
+        joined = _joined_url_cells(cells, line, problems, warnings)
+        if joined is None:
+            return None
+        cells = [*cells[:2], joined]
     serial, name, url_cell = cells
     before = problems.total
     for column, cell in enumerate(cells, start=1):
@@ -267,7 +336,9 @@ def _check_row(
         serials.append(serial_number << 32 | line)
     if not name:
         problems.add(line, 2, "the product name is empty")
-    urls = tuple(piece.strip() for piece in url_cell.split(",") if piece.strip())
+    plain = "|" not in url_cell and "\n" not in url_cell and "\r" not in url_cell
+    pieces = url_cell.split(",") if plain else _URL_SEPARATORS.split(url_cell)  # the first is faster
+    urls = tuple(piece.strip() for piece in pieces if piece.strip())
     if not urls:
         problems.add(line, 3, "no image URLs")
     elif len(urls) > limits.max_urls_per_row:
@@ -279,3 +350,25 @@ def _check_row(
     if problems.total != before or serial_number is None:
         return None
     return models.Product(line=line, serial=serial, serial_number=serial_number, name=name, urls=urls)
+
+
+def _joined_url_cells(cells: list[str], line: int, problems: _Problems, warnings: _Warnings) -> str | None:
+    """The cells after the name of a row with too many, as one URL list when every one
+    of them is a URL or empty (an unquoted list, or a spreadsheet's padding); else None,
+    with the problem: a cell that is not a URL there makes the row ambiguous."""
+    extra = cells[2:]
+    for column, cell in enumerate(extra, start=3):
+        if cell and not _LOOKS_LIKE_URL.match(cell):
+            problems.add(
+                line,
+                None,
+                f"{len(cells)} cells where {len(COLUMNS)} are expected, and column {column} "
+                f"({cell[:200]!r}) is not a URL, so the row cannot be read as one unquoted URL list; "
+                "quote the product name when it holds a comma, and the image URLs cell when it holds several",
+            )
+            return None
+    if sum(1 for cell in extra if cell) > 1:
+        warnings.add(line, f"{len(cells)} cells; the image URLs were not quoted and were read as one list")
+    else:
+        warnings.add(line, f"{len(cells)} cells; the empty cells beside the image URLs were ignored")
+    return ",".join(extra)

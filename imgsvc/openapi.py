@@ -185,9 +185,10 @@ def document() -> dict[str, Any]:
             "/upload": {
                 "post": {
                     "summary": "Upload a CSV of products and their image URLs",
-                    "description": "Header `S. No.,Product Name,Input Image Urls`; one product a row; the "
-                    "image URLs comma-separated in one quoted cell. The whole file is checked "
-                    "before anything is stored.",
+                    "description": "Header `S. No.,Product Name,Input Image Urls` (or aliases of those "
+                    "names); one product a row; the image URLs in one quoted cell, separated by commas, `|` "
+                    "or line breaks, or unquoted in the cells after the name (then the 202 warns so). The "
+                    "whole file is checked before anything is stored.",
                     "parameters": [
                         {
                             "name": "Idempotency-Key",

@@ -85,14 +85,29 @@ class CsvError:
 
 
 @body
+class CsvWarning:
+    """What was assumed to read one line of a CSV that was accepted."""
+
+    line: Annotated[int, Schema({"minimum": 1})]
+    message: Annotated[
+        str,
+        Schema({"description": "What was found and how it was read, e.g. the image URLs were not quoted."}),
+    ]
+
+
+@body
 class Accepted:
-    """POST /upload's 202: the request stored and queued."""
+    """POST /upload's 202: the request stored and queued, and what reading its CSV assumed."""
 
     request_id: Uuid
     status: Literal["queued"]
     products: int
     images: int
     status_url: str
+    warning_count: Annotated[int, Schema({"minimum": 0, "description": "Every warning, listed or not."})]
+    warnings: Annotated[
+        list[CsvWarning], Schema({"description": "The first IMGSVC_MAX_PROBLEMS warnings, by line."})
+    ]
 
 
 @body
@@ -292,6 +307,7 @@ SHAPES: tuple[type, ...] = (
     Error,
     Problem,
     CsvError,
+    CsvWarning,
     Accepted,
     Counts,
     Reuse,

@@ -173,7 +173,11 @@ class Settings:
     )
     max_url_length: int = p.declare(2048, "IMGSVC_MAX_URL_LENGTH", LIMITS, p.COUNT, "characters in one URL")
     max_problems: int = p.declare(
-        50, "IMGSVC_MAX_PROBLEMS", LIMITS, p.COUNT, "CSV problems listed in an error answer (all are counted)"
+        50,
+        "IMGSVC_MAX_PROBLEMS",
+        LIMITS,
+        p.COUNT,
+        "CSV problems listed in an error answer, and warnings in an upload's 202 (all are counted)",
     )
 
     max_image_bytes: int = p.declare(

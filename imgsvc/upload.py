@@ -92,11 +92,12 @@ async def upload(request: Request) -> Response:
         webhook_url = await _checked_webhook_url(form.get("webhook_url"), res)
         reprocess = _flag(form.get("reprocess"), "reprocess")
         digest = await asyncio.to_thread(_sha256, file.file)
+        reader = ingest.Reader(file.file, _csv_limits(config))
         stored = await db.insert_request(
             res.pool,
             file_name=_printable(file.filename),
             webhook_url=webhook_url,
-            products=_products(file.file, _csv_limits(config)),
+            products=_products(file.file, reader),
             queue=models.IMAGE_QUEUE,
             task=models.PROCESS_IMAGES,
             images_per_job=config.images_per_job,
@@ -104,6 +105,10 @@ async def upload(request: Request) -> Response:
             csv_sha256=digest,
             reprocess=reprocess,
         )
+        if stored.replayed and stored.csv_sha256 == digest and not reader.done:
+            # The same file as the first time: read it again (storing nothing) for the
+            # same answer, warnings and all.
+            await asyncio.to_thread(_read_through, file.file, reader)
     finally:
         await form.close()
     if stored.replayed and stored.csv_sha256 != digest:
@@ -112,9 +117,14 @@ async def upload(request: Request) -> Response:
             status_code=422,
             code="idempotency_key_reused",
         )
+    warnings = reader.warnings
     if not stored.replayed:
         logger.info(
-            "request %s accepted: %s products, %s images", stored.request_id, stored.products, stored.images
+            "request %s accepted: %s products, %s images, %s warnings",
+            stored.request_id,
+            stored.products,
+            stored.images,
+            warnings.total,
         )
     status_url = f"{config.base_url}/status/{stored.request_id}"
     if responses.wants_html(request):
@@ -129,6 +139,8 @@ async def upload(request: Request) -> Response:
             products=stored.products,
             images=stored.images,
             status_url=status_url,
+            warning_count=warnings.total,
+            warnings=[responses.CsvWarning(**item) for item in warnings.items],
         ),
         202,
         headers=headers,
@@ -156,13 +168,13 @@ def _sha256(file: BinaryIO) -> str:
     return digest.hexdigest()
 
 
-async def _products(file: BinaryIO, limits: ingest.Limits) -> AsyncIterator[models.Product]:
-    """The file's valid products, read in a thread a slice at a time so the event loop
-    stays free, and none held longer than it takes to store them. After the first
-    problem nothing more is handed out, but the file is read to its end so that every
-    problem is reported; then CsvInvalid is raised, which undoes what was stored."""
+async def _products(file: BinaryIO, reader: ingest.Reader) -> AsyncIterator[models.Product]:
+    """The file's valid products, read by ``reader`` (made on ``file``) in a thread a
+    slice at a time so the event loop stays free, and none held longer than it takes to
+    store them. After the first problem nothing more is handed out, but the file is read
+    to its end so that every problem is reported; then CsvInvalid is raised, which undoes
+    what was stored. The reader keeps the warnings."""
     file.seek(0)
-    reader = ingest.Reader(file, limits)
     products = iter(reader)
     while chunk := await asyncio.to_thread(list, itertools.islice(products, _PARSE_SLICE)):
         if reader.problems.total == 0:
@@ -184,6 +196,13 @@ def _flag(value: object, field: str) -> bool:
     if text in ("false", "0", "no", "off", ""):
         return False
     raise errors.UploadError(f"{field} must be true or false", status_code=422, code=f"invalid_{field}")
+
+
+def _read_through(file: BinaryIO, reader: ingest.Reader) -> None:
+    """Read the file to its end for what ``reader`` keeps, handing nothing out (blocking)."""
+    file.seek(0)
+    for _ in reader:
+        pass
 
 
 async def _checked_webhook_url(value: object, res: resources.Resources) -> str | None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import re
+from pathlib import Path
 
 import pytest
 
 from imgsvc import errors, ingest, models
 
 HEADER = "S. No.,Product Name,Input Image Urls\n"
+UNQUOTED = "the image URLs were not quoted and were read as one list"
 LIMITS = ingest.Limits(max_rows=5, max_images=8, max_urls_per_row=4, max_url_length=100, max_problems=10)
 
 
@@ -55,7 +58,26 @@ def test_quoted_names_with_commas_quotes_and_newlines() -> None:
     ("body", "line", "column", "words"),
     [
         ("1,Shirt\n", 2, None, "expected 3 columns, found 2"),
-        ("1,Shirt,http://a.test/1.jpg,extra\n", 2, None, "expected 3 columns, found 4"),
+        (
+            "1,Shirt,http://a.test/1.jpg,extra\n",
+            2,
+            None,
+            "4 cells where 3 are expected, and column 4 ('extra')",
+        ),
+        ("1,Mug, large,http://a.test/1.jpg\n", 2, None, "column 3 ('large') is not a URL"),
+        (
+            "1,Shirt,http://a.test/1.jpg,ftp://a.test/2.jpg\n",
+            2,
+            3,
+            "image 2 ('ftp://a.test/2.jpg'): URL scheme",
+        ),
+        (
+            "1,Shirt,http://a.test/1.jpg,http://a.test/2 3.jpg\n",
+            2,
+            3,
+            "image 2 ('http://a.test/2 3.jpg'): URL cont",
+        ),
+        ("1,Shirt,,\n", 2, 3, "no image URLs"),
         (",,\n", 2, None, "empty row"),
         ("1,,http://a.test/1.jpg\n", 2, 2, "product name is empty"),
         ("1,Shirt,\n", 2, 3, "no image URLs"),
@@ -93,7 +115,11 @@ def test_duplicate_serials_point_at_the_first_use() -> None:
         ("", "the file is empty"),
         (HEADER, "no product rows"),
         ("Serial,Name\n1,A\n", "the header must be"),
-        ("S. No.,Product Name,Input Image Urls,Notes\n", "the header must be"),
+        ("S. No.,Product Name,Input Image Urls,Notes\n", "found 4 columns: 'S. No.', 'Product Name', "),
+        ("Serial,Name,Pictures\n1,A,http://a.test/1\n", "'Serial' is not one of S. No., S.No, Sr. No.,"),
+        ("Serial,Name,Pictures\n1,A,http://a.test/1\n", "'Pictures' is not one of Input Image Urls, Image"),
+        ("1,A,http://a.test/1\n", "this looks like a product row: is the header missing?"),
+        ("S. No.;Product Name;Input Image Urls\n", "the cells seem to be separated by ';'"),
     ],
 )
 def test_file_level_problems(text: str, words: str) -> None:
@@ -160,3 +186,121 @@ def test_every_problem_is_counted_but_only_the_first_are_listed() -> None:
 def test_unbalanced_quote_is_a_clear_problem() -> None:
     (problem,) = problems(HEADER + '1,"Shirt,http://a.test/1\n')
     assert problem["line"] == 2 and "a closing quote is missing" in str(problem["message"])
+
+
+def read(
+    text: str, limits: ingest.Limits = LIMITS
+) -> tuple[list[models.Product], list[dict[str, object]], int]:
+    """The products of a valid file, its warnings kept and their count."""
+    reader = ingest.Reader(io.BytesIO(text.encode()), limits)
+    products = list(reader)
+    reader.check()
+    return products, reader.warnings.items, reader.warnings.total
+
+
+# The names people give the columns (written out, not taken from the code under test).
+HEADER_NAMES = (
+    ("S. No.", "S.No", "Sr. No.", "Serial Number", "Serial No", "#", "No"),
+    ("Product Name", "Product", "Name"),
+    ("Input Image Urls", "Image Urls", "Images", "Input Image URL(s)"),
+)
+ALIASES = [
+    (column, alias)
+    for column, aliases in enumerate(HEADER_NAMES)
+    for alias in (*aliases, aliases[0].upper().replace(" ", "_"), f" {aliases[-1].lower()} ")
+]
+
+
+@pytest.mark.parametrize(("column", "alias"), ALIASES)
+def test_each_header_alias_is_accepted_without_a_warning(column: int, alias: str) -> None:
+    header = list(ingest.COLUMNS)
+    header[column] = alias
+    products, warnings, _ = read(",".join(header) + "\n1,A,http://a.test/1.jpg\n")
+    assert [(p.serial_number, p.name, p.urls) for p in products] == [(1, "A", ("http://a.test/1.jpg",))]
+    assert warnings == []
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [
+        '"http://a.test/1.jpg,http://a.test/2.jpg"',
+        '"http://a.test/1.jpg, http://a.test/2.jpg"',
+        '"http://a.test/1.jpg\nhttp://a.test/2.jpg"',
+        '"http://a.test/1.jpg\r\n  http://a.test/2.jpg\r\n"',
+        "http://a.test/1.jpg|http://a.test/2.jpg",
+        "http://a.test/1.jpg | http://a.test/2.jpg",
+    ],
+)
+def test_url_lists_split_on_commas_line_breaks_and_bars(cell: str) -> None:
+    products, warnings, _ = read(HEADER + f"1,A,{cell}\n")
+    assert products[0].urls == ("http://a.test/1.jpg", "http://a.test/2.jpg") and warnings == []
+
+
+def test_unquoted_url_lists_are_read_as_one_list_with_a_warning_per_row() -> None:
+    text = (
+        "Serial Number,Product Name,Input Image Urls\n"
+        "1,Shirt,http://a.test/1.jpg,http://a.test/2.jpg\n"
+        "2,Socks,http://a.test/3.jpg\n"
+        '3,"Mug, large",http://a.test/4.jpg, http://a.test/5.jpg,http://a.test/6.jpg?w=1&h=2\n'
+    )
+    products, warnings, total = read(text)
+    assert [p.urls for p in products] == [
+        ("http://a.test/1.jpg", "http://a.test/2.jpg"),
+        ("http://a.test/3.jpg",),
+        ("http://a.test/4.jpg", "http://a.test/5.jpg", "http://a.test/6.jpg?w=1&h=2"),
+    ]
+    assert products[2].name == "Mug, large"
+    assert warnings == [
+        {"line": 2, "message": "4 cells; the image URLs were not quoted and were read as one list"},
+        {"line": 4, "message": "5 cells; the image URLs were not quoted and were read as one list"},
+    ]
+    assert total == 2
+
+
+def test_a_spreadsheets_empty_padding_is_ignored_with_a_warning() -> None:
+    products, warnings, _ = read("S. No.,Product Name,Input Image Urls,,\n1,A,http://a.test/1.jpg,,\n")
+    assert products[0].urls == ("http://a.test/1.jpg",)
+    assert warnings == [
+        {"line": 1, "message": "5 header cells; the 2 empty ones at the end were ignored"},
+        {"line": 2, "message": "5 cells; the empty cells beside the image URLs were ignored"},
+    ]
+
+
+def test_warnings_are_all_counted_but_only_the_first_are_kept() -> None:
+    rows = "".join(f"{i},P{i},http://a.test/{i}a.jpg,http://a.test/{i}b.jpg\n" for i in range(1, 1001))
+    products, warnings, total = read(HEADER + rows, ingest.Limits(max_problems=10))
+    assert len(products) == 1000 and total == 1000
+    assert [w["line"] for w in warnings] == list(range(2, 12))
+
+
+def test_a_file_refused_keeps_its_problems_not_its_warnings() -> None:
+    found = problems(HEADER + "1,A,http://a.test/1.jpg,http://a.test/2.jpg\n2,B,http://a.test/3.jpg,note\n")
+    assert [(p["line"], p.get("column")) for p in found] == [(3, None)]
+    assert "column 4 ('note') is not a URL" in str(found[0]["message"])
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_forms_in_docs_csv_md_read_as_it_says() -> None:
+    blocks = re.findall(r"```csv\n(.*?)```", (ROOT / "docs" / "csv.md").read_text(), flags=re.DOTALL)
+    *accepted, ambiguous = blocks
+    assert len(accepted) == 5
+    for block in accepted:
+        products, warnings, _ = read(block)
+        assert [(p.serial, p.name, p.urls) for p in products] == [
+            ("1", "Shirt", ("https://shop.test/a.jpg", "https://shop.test/b.jpg")),
+            ("2", "Socks", ("https://shop.test/c.jpg",)),
+        ], block
+        unquoted = block.startswith("Serial Number")
+        assert warnings == ([{"line": 2, "message": f"4 cells; {UNQUOTED}"}] if unquoted else []), block
+    (problem,) = problems(ambiguous)
+    assert problem["line"] == 2 and str(problem["message"]).startswith(
+        "4 cells where 3 are expected, and column 3 ('large') is not a URL"
+    )
+
+
+def test_the_unquoted_example_is_read_with_its_warnings() -> None:
+    products, warnings, _ = read((ROOT / "examples" / "products-unquoted.csv").read_text(), ingest.Limits())
+    assert [len(p.urls) for p in products] == [2, 1, 2]
+    assert warnings == [{"line": n, "message": f"4 cells; {UNQUOTED}"} for n in (2, 4)]

@@ -173,7 +173,17 @@ def test_a_problem_leaves_out_its_column_rather_than_sending_null() -> None:
         (
             "Accepted",
             responses.Accepted(
-                request_id=RID, status="queued", products=1, images=2, status_url=f"{BASE}/status/{RID}"
+                request_id=RID,
+                status="queued",
+                products=1,
+                images=2,
+                status_url=f"{BASE}/status/{RID}",
+                warning_count=3,
+                warnings=[
+                    responses.CsvWarning(
+                        line=2, message="4 cells; the image URLs were not quoted and were read as one list"
+                    )
+                ],
             ),
         ),
     ],

@@ -13,7 +13,8 @@ LIMITS = ingest.Limits()
 
 
 async def collect(text: str) -> list[int]:
-    return [p.serial_number async for p in upload._products(io.BytesIO(text.encode()), LIMITS)]
+    file = io.BytesIO(text.encode())
+    return [p.serial_number async for p in upload._products(file, ingest.Reader(file, LIMITS))]
 
 
 async def test_a_valid_file_streams_every_product_in_order() -> None:
@@ -28,7 +29,8 @@ async def test_problems_anywhere_raise_at_the_end_with_all_of_them() -> None:
     rows.append("7,Again,http://a.test/7b.jpg\n")  # line 5002: serial 7 is on line 8
     handed_out: list[int] = []
     with pytest.raises(errors.CsvInvalid) as caught:
-        async for product in upload._products(io.BytesIO((HEADER + "".join(rows)).encode()), LIMITS):
+        file = io.BytesIO((HEADER + "".join(rows)).encode())
+        async for product in upload._products(file, ingest.Reader(file, LIMITS)):
             handed_out.append(product.serial_number)
     assert [(p["line"], p.get("column")) for p in caught.value.problems] == [(101, 2), (4501, 3), (5002, 1)]
     assert "already used on line 8" in caught.value.problems[2]["message"]
