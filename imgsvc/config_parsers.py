@@ -26,6 +26,11 @@ T_co = TypeVar("T_co", covariant=True)
 MIB = 1024 * 1024
 
 
+class Refused(ValueError):
+    """A value refused with a message that is safe to print: it names the part that is
+    wrong (an entry's position) and never quotes a secret."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Parser(Generic[T_co]):
     """How a variable's text is read, and how an error about it is worded."""
@@ -58,6 +63,8 @@ class Declaration:
                 continue
             try:
                 return name, self.parser.parse(raw)
+            except Refused as exc:
+                raise errors.SettingsError(name, str(exc)) from None
             except ValueError:
                 quoted = "a value that is not" if self.secret else self.parser.shown(raw)
                 raise errors.SettingsError(name, f"expected {self.parser.expected}, got {quoted}") from None
@@ -194,10 +201,19 @@ def _db_url(raw: str) -> str:
     return raw
 
 
-def _webhook_secret(raw: str) -> str:
-    if raw.startswith("whsec_"):
-        base64.b64decode(raw.removeprefix("whsec_"), validate=True)  # binascii.Error is a ValueError
-    return raw
+def _webhook_secrets(raw: str) -> tuple[str, ...]:
+    secrets = tuple(raw.split())
+    for number, secret in enumerate(secrets, 1):
+        if secret.startswith("whsec_"):
+            try:
+                base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+            except ValueError:
+                raise Refused(
+                    f"secret {number} of {len(secrets)} starts with whsec_ but the rest is not base64"
+                ) from None
+    if len(set(secrets)) != len(secrets):
+        raise Refused("the same secret is given twice")
+    return secrets
 
 
 def _networks(raw: str) -> tuple[str, ...]:
@@ -237,7 +253,7 @@ LOG_FORMAT = Parser(_log_format, "text or json")
 BOOL = Parser(_bool, "true or false")
 NETWORKS = Parser(_networks, "comma-separated networks like 10.1.0.0/16")
 API_KEYS = Parser(_keys, "comma-separated keys of 16 characters or more")
-WEBHOOK_SECRET = Parser(_webhook_secret, "whsec_ followed by base64, or any other text")
+WEBHOOK_SECRETS = Parser(_webhook_secrets, "space-separated secrets: whsec_ and base64, or other text")
 COUNT = Parser(_positive_int, "a whole number above 0")
 SECONDS = Parser(_positive_float, "a number of seconds above 0")
 MEBIBYTES = Parser(_mib, "a whole number of MiB, 0 (no limit) or more", unit=MIB)

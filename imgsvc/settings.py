@@ -112,14 +112,17 @@ class Settings:
         "where to send each finished request's event, unless the upload gives its own `webhook_url`;"
         " unset: no webhook. Receivers are checked as sources are (see below)",
     )
-    webhook_secret: str | None = p.declare(
-        None,
+    webhook_secret: tuple[str, ...] = p.declare(
+        (),
         "WEBHOOK_SECRET",
         WEBHOOKS,
-        p.WEBHOOK_SECRET,
-        "the signing secret, `whsec_` + base64 (Standard Webhooks' form) or any other text (its UTF-8"
-        " bytes); required with `WEBHOOK_URL`, and for uploads that give a `webhook_url`. Never printed",
+        p.WEBHOOK_SECRETS,
+        "the signing secret, `whsec_` + base64 (Standard Webhooks' form) or any other text without"
+        " spaces (its UTF-8 bytes); several, space-separated, while rotating: each event is signed with"
+        " every one (see below). Required with `WEBHOOK_URL`, and for uploads that give a `webhook_url`."
+        " Never printed",
         secret=True,
+        default_text="unset",
     )
     webhook_timeout: float = p.declare(
         10.0, "IMGSVC_WEBHOOK_TIMEOUT", WEBHOOKS, p.SECONDS, "seconds a receiver has to answer one attempt"

@@ -109,8 +109,8 @@ def test_secrets_are_marked_and_say_they_are_never_printed() -> None:
             "IMGSVC_MAX_PIXELS: expected a whole number above 0, got 'lots'",
         ),
         (
-            {"WEBHOOK_SECRET": "whsec_not base64!"},
-            "WEBHOOK_SECRET: expected whsec_ followed by base64, or any other text, got a value that is not",
+            {"WEBHOOK_SECRET": "whsec_c2VjcmV0LW9uZQ== whsec_not-base64!"},
+            "WEBHOOK_SECRET: secret 2 of 2 starts with whsec_ but the rest is not base64",
         ),
         (
             {"DATABASE_URL": "postgresql+psycopg://app:pw-1234@db:5432/x"},
