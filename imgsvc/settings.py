@@ -159,14 +159,17 @@ class Settings:
     allow_svg: bool = p.declare(
         False, "IMGSVC_ALLOW_SVG", LIMITS, p.BOOL, "read SVG sources (rendered by librsvg, stored as PNG)"
     )
-    api_keys: tuple[str, ...] = p.declare(
+    api_keys: tuple[p.ApiKey, ...] = p.declare(
         (),
         "IMGSVC_API_KEYS",
         LIMITS,
         p.API_KEYS,
-        "comma-separated keys (16 characters or more); when set, every endpoint but `/healthz` and"
-        " `/readyz` needs `Authorization: Bearer <key>`. Never printed",
+        "comma-separated `NAME:KEY` (a user key: it sees only the requests it made), `NAME:KEY:admin`"
+        " (sees all) or a plain `KEY` (an admin key, named `key-` and 8 hex digits of its SHA-256);"
+        " keys of 16 characters or more. When set, every endpoint but `/healthz` and `/readyz` needs"
+        " `Authorization: Bearer <key>` (see below). Never printed",
         secret=True,
+        default_text="unset",
     )
     max_csv_bytes: int = p.declare(50 * MIB, "IMGSVC_MAX_CSV_BYTES", LIMITS, p.COUNT, "largest upload")
     max_rows: int = p.declare(100_000, "IMGSVC_MAX_ROWS", LIMITS, p.COUNT, "products in one CSV")

@@ -113,6 +113,11 @@ def test_secrets_are_marked_and_say_they_are_never_printed() -> None:
             "WEBHOOK_SECRET: secret 2 of 2 starts with whsec_ but the rest is not base64",
         ),
         (
+            {"IMGSVC_API_KEYS": "shop-a:k-shop-a-0123456789,shop-b:short,ops:k-ops-0123456789abc:admin"},
+            "IMGSVC_API_KEYS: entry 2 of 3: the key is shorter than 16 characters"
+            " (KEY, NAME:KEY or NAME:KEY:admin; the key is not shown)",
+        ),
+        (
             {"DATABASE_URL": "postgresql+psycopg://app:pw-1234@db:5432/x"},
             "DATABASE_URL: expected a postgresql:// URL, got 'postgresql+psycopg://…@db:5432/x'"
             " (credentials and query not shown)",
