@@ -21,12 +21,10 @@ from imgsvc import config_parsers, db, localdb, models
 from tests.e2e.processes import Process, assert_clean_exit, post_csv, service_env, wait_for_final
 from tests.servers import ImageServer, S3Server
 
-SHOP_A, SHOP_B, OPS, PLAIN = (
-    "k-shop-a-0123456789abc",
-    "k-shop-b-0123456789abc",
-    "k-ops-0123456789abcdef",
-    ("k-plain-0123456789abcd"),
-)
+SHOP_A = "k-shop-a-0123456789abc"
+SHOP_B = "k-shop-b-0123456789abc"
+OPS = "k-ops-0123456789abcdef"
+PLAIN = "k-plain-0123456789abcd"  # the form without a name: an admin key
 KEYS = f"shop-a:{SHOP_A},shop-b:{SHOP_B}:user,ops:{OPS}:admin,{PLAIN}"
 PLAIN_NAME = config_parsers.plain_key_name(PLAIN)
 HEADER = "S. No.,Product Name,Input Image Urls\n"
@@ -44,18 +42,18 @@ async def keyed_service(env: dict[str, str], log: Path) -> AsyncIterator[dict[st
     server = Process([sys.executable, "-m", "imgsvc", "serve"], env, log)
     base = f"http://127.0.0.1:{env['PORT']}"
     sessions = {
-        "shop-a": aiohttp.ClientSession(base, headers=bearer(SHOP_A)),
-        "shop-b": aiohttp.ClientSession(base, headers=bearer(SHOP_B)),
-        "ops": aiohttp.ClientSession(base, headers=bearer(OPS)),
-        "plain": aiohttp.ClientSession(base, headers=bearer(PLAIN)),
-        "none": aiohttp.ClientSession(base),
-        "wrong": aiohttp.ClientSession(base, headers=bearer("k-wrong-0123456789abcd")),
+        "shop-a": aiohttp.ClientSession(headers=bearer(SHOP_A)),
+        "shop-b": aiohttp.ClientSession(headers=bearer(SHOP_B)),
+        "ops": aiohttp.ClientSession(headers=bearer(OPS)),
+        "plain": aiohttp.ClientSession(headers=bearer(PLAIN)),
+        "none": aiohttp.ClientSession(),
+        "wrong": aiohttp.ClientSession(headers=bearer("k-wrong-0123456789abcd")),
     }
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                async with sessions["none"].get("/healthz") as response:
+                async with sessions["none"].get(base + "/healthz") as response:
                     assert response.status == 200
                     break
             except aiohttp.ClientConnectionError:
@@ -166,6 +164,7 @@ async def test_each_role_on_each_endpoint(
                 code, _ = await answer(c[who], method, url, headers)
                 assert code == 401, (who, url, code)
             assert (await answer(c[who], "GET", base + "/requests"))[0] == 401
+            assert (await post_csv(c[who], base, csv_body))[0] == 401
 
         # Cancel: another user key cannot, the owner can.
         status, slow = await post_csv(c["shop-a"], base, slow_body)
