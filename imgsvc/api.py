@@ -16,6 +16,7 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 
 from imgsvc import (
     __version__,
+    access,
     db,
     errors,
     finish,
@@ -63,6 +64,17 @@ def _parse_request_id(raw: str) -> uuid.UUID:
         ) from None
 
 
+async def _visible_summary(request: Request, request_id: uuid.UUID) -> reads.RequestSummary:
+    """The request's summary, or 404 when it is unknown or the caller's key may not see
+    it: the two answers are the same, so an id tells another key nothing."""
+    res: resources.Resources = request.app.state.resources
+    owner = access.caller_of(request).only_owner
+    info = await reads.get_request_summary(res.pool, request_id, owner=owner)
+    if info is None:
+        raise HTTPException(404, f"no request with id {request_id}")
+    return info
+
+
 def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
@@ -72,7 +84,13 @@ async def status(request: Request) -> Response:
     res: resources.Resources = request.app.state.resources
     request_id = _parse_request_id(request.path_params["request_id"])
     page, per_page = _page_params(request)
-    found = await reads.get_status(res.pool, request_id, limit=per_page, offset=(page - 1) * per_page)
+    found = await reads.get_status(
+        res.pool,
+        request_id,
+        limit=per_page,
+        offset=(page - 1) * per_page,
+        owner=access.caller_of(request).only_owner,
+    )
     if found is None:
         raise HTTPException(404, f"no request with id {request_id}")
     s = found["summary"]
@@ -92,6 +110,7 @@ async def status(request: Request) -> Response:
             request_id=str(request_id),
             status=models.RequestStatus(s["status"]),
             file_name=s["file_name"],
+            owner=s["owner"],
             created_at=_iso(s["created_at"]),
             updated_at=_iso(s["updated_at"]),
             started_at=_iso(s["started_at"]),
@@ -146,9 +165,7 @@ async def output_csv(request: Request) -> Response:
     """GET /requests/{request_id}/output.csv: the output CSV, once the request is finished."""
     res: resources.Resources = request.app.state.resources
     request_id = _parse_request_id(request.path_params["request_id"])
-    info = await reads.get_request_summary(res.pool, request_id)
-    if info is None:
-        raise HTTPException(404, f"no request with id {request_id}")
+    info = await _visible_summary(request, request_id)
     if info.status in ("queued", "processing"):
         finished = info.done + info.failed
         raise HTTPException(
@@ -196,8 +213,7 @@ async def request_page(request: Request) -> Response:
         return await status(request)
     res: resources.Resources = request.app.state.resources
     request_id = _parse_request_id(request.path_params["request_id"])
-    if await reads.get_request_summary(res.pool, request_id) is None:
-        raise HTTPException(404, f"no request with id {request_id}")
+    await _visible_summary(request, request_id)
     return HTMLResponse(pages.request_page(str(request_id), f"{res.settings.base_url}/status/{request_id}"))
 
 
@@ -253,7 +269,8 @@ async def metrics_endpoint(request: Request) -> Response:
 
 
 async def list_requests(request: Request) -> Response:
-    """GET /requests: requests, newest first, optionally of one status, paged."""
+    """GET /requests: requests, newest first, optionally of one status, paged; a user
+    key's own only."""
     res: resources.Resources = request.app.state.resources
     page, per_page = _page_params(request)
     wanted = request.query_params.get("status")
@@ -263,7 +280,11 @@ async def list_requests(request: Request) -> Response:
             f"status must be one of {choices}", status_code=422, code="invalid_parameter"
         )
     rows, total = await reads.list_requests(
-        res.pool, status=wanted, limit=per_page, offset=(page - 1) * per_page
+        res.pool,
+        status=wanted,
+        limit=per_page,
+        offset=(page - 1) * per_page,
+        owner=access.caller_of(request).only_owner,
     )
     base = res.settings.base_url
     query = f"&status={wanted}" if wanted else ""
@@ -274,6 +295,7 @@ async def list_requests(request: Request) -> Response:
                     request_id=row["request_id"],
                     status=models.RequestStatus(row["status"]),
                     file_name=row["file_name"],
+                    owner=row["owner"],
                     counts=responses.Counts.of(row),
                     percent=row["percent"],
                     created_at=_iso(row["created_at"]),
@@ -296,6 +318,7 @@ async def cancel(request: Request) -> Response:
     """POST /requests/{request_id}/cancel: cancel the queued images; the request ends cancelled."""
     res: resources.Resources = request.app.state.resources
     request_id = _parse_request_id(request.path_params["request_id"])
+    await _visible_summary(request, request_id)  # a request's owner never changes
     before, cancelled, now = await finish.cancel(res, str(request_id))
     if before is None:
         raise HTTPException(404, f"no request with id {request_id}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
@@ -24,6 +25,11 @@ T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
 MIB = 1024 * 1024
+
+
+class Refused(ValueError):
+    """A value refused with a message that is safe to print: it names the part that is
+    wrong (an entry's position) and never quotes a secret."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -58,6 +64,8 @@ class Declaration:
                 continue
             try:
                 return name, self.parser.parse(raw)
+            except Refused as exc:
+                raise errors.SettingsError(name, str(exc)) from None
             except ValueError:
                 quoted = "a value that is not" if self.secret else self.parser.shown(raw)
                 raise errors.SettingsError(name, f"expected {self.parser.expected}, got {quoted}") from None
@@ -201,10 +209,19 @@ def _db_url(raw: str) -> str:
     return raw
 
 
-def _webhook_secret(raw: str) -> str:
-    if raw.startswith("whsec_"):
-        base64.b64decode(raw.removeprefix("whsec_"), validate=True)  # binascii.Error is a ValueError
-    return raw
+def _webhook_secrets(raw: str) -> tuple[str, ...]:
+    secrets = tuple(raw.split())
+    for number, secret in enumerate(secrets, 1):
+        if secret.startswith("whsec_"):
+            try:
+                base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+            except ValueError:
+                raise Refused(
+                    f"secret {number} of {len(secrets)} starts with whsec_ but the rest is not base64"
+                ) from None
+    if len(set(secrets)) != len(secrets):
+        raise Refused("the same secret is given twice")
+    return secrets
 
 
 def _networks(raw: str) -> tuple[str, ...]:
@@ -213,11 +230,65 @@ def _networks(raw: str) -> tuple[str, ...]:
     )
 
 
-def _keys(raw: str) -> tuple[str, ...]:
-    keys = tuple(part.strip() for part in raw.split(",") if part.strip())
-    if any(len(key) < 16 for key in keys):
-        raise ValueError("short key")
-    return keys
+ADMIN, USER = "admin", "user"
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ApiKey:
+    """One entry of IMGSVC_API_KEYS: the name requests are owned by, the key, its role."""
+
+    name: str
+    key: str = dataclasses.field(repr=False)
+    role: str = USER
+
+    @property
+    def admin(self) -> bool:
+        """An admin key sees and cancels every request; another, only its own."""
+        return self.role == ADMIN
+
+
+def plain_key_name(key: str) -> str:
+    """The name of a key given without one: stable whatever the order of the list, and
+    telling nothing useful about the key (8 hex digits of its SHA-256)."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def _api_key(entry: str) -> ApiKey:
+    """``KEY`` (an admin key, named by its hash), ``NAME:KEY`` (a user key) or
+    ``NAME:KEY:ROLE``."""
+    parts = entry.split(":")
+    if len(parts) == 1:
+        return ApiKey(plain_key_name(entry), entry, ADMIN)
+    if len(parts) > 3:
+        raise Refused("more than two ':' (a key with a name holds none)")
+    name, key, role = (*parts, USER) if len(parts) == 2 else parts
+    if not _KEY_NAME.fullmatch(name):
+        raise Refused("a name is 1 to 64 letters, digits, '.', '_' or '-', and starts with a letter or digit")
+    if role not in (ADMIN, USER):
+        raise Refused(f"the role must be {ADMIN} or {USER}")
+    return ApiKey(name, key, role)
+
+
+def _api_keys(raw: str) -> tuple[ApiKey, ...]:
+    entries = [part.strip() for part in raw.split(",")]
+    keys: list[ApiKey] = []
+    for number, entry in enumerate(entries, 1):
+        if not entry:
+            continue
+        try:
+            key = _api_key(entry)
+            if len(key.key) < 16:
+                raise Refused("the key is shorter than 16 characters")
+            if any(k.key == key.key for k in keys):
+                raise Refused("the same key is given twice")
+            if any(k.name == key.name for k in keys):
+                raise Refused(f"the name {key.name!r} is given twice")
+        except Refused as exc:
+            form = "KEY, NAME:KEY or NAME:KEY:admin"
+            raise Refused(f"entry {number} of {len(entries)}: {exc} ({form}; the key is not shown)") from None
+        keys.append(key)
+    return tuple(keys)
 
 
 def _log_format(raw: str) -> str:
@@ -243,8 +314,8 @@ LOG_LEVEL = Parser(_level, "DEBUG, INFO, WARNING or ERROR")
 LOG_FORMAT = Parser(_log_format, "text or json")
 BOOL = Parser(_bool, "true or false")
 NETWORKS = Parser(_networks, "comma-separated networks like 10.1.0.0/16")
-API_KEYS = Parser(_keys, "comma-separated keys of 16 characters or more")
-WEBHOOK_SECRET = Parser(_webhook_secret, "whsec_ followed by base64, or any other text")
+API_KEYS = Parser(_api_keys, "comma-separated NAME:KEY[:admin] entries or plain keys")
+WEBHOOK_SECRETS = Parser(_webhook_secrets, "space-separated secrets: whsec_ and base64, or other text")
 COUNT = Parser(_positive_int, "a whole number above 0")
 SECONDS = Parser(_positive_float, "a number of seconds above 0")
 MEBIBYTES = Parser(_mib, "a whole number of MiB, 0 (no limit) or more", unit=MIB)

@@ -131,6 +131,7 @@ async def insert_request(
     images_per_job: int = 1,
     idempotency_key: str | None = None,
     csv_sha256: str | None = None,
+    owner: str | None = None,
     reprocess: bool = False,
 ) -> Inserted:
     """Store a request, its products and images, and queue its jobs, atomically.
@@ -138,14 +139,15 @@ async def insert_request(
     The products are streamed into the database as they come (COPY into a temporary
     table), so a large file is never held in memory; whatever ``products`` raises
     (CsvInvalid, say) rolls everything back. With an ``idempotency_key`` that an
-    earlier request has, nothing is stored and that request is returned (``replayed``).
+    earlier request of the same ``owner`` has, nothing is stored and that request is
+    returned (``replayed``); another owner's request with that key is never returned.
     Images with the same source URL as an earlier one of the request get no job: they
     end with it. ``reprocess`` asks the workers to reuse no stored result.
     """
     q = queries()
     async with translated(), pool.acquire() as conn:
         if idempotency_key is not None:
-            earlier = await conn.fetchrow(q["get_request_by_idempotency_key"], idempotency_key)
+            earlier = await conn.fetchrow(q["get_request_by_idempotency_key"], idempotency_key, owner)
             if earlier is not None:
                 return _replayed(earlier)
         async with conn.transaction():
@@ -162,10 +164,11 @@ async def insert_request(
                 counted.images,
                 idempotency_key,
                 csv_sha256,
+                owner,
                 reprocess,
             )
             if created is None:  # the same key, committed while this file was read
-                earlier = await conn.fetchrow(q["get_request_by_idempotency_key"], idempotency_key)
+                earlier = await conn.fetchrow(q["get_request_by_idempotency_key"], idempotency_key, owner)
                 if earlier is None:
                     raise errors.ImgsvcError("the earlier request with this Idempotency-Key is gone")
                 return _replayed(earlier)

@@ -3,7 +3,9 @@ the verdict on each attempt.
 
 Headers: ``webhook-id`` (the event's id, the same on every attempt),
 ``webhook-timestamp`` (seconds, of this attempt) and
-``webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``.
+``webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``, one
+such signature per secret of ``WEBHOOK_SECRET``, space-separated: while a secret is
+rotated, a receiver that knows either the old or the new one accepts the event.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ def sign(key: bytes, event_id: str, timestamp: int, body: bytes) -> str:
     signed = f"{event_id}.{timestamp}.".encode() + body
     digest = hmac.new(key, signed, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode()
+
+
+def signatures(keys: tuple[bytes, ...], event_id: str, timestamp: int, body: bytes) -> str:
+    """The webhook-signature header value: a signature with each key, space-separated."""
+    return " ".join(sign(key, event_id, timestamp, body) for key in keys)
 
 
 def event_payload(
@@ -98,7 +105,7 @@ async def post(
     session: aiohttp.ClientSession,
     url: str | yarl.URL,
     *,
-    key: bytes,
+    keys: tuple[bytes, ...],
     event_id: str,
     body: bytes,
     time_limit: float,
@@ -111,7 +118,7 @@ async def post(
         "Content-Type": "application/json",
         "webhook-id": event_id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": sign(key, event_id, timestamp, body),
+        "webhook-signature": signatures(keys, event_id, timestamp, body),
     }
     status: int | None = None
     try:
@@ -151,14 +158,14 @@ async def queue_delivery(conn: db.Connection, delivery_id: int) -> None:
     )
 
 
-def _ready_to_post(res: resources.Resources, url: str) -> tuple[yarl.URL, bytes] | str:
-    """Where to post a webhook and the key to sign it with, or why it cannot be sent.
+def _ready_to_post(res: resources.Resources, url: str) -> tuple[yarl.URL, tuple[bytes, ...]] | str:
+    """Where to post a webhook and the keys to sign it with, or why it cannot be sent.
     Literal IP hosts are checked here, as for sources; names, by the resolver."""
-    secret = res.settings.webhook_secret
-    if not secret:
+    secrets = res.settings.webhook_secret
+    if not secrets:
         return "no WEBHOOK_SECRET is configured to sign the event"
     try:
-        return fetch.check_address(url, res.download_limits), secret_key(secret)
+        return fetch.check_address(url, res.download_limits), tuple(map(secret_key, secrets))
     except errors.PermanentError as exc:
         return str(exc)
 
@@ -180,11 +187,11 @@ async def deliver(res: resources.Resources, delivery_id: int) -> str:
             error=ready,
         )
     else:
-        target, key = ready
+        target, keys = ready
         attempt = await post(
             res.http,
             target,
-            key=key,
+            keys=keys,
             event_id=claimed.event_id,
             body=claimed.payload.encode(),
             time_limit=config.webhook_timeout,

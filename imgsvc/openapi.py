@@ -110,11 +110,15 @@ _COMMON_ERRORS = {
 }
 
 
+# A request another user key owns is answered as an unknown one, so an id tells nothing.
+_NOT_FOUND = _error("No request has this id, or it is another API key's (a user key sees only its own).")
+
+
 def document() -> dict[str, Any]:
     """The OpenAPI document."""
     status_responses = {
         "200": _json(_ref(responses.RequestStatus), "The request's progress and a page of its products."),
-        "404": _error("No request has this id."),
+        "404": _NOT_FOUND,
         "422": _error("The id is not a UUID, or a query parameter is out of range."),
         **_COMMON_ERRORS,
     }
@@ -132,7 +136,8 @@ def document() -> dict[str, Any]:
                 "bearer": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "Only when the server sets IMGSVC_API_KEYS.",
+                    "description": "Only when the server sets IMGSVC_API_KEYS. A user key sees only the"
+                    " requests it uploaded; an admin key, all of them.",
                 }
             },
         },
@@ -194,7 +199,8 @@ def document() -> dict[str, Any]:
                             "name": "Idempotency-Key",
                             "in": "header",
                             "schema": {"type": "string", "maxLength": 255},
-                            "description": "Repeat an upload safely: the same key gives the same request.",
+                            "description": "Repeat an upload safely: the same key from the same API key"
+                            " gives the same request.",
                         }
                     ],
                     "requestBody": {
@@ -287,7 +293,7 @@ def document() -> dict[str, Any]:
                     "parameters": [_REQUEST_ID],
                     "responses": {
                         "202": _json(_ref(responses.Cancelled), "Queued images cancelled."),
-                        "404": _error("No request has this id."),
+                        "404": _NOT_FOUND,
                         "409": _error("The request has already finished."),
                         "422": _error("The id is not a UUID."),
                         **_COMMON_ERRORS,
@@ -303,7 +309,7 @@ def document() -> dict[str, Any]:
                             "description": "The CSV.",
                             "content": {"text/csv": {"schema": {"type": "string"}}},
                         },
-                        "404": _error("No request has this id."),
+                        "404": _NOT_FOUND,
                         "409": _error("The request is not finished yet."),
                         "422": _error("The id is not a UUID."),
                         **_COMMON_ERRORS,

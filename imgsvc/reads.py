@@ -27,6 +27,7 @@ class RequestSummary:
     done: int
     failed: int
     cancelled: int
+    owner: str | None
 
     @property
     def counts(self) -> dict[str, int]:
@@ -34,10 +35,13 @@ class RequestSummary:
         return {name: getattr(self, name) for name in models.COUNTS}
 
 
-async def get_request_summary(pool: db.Pool, request_id: uuid.UUID) -> RequestSummary | None:
-    """A request's status, counts, finish time and webhook URL; None if it is unknown."""
+async def get_request_summary(
+    pool: db.Pool, request_id: uuid.UUID, *, owner: str | None = None
+) -> RequestSummary | None:
+    """A request's status, counts, finish time and webhook URL; None if it is unknown,
+    or when an ``owner`` is given and the request is not that owner's."""
     async with db.translated():
-        row = await pool.fetchrow(db.queries()["get_request_summary"], request_id)
+        row = await pool.fetchrow(db.queries()["get_request_summary"], request_id, owner)
     if row is None:
         return None
     # The query selects exactly the summary's fields.
@@ -72,11 +76,12 @@ async def output_rows(
 
 
 async def list_requests(
-    pool: db.Pool, *, status: str | None, limit: int, offset: int
+    pool: db.Pool, *, status: str | None, limit: int, offset: int, owner: str | None = None
 ) -> tuple[list[dict[str, Any]], int]:
-    """A page of requests, newest first, and how many match in all."""
+    """A page of requests, newest first, and how many match in all; only one owner's
+    when an ``owner`` is given."""
     async with db.translated():
-        rows = await pool.fetch(db.queries()["list_requests"], status, limit, offset)
+        rows = await pool.fetch(db.queries()["list_requests"], status, limit, offset, owner)
     total = rows[0]["matching"] if rows else 0
     return [dict(row) for row in rows], total
 
@@ -89,12 +94,13 @@ async def job_counts(pool: db.Pool) -> list[tuple[str, str, int]]:
 
 
 async def get_status(
-    pool: db.Pool, request_id: uuid.UUID, *, limit: int, offset: int
+    pool: db.Pool, request_id: uuid.UUID, *, limit: int, offset: int, owner: str | None = None
 ) -> dict[str, Any] | None:
-    """A request's progress and one page of its products with their images."""
+    """A request's progress and one page of its products with their images; None if it
+    is unknown, or when an ``owner`` is given and the request is not that owner's."""
     q = db.queries()
     async with db.translated(), pool.acquire() as conn:
-        summary = await conn.fetchrow(q["get_request"], request_id)
+        summary = await conn.fetchrow(q["get_request"], request_id, owner)
         if summary is None:
             return None
         products = await conn.fetch(q["get_products_page"], request_id, limit, offset)

@@ -39,6 +39,15 @@ _COUNT = Schema({"minimum": 0})
 Uuid = Annotated[str, _UUID]
 Time = Annotated[str | None, _TIME]
 Count = Annotated[int, _COUNT]
+Owner = Annotated[
+    str | None,
+    Schema(
+        {
+            "description": "The name of the API key that uploaded the request (IMGSVC_API_KEYS);"
+            " null without API keys, and for requests made before owners were kept."
+        }
+    ),
+]
 
 
 _T = typing.TypeVar("_T")
@@ -204,6 +213,7 @@ class RequestStatus:
     request_id: Uuid
     status: models.RequestStatus
     file_name: str | None
+    owner: Owner
     created_at: Time
     updated_at: Time
     started_at: Time
@@ -228,6 +238,7 @@ class RequestSummary:
     request_id: Uuid
     status: models.RequestStatus
     file_name: str | None
+    owner: Owner
     counts: Counts
     percent: float
     created_at: Time

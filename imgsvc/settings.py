@@ -112,14 +112,17 @@ class Settings:
         "where to send each finished request's event, unless the upload gives its own `webhook_url`;"
         " unset: no webhook. Receivers are checked as sources are (see below)",
     )
-    webhook_secret: str | None = p.declare(
-        None,
+    webhook_secret: tuple[str, ...] = p.declare(
+        (),
         "WEBHOOK_SECRET",
         WEBHOOKS,
-        p.WEBHOOK_SECRET,
-        "the signing secret, `whsec_` + base64 (Standard Webhooks' form) or any other text (its UTF-8"
-        " bytes); required with `WEBHOOK_URL`, and for uploads that give a `webhook_url`. Never printed",
+        p.WEBHOOK_SECRETS,
+        "the signing secret, `whsec_` + base64 (Standard Webhooks' form) or any other text without"
+        " spaces (its UTF-8 bytes); several, space-separated, while rotating: each event is signed with"
+        " every one (see below). Required with `WEBHOOK_URL`, and for uploads that give a `webhook_url`."
+        " Never printed",
         secret=True,
+        default_text="unset",
     )
     webhook_timeout: float = p.declare(
         10.0, "IMGSVC_WEBHOOK_TIMEOUT", WEBHOOKS, p.SECONDS, "seconds a receiver has to answer one attempt"
@@ -156,14 +159,17 @@ class Settings:
     allow_svg: bool = p.declare(
         False, "IMGSVC_ALLOW_SVG", LIMITS, p.BOOL, "read SVG sources (rendered by librsvg, stored as PNG)"
     )
-    api_keys: tuple[str, ...] = p.declare(
+    api_keys: tuple[p.ApiKey, ...] = p.declare(
         (),
         "IMGSVC_API_KEYS",
         LIMITS,
         p.API_KEYS,
-        "comma-separated keys (16 characters or more); when set, every endpoint but `/healthz` and"
-        " `/readyz` needs `Authorization: Bearer <key>`. Never printed",
+        "comma-separated `NAME:KEY` (a user key: it sees only the requests it made), `NAME:KEY:admin`"
+        " (sees all) or a plain `KEY` (an admin key, named `key-` and 8 hex digits of its SHA-256);"
+        " keys of 16 characters or more. When set, every endpoint but `/healthz` and `/readyz` needs"
+        " `Authorization: Bearer <key>` (see below). Never printed",
         secret=True,
+        default_text="unset",
     )
     max_csv_bytes: int = p.declare(50 * MIB, "IMGSVC_MAX_CSV_BYTES", LIMITS, p.COUNT, "largest upload")
     max_rows: int = p.declare(100_000, "IMGSVC_MAX_ROWS", LIMITS, p.COUNT, "products in one CSV")

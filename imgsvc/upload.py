@@ -16,7 +16,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from imgsvc import db, errors, fetch, ingest, models, resources, responses, settings
+from imgsvc import access, db, errors, fetch, ingest, models, resources, responses, settings
 
 logger = logging.getLogger("imgsvc.upload")
 
@@ -103,6 +103,7 @@ async def upload(request: Request) -> Response:
             images_per_job=config.images_per_job,
             idempotency_key=key,
             csv_sha256=digest,
+            owner=access.caller_of(request).name,  # the key's name, never the key
             reprocess=reprocess,
         )
         if stored.replayed and stored.csv_sha256 == digest and not reader.done:

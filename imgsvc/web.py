@@ -13,7 +13,9 @@ import hashlib
 import hmac
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -25,7 +27,20 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from imgsvc import api, errors, metrics, pages, queue, resources, responses, settings, upload
+from imgsvc import (
+    access,
+    api,
+    config_parsers,
+    errors,
+    metrics,
+    pages,
+    queue,
+    reads,
+    resources,
+    responses,
+    settings,
+    upload,
+)
 
 logger = logging.getLogger("imgsvc.web")
 
@@ -59,26 +74,37 @@ class HttpMetrics:
 
 class ApiKeyAuth:
     """Every endpoint but health needs ``Authorization: Bearer <key>`` with one of the
-    configured keys. Keys are compared in constant time, all of them every time."""
+    configured keys, when there are any. Keys are compared in constant time, all of them
+    every time. The key's caller (its name and role) goes on to the handlers; without
+    keys, everyone is ``access.OPEN``."""
 
     OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp, keys: tuple[config_parsers.ApiKey, ...]) -> None:
         self.app = app
-        self.keys = [hashlib.sha256(key.encode()).digest() for key in keys]
+        self.keys = [(hashlib.sha256(key.key.encode()).digest(), access.Caller.of_key(key)) for key in keys]
 
-    def _allowed(self, header: str) -> bool:
+    def _caller(self, header: str) -> access.Caller | None:
         scheme, _, token = header.partition(" ")
         offered = hashlib.sha256(token.strip().encode()).digest()
-        matches = [hmac.compare_digest(offered, key) for key in self.keys]
-        return scheme.lower() == "bearer" and any(matches)
+        found = None
+        for digest, caller in self.keys:  # no early exit: the time says nothing of which key
+            if hmac.compare_digest(offered, digest):
+                found = caller
+        return found if scheme.lower() == "bearer" else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.OPEN_PATHS:
             await self.app(scope, receive, send)
             return
+        if not self.keys:
+            access.put(scope, access.OPEN)
+            await self.app(scope, receive, send)
+            return
         header = Headers(scope=scope).get("authorization", "")
-        if self._allowed(header):
+        caller = self._caller(header)
+        if caller is not None:
+            access.put(scope, caller)
             await self.app(scope, receive, send)
             return
         message = "this endpoint needs an API key: Authorization: Bearer <key>"
@@ -90,6 +116,29 @@ class ApiKeyAuth:
             headers={"WWW-Authenticate": 'Bearer realm="imgsvc"'},
         )
         await response(scope, receive, send)
+
+
+class OwnedFiles(StaticFiles):
+    """The local output files (without a bucket), under ``/files/``: a user key gets
+    only those of its own requests, as it does their status."""
+
+    def __init__(self, *, directory: Path, prefix: str) -> None:
+        super().__init__(directory=directory)
+        self.prefix = f"{prefix}/" if prefix else ""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        """The file, when the caller may see its request; 404 as for a missing one."""
+        owner = access.caller_of(scope).only_owner
+        if owner is not None:
+            first = path.removeprefix(self.prefix).partition("/")[0]
+            try:
+                request_id = uuid.UUID(first)
+            except ValueError:
+                raise HTTPException(404) from None
+            pool = scope["app"].state.resources.pool
+            if await reads.get_request_summary(pool, request_id, owner=owner) is None:
+                raise HTTPException(404)
+        return await super().get_response(path, scope)
 
 
 async def _upload_error(request: Request, exc: Exception) -> Response:
@@ -173,10 +222,9 @@ def create_app(config: settings.Settings, database_url: str, *, run_worker: bool
     ]
     if not config.aws_bucket_name:
         config.local_storage_dir.mkdir(parents=True, exist_ok=True)
-        routes.append(Mount("/files", StaticFiles(directory=config.local_storage_dir), name="files"))
-    middleware = [Middleware(HttpMetrics)]
-    if config.api_keys:
-        middleware.append(Middleware(ApiKeyAuth, keys=config.api_keys))
+        files = OwnedFiles(directory=config.local_storage_dir, prefix=config.s3_prefix)
+        routes.append(Mount("/files", files, name="files"))
+    middleware = [Middleware(HttpMetrics), Middleware(ApiKeyAuth, keys=config.api_keys)]
     return Starlette(
         routes=routes, lifespan=lifespan, exception_handlers=_ERROR_HANDLERS, middleware=middleware
     )

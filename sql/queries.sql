@@ -1,15 +1,18 @@
 -- Named queries, loaded once by imgsvc.db. A block starts with "-- name --".
 
 -- insert_request --
--- Nothing is inserted when another request already has this Idempotency-Key.
+-- Nothing is inserted when another request of the same owner ($8) already has this
+-- Idempotency-Key.
 INSERT INTO requests (id, file_name, webhook_url, product_count, image_count, idempotency_key,
-                      csv_sha256, reprocess)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-ON CONFLICT (idempotency_key) DO NOTHING
+                      csv_sha256, owner, reprocess)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+ON CONFLICT ((coalesce(owner, '')), idempotency_key) DO NOTHING
 RETURNING id;
 
 -- get_request_by_idempotency_key --
-SELECT id::text, csv_sha256, product_count, image_count FROM requests WHERE idempotency_key = $1;
+-- An owner's ($2) request with this Idempotency-Key; another owner's is never found.
+SELECT id::text, csv_sha256, product_count, image_count FROM requests
+WHERE idempotency_key = $1 AND coalesce(owner, '') = coalesce($2, '');
 
 -- create_upload_rows --
 -- The rows of an upload as they are read, before the request exists; dropped at the
@@ -188,18 +191,19 @@ RETURNING r.status;
 -- get_request --
 SELECT pr.request_id, pr.status, pr.total, pr.queued, pr.processing, pr.done, pr.failed,
        pr.cancelled, pr.percent, pr.bytes_in, pr.bytes_out, pr.created_at, pr.updated_at,
-       pr.completed_at, r.file_name, r.product_count, r.started_at, r.output_csv_url,
+       pr.completed_at, r.file_name, r.product_count, r.started_at, r.output_csv_url, r.owner,
        pr.compressed, pr.reused, pr.bytes_saved, r.reprocess
 FROM request_progress pr JOIN requests r ON r.id = pr.request_id
-WHERE pr.request_id = $1;
+WHERE pr.request_id = $1 AND ($2::text IS NULL OR r.owner = $2);
 
 -- list_requests --
--- Newest first, optionally of one status; the total is in every row.
+-- Newest first, optionally of one status ($1) and of one owner ($4); the total is in
+-- every row.
 SELECT pr.request_id::text, pr.status, r.file_name, pr.total, pr.queued, pr.processing, pr.done,
-       pr.failed, pr.cancelled, pr.percent, pr.created_at, pr.completed_at,
+       pr.failed, pr.cancelled, pr.percent, pr.created_at, pr.completed_at, r.owner,
        count(*) OVER () AS matching
 FROM requests r JOIN request_progress pr ON pr.request_id = r.id
-WHERE $1::text IS NULL OR r.status = $1
+WHERE ($1::text IS NULL OR r.status = $1) AND ($4::text IS NULL OR r.owner = $4)
 ORDER BY r.created_at DESC, r.id
 LIMIT $2 OFFSET $3;
 
@@ -252,10 +256,11 @@ GROUP BY p.id, p.position, p.serial, p.name
 ORDER BY p.position;
 
 -- get_request_summary --
+-- Of any owner when $2 is NULL, else only of that owner.
 SELECT r.status, r.webhook_url, r.completed_at, pr.total, pr.queued, pr.processing, pr.done,
-       pr.failed, pr.cancelled
+       pr.failed, pr.cancelled, r.owner
 FROM requests r JOIN request_progress pr ON pr.request_id = r.id
-WHERE r.id = $1;
+WHERE r.id = $1 AND ($2::text IS NULL OR r.owner = $2);
 
 -- set_output_csv --
 UPDATE requests SET output_csv_key = $2, output_csv_url = $3, updated_at = now() WHERE id = $1;

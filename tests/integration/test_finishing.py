@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import csv
 import dataclasses
 import io
@@ -12,10 +13,11 @@ import tempfile
 import uuid
 from typing import Any
 
-from standardwebhooks.webhooks import Webhook
+import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from imgsvc import fetch, finish, models, notify, queue, resources
-from tests.conftest import WEBHOOK_SECRET, store_request
+from tests.conftest import WEBHOOK_SECRET, store_request, with_settings
 from tests.servers import ImageServer, S3Server, WebhookReceiver
 
 NAMES = ['Mug, "large"', "Two\nlines", "Crème brûlée 🍮"]
@@ -216,8 +218,6 @@ async def test_a_hanging_receiver_is_cut_off_and_does_not_hold_up_images(
 async def test_the_default_webhook_url_is_used_when_the_request_gives_none(
     res: resources.Resources, database_url: str, image_server: ImageServer, receiver: WebhookReceiver
 ) -> None:
-    from tests.conftest import with_settings
-
     path = f"/flaky/{uuid.uuid4().hex}/0"
     configured = with_settings(res, webhook_url=receiver.url(path))
     rid = await submit(configured, [("1", "P", (image_server.url("/img/png_palette_trns.png"),))])
@@ -257,3 +257,25 @@ async def test_a_csv_spilled_to_a_temporary_file_is_uploaded_whole(
         spooled.rollover()  # on disk, as a large output CSV is
         await res.store.put("spilled/output.csv", spooled, "text/csv; charset=utf-8")
     assert s3.get("spilled/output.csv") == (body, "text/csv; charset=utf-8")
+
+
+async def test_a_rotated_secret_signs_with_both_and_either_verifies(
+    res: resources.Resources, database_url: str, image_server: ImageServer, receiver: WebhookReceiver
+) -> None:
+    new = "whsec_" + base64.b64encode(b"the-next-webhook-secret-32bytes!").decode()
+    rotating = with_settings(res, webhook_secret=(new, WEBHOOK_SECRET))
+    path = f"/flaky/{uuid.uuid4().hex}/0"
+    rid = await submit(
+        rotating,
+        [("1", "P", (image_server.url("/img/png_palette_trns.png"),))],
+        webhook_url=receiver.url(path),
+    )
+    await run_until(rotating, database_url, SETTLED, uuid.UUID(rid))
+    assert (await delivery(res, rid))["state"] == "delivered"
+    [(headers, body)] = receiver.posts(path)
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    for secret in (WEBHOOK_SECRET, new):  # a receiver on the old secret, and one on the new
+        assert Webhook(secret).verify(body, headers)["request_id"] == rid
+    stranger = "whsec_" + base64.b64encode(b"a-secret-no-receiver-was-given!!").decode()
+    with pytest.raises(WebhookVerificationError):
+        Webhook(stranger).verify(body, headers)

@@ -109,8 +109,13 @@ def test_secrets_are_marked_and_say_they_are_never_printed() -> None:
             "IMGSVC_MAX_PIXELS: expected a whole number above 0, got 'lots'",
         ),
         (
-            {"WEBHOOK_SECRET": "whsec_not base64!"},
-            "WEBHOOK_SECRET: expected whsec_ followed by base64, or any other text, got a value that is not",
+            {"WEBHOOK_SECRET": "whsec_c2VjcmV0LW9uZQ== whsec_not-base64!"},
+            "WEBHOOK_SECRET: secret 2 of 2 starts with whsec_ but the rest is not base64",
+        ),
+        (
+            {"IMGSVC_API_KEYS": "shop-a:k-shop-a-0123456789,shop-b:short,ops:k-ops-0123456789abc:admin"},
+            "IMGSVC_API_KEYS: entry 2 of 3: the key is shorter than 16 characters"
+            " (KEY, NAME:KEY or NAME:KEY:admin; the key is not shown)",
         ),
         (
             {"DATABASE_URL": "postgresql+psycopg://app:pw-1234@db:5432/x"},

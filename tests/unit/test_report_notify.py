@@ -140,3 +140,17 @@ async def test_the_streamed_csv_is_the_whole_csv_in_chunks() -> None:
     streamed = [part async for part in report.stream_csv(chunks())]
     assert len(streamed) == 4  # the header, then three chunks
     assert b"".join(streamed) == report.render_csv(rows)
+
+
+def test_with_two_secrets_either_one_verifies() -> None:
+    old, new = SECRET, "whsec_" + base64.b64encode(b"the-next-secret-of-some-length").decode()
+    body = b'{"type":"request.completed"}'
+    timestamp = int(time.time())
+    header = notify.signatures(tuple(map(notify.secret_key, (new, old))), "msg_2", timestamp, body)
+    assert header.count("v1,") == 2 and " " in header
+    headers = {"webhook-id": "msg_2", "webhook-timestamp": str(timestamp), "webhook-signature": header}
+    for secret in (old, new):
+        assert Webhook(secret).verify(body, headers)["type"] == "request.completed"
+    stranger = "whsec_" + base64.b64encode(b"a-third-secret-nobody-was-given").decode()
+    with pytest.raises(WebhookVerificationError):
+        Webhook(stranger).verify(body, headers)

@@ -46,6 +46,7 @@ def _status() -> responses.RequestStatus:
         request_id=RID,
         status=models.RequestStatus.COMPLETED_WITH_ERRORS,
         file_name="products.csv",
+        owner="shop-a",
         created_at=TIME,
         updated_at=TIME,
         started_at=TIME,
