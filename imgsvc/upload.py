@@ -16,7 +16,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from imgsvc import access, db, errors, fetch, ingest, models, resources, responses, settings
+from imgsvc import access, errors, fetch, ingest, intake, models, resources, responses, settings
 
 logger = logging.getLogger("imgsvc.upload")
 
@@ -93,7 +93,7 @@ async def upload(request: Request) -> Response:
         reprocess = _flag(form.get("reprocess"), "reprocess")
         digest = await asyncio.to_thread(_sha256, file.file)
         reader = ingest.Reader(file.file, _csv_limits(config))
-        stored = await db.insert_request(
+        stored = await intake.insert_request(
             res.pool,
             file_name=_printable(file.filename),
             webhook_url=webhook_url,

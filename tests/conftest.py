@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from imgsvc import db, localdb, migrate, models, resources, settings
+from imgsvc import db, intake, localdb, migrate, models, resources, settings
 from tests import servers
 
 
@@ -106,7 +106,7 @@ async def store_request(
     reprocess: bool = False,
 ) -> str:
     """Store and queue a request as an upload does; its id."""
-    stored = await db.insert_request(
+    stored = await intake.insert_request(
         pool,
         file_name=file_name,
         webhook_url=webhook_url,

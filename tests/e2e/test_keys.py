@@ -17,7 +17,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from imgsvc import config_parsers, db, localdb, models
+from imgsvc import config_parsers, db, intake, localdb, models
 from tests.e2e.processes import Process, assert_clean_exit, post_csv, service_env, wait_for_final
 from tests.servers import ImageServer, S3Server
 
@@ -110,7 +110,7 @@ async def test_each_role_on_each_endpoint(
     pool = await db.create_pool(database_url)
     try:
         url = image_server.url("/img/png_palette_trns.png")
-        old = await db.insert_request(
+        old = await intake.insert_request(
             pool,
             file_name="old.csv",
             webhook_url=None,

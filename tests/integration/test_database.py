@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from imgsvc import db, errors, migrate, models, reads
+from imgsvc import db, errors, intake, migrate, models, reads
 from tests.conftest import request_row_locked, store_request, wait_for_lock_waits
 
 
@@ -50,7 +50,7 @@ async def test_a_request_is_stored_with_one_job_per_image(pool: db.Pool) -> None
 
 
 async def test_images_are_queued_in_batches_in_input_order(pool: db.Pool) -> None:
-    stored = await db.insert_request(
+    stored = await intake.insert_request(
         pool,
         file_name=None,
         webhook_url=None,
@@ -91,7 +91,7 @@ async def test_a_problem_found_late_in_a_streamed_file_undoes_everything(databas
 
     try:
         with pytest.raises(errors.CsvInvalid):
-            await db.insert_request(
+            await intake.insert_request(
                 pool,
                 file_name="p.csv",
                 webhook_url=None,
