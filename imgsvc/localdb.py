@@ -2,7 +2,8 @@
 
 Used only when DATABASE_URL is unset. The binaries come from the machine
 (pg_config, /usr/lib/postgresql/*/bin, PATH) or, where it has none, from the
-`pgserver` wheel, whose binaries we run directly. PostgreSQL refuses to run as
+`pgserver` wheel (the ``local`` extra: ``pip install 'imgsvc[local]'``), whose
+binaries we run directly. PostgreSQL refuses to run as
 root, so as root the cluster belongs to, and runs as, the `nobody` user.
 """
 
@@ -49,7 +50,8 @@ def find_bindir() -> Path:
         if (candidate / "initdb").is_file() and (candidate / "pg_ctl").is_file():
             return candidate
     raise errors.ImgsvcError(
-        "no PostgreSQL binaries found: install PostgreSQL or the 'pgserver' package, or set DATABASE_URL"
+        "no PostgreSQL binaries for a local database: pip install 'imgsvc[local]'"
+        " (or install PostgreSQL), or set DATABASE_URL"
     )
 
 
