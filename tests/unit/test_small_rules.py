@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from imgsvc import errors, fetch, ingest, settings, store
+from imgsvc import errors, fetch, ingest, localdb, settings, store
 
 
 def test_keys_are_unique_per_image_and_carry_no_user_text() -> None:
@@ -210,3 +210,15 @@ async def test_local_storage_stores_bytes_and_files_from_their_start(tmp_path: P
         await local.put("r/output.csv", spooled, "text/csv")
     assert (tmp_path / "r/a.jpg").read_bytes() == b"bytes"
     assert (tmp_path / "r/output.csv").read_bytes() == b"S. No.,Product Name\r\n"
+
+
+def test_without_postgresql_binaries_a_local_database_says_to_install_the_extra(tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "initdb").touch()  # half an installation is none
+    with pytest.raises(errors.ImgsvcError) as caught:
+        localdb.find_bindir([tmp_path / "nothing", tmp_path / "bin"])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "pip install 'imgsvc[local]'" in message and "DATABASE_URL" in message
+    (tmp_path / "bin" / "pg_ctl").touch()
+    assert localdb.find_bindir([tmp_path / "nothing", tmp_path / "bin"]) == tmp_path / "bin"
