@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml requirements.lock requirements-dev.lock
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "imgsvc needs Python 3.11 or newer"'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	# the dev lock: what runs, the tests' and linters' tools, and imgsvc[local] (pgserver)
 	$(PY) -m pip install --quiet -r requirements-dev.lock
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)

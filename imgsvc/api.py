@@ -100,10 +100,13 @@ async def status(request: Request) -> Response:
             serial=p["serial"],
             name=p["name"],
             position=p["position"],
-            images=[_image(i) for i in p["images"]],
+            images=[await _image(res, i) for i in p["images"]],
         )
         for p in found["products"]
     ]
+    csv_url = s["output_csv_url"]
+    if s["output_csv_key"] is not None:
+        csv_url = finish.output_csv_link(res, str(request_id), s["output_csv_key"])
     finished = s["done"] + s["failed"] + s["cancelled"]
     return responses.json(
         responses.RequestStatus(
@@ -126,7 +129,7 @@ async def status(request: Request) -> Response:
             bytes_in=s["bytes_in"],
             bytes_out=s["bytes_out"],
             status_url=base,
-            output_csv_url=s["output_csv_url"],
+            output_csv_url=csv_url,
             output_csv_download_url=f"{res.settings.base_url}/requests/{request_id}/output.csv",
             webhook=_webhook(found["webhook"]),
             products=products,
@@ -149,14 +152,17 @@ def _webhook(row: dict[str, Any] | None) -> responses.Webhook | None:
     )
 
 
-def _image(row: dict[str, Any]) -> responses.Image:
-    """An image row as the API shows it: its source URL without credentials."""
+async def _image(res: resources.Resources, row: dict[str, Any]) -> responses.Image:
+    """An image row as the API shows it: its source URL without credentials, its output
+    URL made from its key now."""
+    key = row.pop("output_key")
     return responses.Image(
         **row
         | {
             "input_url": ingest.redact_url(row["input_url"]),
             "status": models.ImageStatus(row["status"]),
             "reused": None if row["reused"] is None else models.ReuseReason(row["reused"]),
+            "output_url": await reads.output_url(res.store.link, key, row["output_url"]),
         }
     )
 
@@ -173,7 +179,7 @@ async def output_csv(request: Request) -> Response:
             f"the request is still {info.status} ({finished} of {info.total} "
             "images finished); the output CSV exists once all are",
         )
-    rows = reads.output_rows(res.pool, request_id)
+    rows = reads.output_rows(res.pool, request_id, res.store.link)  # presigned links signed now
     first = await anext(rows, None)  # a database that is away answers 503 here, not a cut 200
 
     async def chunks() -> AsyncGenerator[list[report.Row], None]:

@@ -297,6 +297,23 @@ def _log_format(raw: str) -> str:
     return raw.lower()
 
 
+def _output_urls(raw: str) -> str:
+    if raw.lower() not in ("public", "presigned"):
+        raise ValueError(raw)
+    return raw.lower()
+
+
+# S3 signs a GET for at most 7 days (SigV4).
+PRESIGN_MAX_SECONDS = 7 * 24 * 3600
+
+
+def _presign_seconds(raw: str) -> int:
+    value = int(raw.replace("_", ""))
+    if not 1 <= value <= PRESIGN_MAX_SECONDS:
+        raise ValueError(raw)
+    return value
+
+
 def _level(raw: str) -> str:
     level = raw.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -312,6 +329,10 @@ HTTP_URL = Parser(_http_url, "an http(s) URL", shown=without_credentials)
 DATABASE_URL = Parser(_db_url, "a postgresql:// URL", shown=without_credentials)
 LOG_LEVEL = Parser(_level, "DEBUG, INFO, WARNING or ERROR")
 LOG_FORMAT = Parser(_log_format, "text or json")
+OUTPUT_URLS = Parser(_output_urls, "public or presigned")
+PRESIGN_SECONDS = Parser(
+    _presign_seconds, f"a whole number of seconds from 1 to {PRESIGN_MAX_SECONDS} (7 days)"
+)
 BOOL = Parser(_bool, "true or false")
 NETWORKS = Parser(_networks, "comma-separated networks like 10.1.0.0/16")
 API_KEYS = Parser(_api_keys, "comma-separated NAME:KEY[:admin] entries or plain keys")

@@ -60,6 +60,24 @@ async def cancel(res: resources.Resources, request_id: str) -> tuple[str | None,
     return before, cancelled, final or before or ""
 
 
+def lasting_link(res: resources.Resources) -> reads.Link:
+    """``res.store.lasting_link`` as ``reads.output_rows`` takes it."""
+
+    async def link(key: str) -> str:
+        return res.store.lasting_link(key)
+
+    return link
+
+
+def output_csv_link(res: resources.Resources, request_id: str, key: str) -> str:
+    """The output CSV's URL for people: the stored file's, unless links are presigned;
+    then the API's download, which signs the image URLs in it as it is read (a signed
+    URL in a stored CSV or a stored webhook would expire)."""
+    if res.store.presigns:
+        return f"{res.settings.base_url}/requests/{request_id}/output.csv"
+    return res.store.lasting_link(key)
+
+
 async def complete(res: resources.Resources, request_id: str) -> str:
     """What follows a final request: write the output CSV beside the images, then queue
     the webhook, once.
@@ -75,7 +93,8 @@ async def complete(res: resources.Resources, request_id: str) -> str:
     # Written as its rows are read: the output of a 100,000-product request is about
     # 70 MB of CSV.
     with tempfile.SpooledTemporaryFile(max_size=OUTPUT_CSV_IN_MEMORY) as out:
-        async with contextlib.aclosing(reads.output_rows(res.pool, rid)) as rows:
+        # What is kept in the bucket holds links that never expire (see store).
+        async with contextlib.aclosing(reads.output_rows(res.pool, rid, lasting_link(res))) as rows:
             async for data in report.stream_csv(rows):
                 out.write(data)
         async with res.upload_slots:
@@ -88,7 +107,7 @@ async def complete(res: resources.Resources, request_id: str) -> str:
         payload = notify.event_payload(
             request_id=request_id,
             status=str(info.status),
-            output_csv_url=url,
+            output_csv_url=output_csv_link(res, request_id, key),
             counts=info.counts,
             status_url=f"{res.settings.base_url}/status/{request_id}",
             completed_at=info.completed_at.isoformat(),

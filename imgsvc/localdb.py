@@ -2,7 +2,8 @@
 
 Used only when DATABASE_URL is unset. The binaries come from the machine
 (pg_config, /usr/lib/postgresql/*/bin, PATH) or, where it has none, from the
-`pgserver` wheel, whose binaries we run directly. PostgreSQL refuses to run as
+`pgserver` wheel (the ``local`` extra: ``pip install 'imgsvc[local]'``), whose
+binaries we run directly. PostgreSQL refuses to run as
 root, so as root the cluster belongs to, and runs as, the `nobody` user.
 """
 
@@ -25,8 +26,21 @@ DATABASE = "imgsvc"
 _UNPRIVILEGED = "nobody"
 
 
-def find_bindir() -> Path:
-    """The folder of a PostgreSQL installation's initdb, pg_ctl and postgres."""
+def find_bindir(candidates: Sequence[Path] | None = None) -> Path:
+    """The folder of a PostgreSQL installation's initdb, pg_ctl and postgres, among
+    ``candidates`` (by default those of this machine and the pgserver wheel)."""
+    for candidate in _installations() if candidates is None else candidates:
+        if (candidate / "initdb").is_file() and (candidate / "pg_ctl").is_file():
+            return candidate
+    raise errors.ImgsvcError(
+        "no PostgreSQL binaries for a local database: pip install 'imgsvc[local]'"
+        " (or install PostgreSQL), or set DATABASE_URL"
+    )
+
+
+def _installations() -> list[Path]:
+    """Where PostgreSQL's binaries may be: pg_config's answer, Debian's folders, PATH,
+    then the pgserver wheel (the ``local`` extra)."""
     candidates: list[Path] = []
     pg_config = shutil.which("pg_config")
     if pg_config:
@@ -45,12 +59,7 @@ def find_bindir() -> Path:
     if spec is not None and spec.submodule_search_locations:
         for location in spec.submodule_search_locations:
             candidates.append(Path(location) / "pginstall" / "bin")
-    for candidate in candidates:
-        if (candidate / "initdb").is_file() and (candidate / "pg_ctl").is_file():
-            return candidate
-    raise errors.ImgsvcError(
-        "no PostgreSQL binaries found: install PostgreSQL or the 'pgserver' package, or set DATABASE_URL"
-    )
+    return candidates
 
 
 def free_port() -> int:

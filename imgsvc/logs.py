@@ -13,6 +13,7 @@ import logging
 import asyncpg
 import psycopg
 from procrastinate import exceptions as procrastinate_exceptions
+from procrastinate.worker import WORKER_NAME
 
 from imgsvc import errors
 
@@ -74,14 +75,46 @@ class _Json(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+# The periodic task whose every run procrastinate would report at INFO (deferred,
+# started, ended: three lines each 15 s); its own lines say when a run did something.
+HOUSEKEEPING_TASKS = frozenset({"maintenance"})
+
+
+class _Housekeeping(logging.Filter):
+    """Lowers procrastinate's INFO lines about a housekeeping task's runs to DEBUG, and
+    drops them unless DEBUG is on; its warnings and errors pass as they are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        job = getattr(record, "job", None)
+        if (
+            record.levelno == logging.INFO
+            and record.name.startswith("procrastinate.")
+            and isinstance(job, dict)
+            and job.get("task_name") in HOUSEKEEPING_TASKS
+        ):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_HOUSEKEEPING = _Housekeeping()
+
+
 def quiet_libraries() -> None:
-    """libvips reports every finished thread pool at INFO, a line or two an image."""
+    """libvips reports every finished thread pool at INFO, a line or two an image;
+    procrastinate every run of the maintenance task."""
     logging.getLogger("pyvips").setLevel(logging.WARNING)
+    # A worker logs as procrastinate.worker.NAME, "worker" unless it is given a name.
+    for name in ("procrastinate.periodic", "procrastinate.worker", f"procrastinate.worker.{WORKER_NAME}"):
+        logger = logging.getLogger(name)
+        if _HOUSEKEEPING not in logger.filters:
+            logger.addFilter(_HOUSEKEEPING)
 
 
 def configure(level: str, fmt: str) -> None:
     """Send every log line to stderr in the chosen format."""
     handler = logging.StreamHandler()
+    handler.addFilter(_HOUSEKEEPING)  # a worker's own child logger too (procrastinate.worker.NAME)
     handler.addFilter(_Context())
     if fmt == "json":
         handler.setFormatter(_Json())

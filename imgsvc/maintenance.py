@@ -1,7 +1,9 @@
 """The periodic sweeps behind "nothing lost": jobs of workers that stopped sending
 heartbeats go back to the queue, and unfinished work that has no job gets one.
 
-Run every 15 s by the ``maintenance`` task, on one worker at a time.
+Run every 15 s by the ``maintenance`` task, on one worker at a time. A run that did
+nothing logs at DEBUG only (``logs.HOUSEKEEPING_TASKS``); one that requeued work says so
+at WARNING.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ async def requeue_orphans(res: resources.Resources, limit: int = 1000) -> int:
     """
     async with db.translated(), res.pool.acquire() as holder, holder.transaction():
         if not await holder.fetchval("SELECT pg_try_advisory_xact_lock($1)", ORPHANS_LOCK):
-            logger.info("another worker is sweeping for orphans; this one leaves it to it")
+            logger.debug("another worker is sweeping for orphans; this one leaves it to it")
             return 0
         return await _requeue_orphans(res, limit)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from imgsvc import db, models, report
@@ -48,13 +48,24 @@ async def get_request_summary(
     return RequestSummary(**dict(row) | {"status": models.RequestStatus(row["status"])})
 
 
+# Makes the URL of an output object from its key (``store.Storage.link``).
+Link = Callable[[str], Awaitable[str]]
+
+
+async def output_url(link: Link, key: str | None, stored: str | None) -> str | None:
+    """An output's URL, made from its key now; a row stored without a key keeps the URL
+    stored with it."""
+    return await link(key) if key is not None else stored
+
+
 async def output_rows(
-    pool: db.Pool, request_id: uuid.UUID, chunk: int = 2000
+    pool: db.Pool, request_id: uuid.UUID, link: Link, chunk: int = 2000
 ) -> AsyncGenerator[list[report.Row], None]:
-    """The products of a request in order, with input and output URLs in order, a chunk
-    at a time: a request of 100,000 products is never in memory whole. Each chunk is its
-    own query (after the last product's position), and no connection is held between
-    them, so a client reading the CSV slowly holds none of the pool."""
+    """The products of a request in order, with input and output URLs in order (made
+    from the keys by ``link``), a chunk at a time: a request of 100,000 products is
+    never in memory whole. Each chunk is its own query (after the last product's
+    position), and no connection is held between them, so a client reading the CSV
+    slowly holds none of the pool."""
     after = 0
     while True:
         async with db.translated():
@@ -66,7 +77,12 @@ async def output_rows(
                 serial=r["serial"],
                 name=r["name"],
                 input_urls=tuple(r["input_urls"]),
-                output_urls=tuple(r["output_urls"]),
+                output_urls=tuple(
+                    [
+                        await output_url(link, k, u)
+                        for k, u in zip(r["output_keys"], r["output_urls"], strict=True)
+                    ]
+                ),
             )
             for r in page
         ]

@@ -111,6 +111,9 @@ async def opened(
                         # already protect the body.
                         request_checksum_calculation="when_required",
                         response_checksum_validation="when_required",
+                        # SigV4 for presigned URLs too (botocore presigns SigV2 without it,
+                        # which AWS regions opened since 2014 refuse).
+                        signature_version="s3v4",
                     ),
                 )
             )
@@ -118,10 +121,14 @@ async def opened(
                 client,
                 config.aws_bucket_name,
                 store.s3_public_url(config.aws_bucket_name, config.aws_region, config.aws_endpoint_url),
+                link_base=config.output_base_url,
+                presign_seconds=config.presign_seconds if config.output_urls == "presigned" else None,
             )
         else:
             config.local_storage_dir.mkdir(parents=True, exist_ok=True)
-            output = store.LocalStorage(config.local_storage_dir, f"{config.base_url}/files")
+            output = store.LocalStorage(
+                config.local_storage_dir, f"{config.base_url}/files", link_base=config.output_base_url
+            )
         images = ThreadPoolExecutor(
             max_workers=config.image_concurrency,
             thread_name_prefix="imgsvc-image",

@@ -103,6 +103,32 @@ class Settings:
     s3_prefix: str = p.declare(
         "", "IMGSVC_S3_PREFIX", STORAGE, p.S3_PREFIX, "a folder inside the bucket for all keys"
     )
+    output_base_url: str | None = p.declare(
+        None,
+        "IMGSVC_OUTPUT_BASE_URL",
+        STORAGE,
+        p.HTTP_URL,
+        "a public base for output image and output CSV URLs, such as a CDN in front of the"
+        " bucket (`https://images.example.com`): the URL is the base, `/`, and the object's"
+        " key; unset: the bucket's own URL (or `/files/` without a bucket)",
+    )
+    output_urls: str = p.declare(
+        "public",
+        "IMGSVC_OUTPUT_URLS",
+        STORAGE,
+        p.OUTPUT_URLS,
+        "`public`: plain URLs, for a bucket (or base) anyone can read; `presigned`: for a"
+        " private bucket, GET URLs signed each time the status or the output CSV download"
+        " is read (see below)",
+    )
+    presign_seconds: int = p.declare(
+        3600,
+        "IMGSVC_PRESIGN_EXPIRES",
+        STORAGE,
+        p.PRESIGN_SECONDS,
+        "with `IMGSVC_OUTPUT_URLS=presigned`, how long a signed URL opens, in seconds"
+        " (S3's limit: 604800, 7 days)",
+    )
 
     webhook_url: str | None = p.declare(
         None,
@@ -391,6 +417,16 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     if (config.aws_access_key is None) != (config.aws_secret_key is None):
         missing = "AWS_SECRET_KEY" if config.aws_secret_key is None else "AWS_ACCESS_KEY"
         raise errors.SettingsError(missing, "set both the access key and the secret key, or neither")
+    if config.output_urls == "presigned":
+        if not config.aws_bucket_name:
+            raise errors.SettingsError(
+                "IMGSVC_OUTPUT_URLS", "presigned URLs need a bucket: set AWS_BUCKET_NAME"
+            )
+        if config.output_base_url:
+            raise errors.SettingsError(
+                "IMGSVC_OUTPUT_BASE_URL",
+                "cannot be used with IMGSVC_OUTPUT_URLS=presigned: a presigned URL is the bucket's own",
+            )
     return config
 
 

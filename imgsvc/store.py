@@ -1,10 +1,17 @@
-"""Where output files go: an S3-compatible bucket, or a local folder served by the API.
+"""Where output files go: an S3-compatible bucket, or a local folder served by the API,
+and the URLs people are given for them.
 
 Keys are made only from hex digests, the request id (a UUID) and numbers, so no user
 text ever reaches a key. An output image's key is the SHA-256 of its bytes: two images
 share a key only when they share every byte, and a key never changes what it holds,
 so its object is sent as cacheable forever. Images stored before that layout keep
 their per-request keys (``object_key``).
+
+The database keeps keys; a URL is made from a key when an answer, a download or a
+webhook is built (``link``): under ``IMGSVC_OUTPUT_BASE_URL`` when it is set, else the
+store's own URL, and presigned for a while with ``IMGSVC_OUTPUT_URLS=presigned``. What
+is kept for good (the output CSV in the bucket) takes ``lasting_link``, which never
+expires.
 """
 
 from __future__ import annotations
@@ -66,14 +73,67 @@ class Storage(Protocol):
         """Raise TransientError when the store cannot be reached."""
         ...
 
+    @property
+    def presigns(self) -> bool:
+        """Whether ``link`` gives URLs that expire."""
+        ...
+
+    async def link(self, key: str) -> str:
+        """The URL a person is given now for the object at ``key``."""
+        ...
+
+    def lasting_link(self, key: str) -> str:
+        """A URL for the object at ``key`` that never expires: ``link``'s, unless that is
+        presigned, then the object's own (which opens only with access to the bucket)."""
+        ...
+
+
+def under(base: str, key: str) -> str:
+    """The URL of ``key`` under a base URL: the base, a slash, the key quoted."""
+    return f"{base.rstrip('/')}/{quote(key)}"
+
 
 class S3Storage:
     """A bucket in S3 or any S3-compatible store, through one aioboto3 client."""
 
-    def __init__(self, client: types_aiobotocore_s3.S3Client, bucket: str, public_url: str) -> None:
+    def __init__(
+        self,
+        client: types_aiobotocore_s3.S3Client,
+        bucket: str,
+        public_url: str,
+        *,
+        link_base: str | None = None,
+        presign_seconds: int | None = None,
+    ) -> None:
+        """``public_url`` is the bucket's own URL (``s3_public_url``); ``link_base`` a
+        public base for the links instead (a CDN); ``presign_seconds`` makes the links
+        presigned GET URLs that open for that long."""
         self.client = client
         self.bucket = bucket
         self.public_url = public_url.rstrip("/")
+        self.link_base = link_base
+        self.presign_seconds = presign_seconds
+
+    @property
+    def presigns(self) -> bool:
+        return self.presign_seconds is not None
+
+    async def link(self, key: str) -> str:
+        if self.presign_seconds is None:
+            return self.lasting_link(key)
+        try:
+            url: str = await self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.presign_seconds
+            )
+        except botocore.exceptions.BotoCoreError as exc:  # no credentials to sign with
+            raise errors.TransientError(f"could not sign a URL ({type(exc).__name__})") from exc
+        # Signing is CPU work that never waits (about 0.4 ms with botocore): a page or a
+        # download signs thousands, so let the other requests run between two.
+        await asyncio.sleep(0)
+        return url
+
+    def lasting_link(self, key: str) -> str:
+        return under(self.link_base or self.public_url, key)
 
     async def put(
         self, key: str, data: bytes | IO[bytes], content_type: str, cache_control: str | None = None
@@ -130,9 +190,20 @@ def s3_public_url(bucket: str, region: str, endpoint_url: str | None) -> str:
 class LocalStorage:
     """A folder on this machine; the API serves it under /files/."""
 
-    def __init__(self, root: Path, public_url: str) -> None:
+    def __init__(self, root: Path, public_url: str, *, link_base: str | None = None) -> None:
         self.root = root
         self.public_url = public_url.rstrip("/")
+        self.link_base = link_base
+
+    @property
+    def presigns(self) -> bool:
+        return False
+
+    async def link(self, key: str) -> str:
+        return self.lasting_link(key)
+
+    def lasting_link(self, key: str) -> str:
+        return under(self.link_base or self.public_url, key)
 
     def _write(self, key: str, data: bytes | IO[bytes]) -> None:
         path = self.root / key

@@ -191,8 +191,8 @@ RETURNING r.status;
 -- get_request --
 SELECT pr.request_id, pr.status, pr.total, pr.queued, pr.processing, pr.done, pr.failed,
        pr.cancelled, pr.percent, pr.bytes_in, pr.bytes_out, pr.created_at, pr.updated_at,
-       pr.completed_at, r.file_name, r.product_count, r.started_at, r.output_csv_url, r.owner,
-       pr.compressed, pr.reused, pr.bytes_saved, r.reprocess
+       pr.completed_at, r.file_name, r.product_count, r.started_at, r.output_csv_key, r.output_csv_url,
+       r.owner, pr.compressed, pr.reused, pr.bytes_saved, r.reprocess
 FROM request_progress pr JOIN requests r ON r.id = pr.request_id
 WHERE pr.request_id = $1 AND ($2::text IS NULL OR r.owner = $2);
 
@@ -232,7 +232,7 @@ SELECT p.id, p.position, p.serial, p.name
 FROM products p WHERE p.request_id = $1 ORDER BY p.position LIMIT $2 OFFSET $3;
 
 -- get_images_of_products --
-SELECT product_id, position, input_url, status, output_url, error, bytes_in, bytes_out,
+SELECT product_id, position, input_url, status, output_key, output_url, error, bytes_in, bytes_out,
        width, height, format_in, format_out, quality_in, quality_out, kept_original, attempts,
        reused, bytes_saved
 FROM images WHERE product_id = ANY($1::bigint[]) ORDER BY product_id, position;
@@ -245,9 +245,11 @@ SELECT (procrastinate_defer_jobs_v1(ARRAY[
 
 -- get_output_rows --
 -- A page of the output CSV's rows, the $3 products after position $2: input order,
--- URLs in input order, empty slots for failures.
+-- URLs in input order, empty slots for failures; the output keys beside the URLs that
+-- were stored with them, which the links are made from.
 SELECT p.position, p.serial, p.name,
        array_agg(i.input_url ORDER BY i.position) AS input_urls,
+       array_agg(CASE WHEN i.status = 'done' THEN i.output_key END ORDER BY i.position) AS output_keys,
        array_agg(CASE WHEN i.status = 'done' THEN i.output_url END ORDER BY i.position) AS output_urls
 FROM (SELECT id, position, serial, name FROM products
       WHERE request_id = $1 AND position > $2 ORDER BY position LIMIT $3) p

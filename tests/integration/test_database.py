@@ -306,17 +306,21 @@ async def test_output_rows_come_in_chunks_in_input_order_and_hold_no_connection_
     database_url: str,
 ) -> None:
     pool = await db.create_pool(database_url, max_size=1)
+
+    async def link(key: str) -> str:
+        return f"http://out.test/{key}"
+
     try:
         rid = uuid.UUID(await store_request(pool, [product(n, 2) for n in range(1, 6)]))
-        chunks = [chunk async for chunk in reads.output_rows(pool, rid, chunk=2)]
+        chunks = [chunk async for chunk in reads.output_rows(pool, rid, link, chunk=2)]
         assert [len(chunk) for chunk in chunks] == [2, 2, 1]
         rows = [row for chunk in chunks for row in chunk]
         assert [row.serial for row in rows] == ["1.", "2.", "3.", "4.", "5."]
         assert rows[0].input_urls == ("http://img.test/1/0.jpg", "http://img.test/1/1.jpg")
         assert rows[0].output_urls == (None, None)  # nothing processed yet
-        assert [len(chunk) async for chunk in reads.output_rows(pool, rid, chunk=5)] == [5]
+        assert [len(chunk) async for chunk in reads.output_rows(pool, rid, link, chunk=5)] == [5]
         # A client that reads slowly: between two chunks the pool's one connection is free.
-        async with contextlib.aclosing(reads.output_rows(pool, rid, chunk=2)) as reading:
+        async with contextlib.aclosing(reads.output_rows(pool, rid, link, chunk=2)) as reading:
             serials = [row.serial for row in await anext(reading)]
             assert await asyncio.wait_for(pool.fetchval("SELECT 1"), 5) == 1
             serials += [row.serial async for chunk in reading for row in chunk]

@@ -1,16 +1,20 @@
-"""compose.yaml and the Dockerfile stay true to the code: real subcommands, settings
-that parse, the health endpoint that exists."""
+"""compose.yaml, the Dockerfile and the locks stay true to the code: real subcommands,
+settings that parse, the health endpoint that exists, and an image that installs what
+runs and nothing else."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from imgsvc import cli, settings
 
@@ -128,3 +132,68 @@ def test_dockerfile_runs_unprivileged_with_a_healthcheck_on_healthz() -> None:
     assert isinstance(entrypoint, list) and isinstance(command_line, list)  # exec form: signals reach imgsvc
     assert entrypoint == ["imgsvc"] and "imgsvc" in scripts
     assert cli._parser().parse_args(command_line).command == "serve"  # a real subcommand, real options
+
+
+def lock_pins(name: str) -> dict[str, str]:
+    """The pins of a lock file, by canonical name, without the files it includes."""
+    pins: dict[str, str] = {}
+    for line in (ROOT / name).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            requirement = Requirement(line)
+            (spec,) = requirement.specifier
+            assert spec.operator == "==", line
+            pins[canonicalize_name(requirement.name)] = spec.version
+    return pins
+
+
+def runtime_closure(requirements: list[str]) -> set[str]:
+    """Every distribution that installing ``requirements`` pulls in, read from the
+    metadata of what is installed here (markers evaluated, extras followed)."""
+    seen: set[str] = set()
+    pending = [(Requirement(r), "") for r in requirements]
+    while pending:
+        requirement, extra = pending.pop()
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": extra}):
+            continue
+        name = canonicalize_name(requirement.name)
+        new_extras = set(requirement.extras) | {""}
+        for wanted in new_extras:
+            key = f"{name}[{wanted}]"
+            if key in seen:
+                continue
+            seen.add(key)
+            pending += [(Requirement(r), wanted) for r in importlib.metadata.requires(name) or []]
+    return {key.partition("[")[0] for key in seen}
+
+
+def test_the_runtime_lock_pins_exactly_what_pip_install_brings() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    runtime = lock_pins("requirements.lock")
+    assert set(runtime) == runtime_closure(project["project"]["dependencies"])
+    direct = {canonicalize_name(Requirement(r).name): r for r in project["project"]["dependencies"]}
+    for name, line in direct.items():
+        assert Requirement(line).specifier.contains(runtime[name]), line
+    assert "pgserver" not in runtime
+    dev = lock_pins("requirements-dev.lock")
+    assert not set(runtime) & set(dev), "the dev lock repeats a runtime pin"
+    (local,) = project["project"]["optional-dependencies"]["local"]
+    assert runtime_closure([local]) <= set(dev), "make run brings imgsvc[local] through the dev lock"
+    tools = [canonicalize_name(Requirement(r).name) for r in project["dependency-groups"]["dev"]]
+    assert set(tools) <= set(dev)
+
+
+def test_the_docker_image_installs_the_runtime_lock_and_imgsvc_without_extras() -> None:
+    instructions = dockerfile_instructions((ROOT / "Dockerfile").read_text())
+    copied = [i.args for i in instructions if i.keyword == "COPY" and isinstance(i.args, str)]
+    assert not any("requirements-dev.lock" in args for args in copied)
+    runs = [i.args for i in instructions if i.keyword == "RUN" and isinstance(i.args, str)]
+    commands = [part.split() for run in runs for part in run.split("&&")]
+    pip = [c for c in commands if c and (Path(c[0]).name == "pip" or c[:3] == ["python", "-m", "pip"])]
+    wheels = [c for c in pip if "wheel" in c and "-r" in c]
+    assert [c[c.index("-r") + 1] for c in wheels] == ["requirements.lock"]
+    installs = [c for c in pip if "install" in c]
+    assert len(installs) == 1, installs
+    assert "--no-index" in installs[0]  # only the wheels built from the lock
+    assert installs[0][-1] == "imgsvc"  # no extra: no pgserver in the image
+    assert not any("-r" in c and c[c.index("-r") + 1] != "requirements.lock" for c in pip)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from imgsvc import errors, fetch, ingest, settings, store
+from imgsvc import errors, fetch, ingest, localdb, settings, store
 
 
 def test_keys_are_unique_per_image_and_carry_no_user_text() -> None:
@@ -56,6 +56,16 @@ def test_settings_defaults_and_user_names() -> None:
     assert (config.progressive_solo_pixels, settings.from_env({}).progressive_solo_pixels) == (0, 16_000_000)
     assert (config.worker_session_nice, settings.from_env({}).worker_session_nice) == (10, 0)
     assert settings.from_env({}).aws_bucket_name is None
+    defaults = settings.from_env({})
+    assert (defaults.output_urls, defaults.output_base_url, defaults.presign_seconds) == (
+        "public",
+        None,
+        3600,
+    )
+    signed = settings.from_env(
+        {"IMGSVC_OUTPUT_URLS": "Presigned", "AWS_BUCKET_NAME": "b", "IMGSVC_PRESIGN_EXPIRES": "604800"}
+    )
+    assert (signed.output_urls, signed.presign_seconds) == ("presigned", 604800)
 
 
 @pytest.mark.parametrize(
@@ -73,6 +83,19 @@ def test_settings_defaults_and_user_names() -> None:
         ({"IMGSVC_SOURCE_MEMORY_MB": "-1"}, "IMGSVC_SOURCE_MEMORY_MB"),
         ({"IMGSVC_PROGRESSIVE_SOLO_PIXELS": "-5"}, "IMGSVC_PROGRESSIVE_SOLO_PIXELS"),
         ({"IMGSVC_WORKER_SESSION_NICE": "20"}, "IMGSVC_WORKER_SESSION_NICE"),
+        ({"IMGSVC_OUTPUT_URLS": "signed"}, "IMGSVC_OUTPUT_URLS"),
+        ({"IMGSVC_OUTPUT_URLS": "presigned"}, "IMGSVC_OUTPUT_URLS"),  # no bucket to sign for
+        (
+            {
+                "IMGSVC_OUTPUT_URLS": "presigned",
+                "AWS_BUCKET_NAME": "b",
+                "IMGSVC_OUTPUT_BASE_URL": "https://cdn.x",
+            },
+            "IMGSVC_OUTPUT_BASE_URL",
+        ),
+        ({"IMGSVC_PRESIGN_EXPIRES": "604801"}, "IMGSVC_PRESIGN_EXPIRES"),  # S3's limit is 7 days
+        ({"IMGSVC_PRESIGN_EXPIRES": "0"}, "IMGSVC_PRESIGN_EXPIRES"),
+        ({"IMGSVC_OUTPUT_BASE_URL": "images.example.com"}, "IMGSVC_OUTPUT_BASE_URL"),
     ],
 )
 def test_a_bad_setting_names_its_variable(env: dict[str, str], name: str) -> None:
@@ -187,3 +210,15 @@ async def test_local_storage_stores_bytes_and_files_from_their_start(tmp_path: P
         await local.put("r/output.csv", spooled, "text/csv")
     assert (tmp_path / "r/a.jpg").read_bytes() == b"bytes"
     assert (tmp_path / "r/output.csv").read_bytes() == b"S. No.,Product Name\r\n"
+
+
+def test_without_postgresql_binaries_a_local_database_says_to_install_the_extra(tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "initdb").touch()  # half an installation is none
+    with pytest.raises(errors.ImgsvcError) as caught:
+        localdb.find_bindir([tmp_path / "nothing", tmp_path / "bin"])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "pip install 'imgsvc[local]'" in message and "DATABASE_URL" in message
+    (tmp_path / "bin" / "pg_ctl").touch()
+    assert localdb.find_bindir([tmp_path / "nothing", tmp_path / "bin"]) == tmp_path / "bin"
