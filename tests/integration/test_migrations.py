@@ -3,17 +3,20 @@ with the same catalog as a fresh one, and the code refuses a database behind it.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import metadata
+from pathlib import Path
 
 import asyncpg
 import pytest
 from procrastinate import schema
 
 from imgsvc import db, errors, localdb, migrate
+from tests import conftest, servers
 
 # The imgsvc_migrations table as the releases before the procrastinate record made it.
 _PREVIOUS_RECORD = """
@@ -119,6 +122,24 @@ async def previous_release(url: str, *, files: int, queue_upto: tuple[int, int, 
         await conn.close()
 
 
+THREE_OH = (3, 0, 0)
+
+
+async def procrastinate_three_oh(url: str) -> None:
+    """A database with every imgsvc file and procrastinate 3.0's schema, recorded so."""
+    await previous_release(url, files=len(migrate.migration_files()), queue_upto=THREE_OH)
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(migrate._CREATE_RECORD)
+        await conn.executemany(
+            "INSERT INTO imgsvc_procrastinate_migrations (name, how, by_version) "
+            "VALUES ($1, 'schema', '3.0.0')",
+            [(m.name,) for m in migrate.queue_migrations() if m.version <= THREE_OH],
+        )
+    finally:
+        await conn.close()
+
+
 async def check(url: str) -> None:
     pool = await db.create_pool(url, max_size=1)
     try:
@@ -187,19 +208,8 @@ async def test_an_older_procrastinate_schema_is_brought_forward_pre_then_post(
     while a pre-migration it needs is missing; ``--post`` applies the rest, and the
     catalog is then a fresh database's."""
     old = await empty_database()
-    three_oh = (3, 0, 0)
-    await previous_release(old, files=len(migrate.migration_files()), queue_upto=three_oh)
-    conn = await asyncpg.connect(old)
-    try:
-        await conn.execute(migrate._CREATE_RECORD)
-        await conn.executemany(
-            "INSERT INTO imgsvc_procrastinate_migrations (name, how, by_version) "
-            "VALUES ($1, 'schema', '3.0.0')",
-            [(m.name,) for m in migrate.queue_migrations() if m.version <= three_oh],
-        )
-    finally:
-        await conn.close()
-    later = [m for m in migrate.queue_migrations() if m.version > three_oh]
+    await procrastinate_three_oh(old)
+    later = [m for m in migrate.queue_migrations() if m.version > THREE_OH]
     first_post = next(i for i, m in enumerate(later) if m.phase == "post")
     assert later[0].phase == "pre" and first_post < len(later) - 1  # the case is the one meant
 
@@ -259,3 +269,28 @@ def test_the_command_says_its_version() -> None:
         [sys.executable, "-m", "imgsvc", "--version"], capture_output=True, text=True, check=True
     )
     assert done.stdout == f"imgsvc {metadata.version('imgsvc')}\n"
+
+
+async def test_the_commands_say_what_waits_and_refuse_a_database_behind(
+    empty_database: Empty, s3: servers.S3Server, tmp_path: Path
+) -> None:
+    old = await empty_database()
+    await procrastinate_three_oh(old)
+    env = {**os.environ, **conftest.test_env(s3, tmp_path), "DATABASE_URL": old}
+
+    def imgsvc(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "imgsvc", *args], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    worker = imgsvc("worker")
+    assert worker.returncode == 1
+    assert worker.stderr.strip().splitlines()[-1].startswith("imgsvc: the database is behind procrastinate")
+    assert worker.stderr.strip().endswith("run `imgsvc migrate`")
+    migrated = imgsvc("migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    assert "migrate: waiting: procrastinate 03.01.00_50_post_add_heartbeat" in migrated.stdout
+    assert "`imgsvc migrate --post`" in migrated.stdout
+    posted = imgsvc("migrate", "--post")
+    assert posted.returncode == 0 and "waiting" not in posted.stdout, posted.stdout
+    assert imgsvc("migrate").stdout == "migrate: the schema is current\n"
