@@ -210,7 +210,13 @@ async def check(pool: db.Pool) -> None:
         queue_done = await _queue_done(conn) if recorded else set()
     missing = [path.name for version, path in migration_files() if version not in done]
     if missing or not has_queue or not queue_done:
-        what = ", ".join(missing) if missing else "procrastinate's schema"
+        what = (
+            ", ".join(missing)
+            if missing
+            else "procrastinate's schema"
+            if not has_queue
+            else "the record of procrastinate's migrations"
+        )
         raise errors.SchemaError(f"the database schema is not current (missing {what}): {_RUN}")
     behind = [m for m in queue_migrations() if m.name not in queue_done]
     needed = [m.name for m in behind if m.phase == "pre"]

@@ -187,7 +187,9 @@ async def test_a_database_from_before_the_record_is_inferred_at_the_baseline(
 ) -> None:
     old = await empty_database()
     await previous_release(old, files=len(migrate.migration_files()))
-    with pytest.raises(errors.SchemaError, match=r"missing procrastinate's schema.*imgsvc migrate"):
+    with pytest.raises(
+        errors.SchemaError, match=r"missing the record of procrastinate's migrations.*imgsvc migrate"
+    ):
         await check(old)  # the code cannot tell which procrastinate schema it has
     assert await migrate.apply(old) == migrate.Applied(applied=[], waiting=[])
     conn = await asyncpg.connect(old)
