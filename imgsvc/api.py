@@ -234,8 +234,16 @@ async def docs(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    """GET /healthz: the process is alive (no key needed)."""
-    return responses.json(responses.Health(status="ok"))
+    """GET /healthz: the process is alive (no key needed), its version and the schema's."""
+    res: resources.Resources = request.app.state.resources
+    schema = None
+    with contextlib.suppress(errors.ImgsvcError, TimeoutError, *db.UNAVAILABLE):
+        async with asyncio.timeout(2):
+            found = await migrate.schema_version(res.pool)
+        schema = responses.SchemaVersion(
+            imgsvc=found.imgsvc, procrastinate=found.procrastinate, pending=found.pending
+        )
+    return responses.json(responses.Health(status="ok", version=__version__, schema=schema))
 
 
 async def readyz(request: Request) -> Response:

@@ -33,7 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--migrate", action="store_true", help="apply the schema first")
     worker = commands.add_parser("worker", help="run a standalone worker")
     worker.add_argument("--migrate", action="store_true", help="apply the schema first")
-    commands.add_parser("migrate", help="apply the database schema (idempotent)")
+    migrate_command = commands.add_parser("migrate", help="apply the database schema (idempotent)")
+    migrate_command.add_argument(
+        "--post",
+        action="store_true",
+        help="apply procrastinate's post-migrations too: only once no older imgsvc process runs",
+    )
     submit = commands.add_parser("submit", help="upload a CSV; with --wait, show its progress to the end")
     submit.add_argument("csv", type=Path, help="the CSV of products and image URLs")
     submit.add_argument("--wait", action="store_true", help="follow the request until it finishes")
@@ -135,6 +140,20 @@ async def _worker(config: settings.Settings, url: str) -> None:
         await queue.run_worker(app, res, stop)
 
 
+def _migrate(url: str, *, post: bool) -> None:
+    outcome = asyncio.run(migrate.apply(url, post=post))
+    if outcome.applied:
+        print(f"migrate: applied {', '.join(outcome.applied)}", flush=True)
+    elif not outcome.waiting:
+        print("migrate: the schema is current", flush=True)
+    if outcome.waiting:
+        print(
+            f"migrate: waiting: procrastinate {', '.join(outcome.waiting)}; run `imgsvc migrate --post` "
+            "once every process of the older imgsvc has stopped",
+            flush=True,
+        )
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     # uvicorn re-raises the SIGTERM it handled once it has shut down; ending through
     # SystemExit, rather than the default handler, lets the local cluster stop too.
@@ -156,11 +175,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         with _database(config) as url:
             if args.command == "migrate" or getattr(args, "migrate", False):
-                applied = asyncio.run(migrate.apply(url))
-                print(
-                    f"migrate: applied {', '.join(applied)}" if applied else "migrate: the schema is current",
-                    flush=True,
-                )
+                _migrate(url, post=getattr(args, "post", False))
             if args.command in ("serve", "worker"):
                 asyncio.run(migrate.require_current(url))
             if args.command == "serve":

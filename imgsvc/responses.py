@@ -290,10 +290,23 @@ class Service:
 
 
 @body
+class SchemaVersion:
+    """The database's schema: its last imgsvc file and procrastinate migration, and the
+    migrations this version ships that it has not applied (post-migrations wait there)."""
+
+    imgsvc: Annotated[int, Schema({"minimum": 0, "description": "The last schema file, e.g. 11."})]
+    procrastinate: Annotated[str, Schema({"description": "The last procrastinate migration applied."})]
+    pending: list[str]
+
+
+@body
 class Health:
-    """GET /healthz."""
+    """GET /healthz: alive, which version, and the database's schema version (null when
+    the database does not answer)."""
 
     status: Literal["ok"]
+    version: str
+    schema: SchemaVersion | None
 
 
 @body
@@ -332,6 +345,7 @@ SHAPES: tuple[type, ...] = (
     RequestList,
     Cancelled,
     Service,
+    SchemaVersion,
     Health,
     Checks,
     Ready,

@@ -14,7 +14,8 @@ import aiohttp
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from imgsvc import localdb
+import imgsvc
+from imgsvc import localdb, migrate
 from tests.conftest import WEBHOOK_SECRET, eventually
 from tests.e2e.processes import (
     Process,
@@ -50,7 +51,16 @@ async def test_health_readiness_and_metrics(ops: tuple[str, str, Process], image
     base, _, _ = ops
     async with aiohttp.ClientSession() as session:
         async with session.get(base + "/healthz") as response:
-            assert response.status == 200 and await response.json() == {"status": "ok"}
+            health = await response.json()
+            assert response.status == 200 and health == {
+                "status": "ok",
+                "version": imgsvc.__version__,
+                "schema": {
+                    "imgsvc": migrate.migration_files()[-1][0],
+                    "procrastinate": migrate.queue_migrations()[-1].name,
+                    "pending": [],
+                },
+            }
         async with session.get(base + "/readyz") as response:
             assert response.status == 200
             assert await response.json() == {

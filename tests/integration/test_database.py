@@ -268,7 +268,7 @@ async def test_a_finished_image_is_not_finished_again(pool: db.Pool) -> None:
 
 
 async def test_migrate_is_idempotent_and_checked(database_url: str, postgres: object) -> None:
-    assert await migrate.apply(database_url) == []
+    assert await migrate.apply(database_url) == migrate.Applied(applied=[], waiting=[])
     pool = await db.create_pool(database_url)
     try:
         await migrate.check(pool)

@@ -155,7 +155,15 @@ def test_a_problem_leaves_out_its_column_rather_than_sending_null() -> None:
     ("name", "shape"),
     [
         ("Error", responses.Error(error="http_error", message="no request with id x")),
-        ("Health", responses.Health(status="ok")),
+        ("Health", responses.Health(status="ok", version="0.2.0", schema=None)),
+        (
+            "Health",
+            responses.Health(
+                status="ok",
+                version="0.2.0",
+                schema=responses.SchemaVersion(imgsvc=11, procrastinate="03.04.00_50_post_x", pending=[]),
+            ),
+        ),
         (
             "Ready",
             responses.Ready(
