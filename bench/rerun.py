@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from bench import imageset, load
+from bench import imageset, load, procstat
 from bench.services import Services
 
 FIRST_INDEX = 1_000_000  # above every index the other phases use
@@ -37,6 +37,7 @@ class Run:
     batch: load.Batch
     bodies: int
     not_modified: int
+    cpu: dict[str, Any]
 
     def as_json(self) -> dict[str, Any]:
         reuse = self.batch.reuse
@@ -51,6 +52,11 @@ class Run:
             "stored": reuse.get("compressed"),  # one object for each image compressed
             "reused": reuse.get("reused"),
             "bytes_saved": reuse.get("bytes_saved"),
+            "cpu_ms_per_image": {
+                name: round(1000 * seconds / self.batch.images, 2)
+                for name, seconds in self.cpu["trees"].items()
+            },
+            "foreign_cores": self.cpu["foreign_cores"],
         }
 
 
@@ -70,13 +76,15 @@ async def _run(
     time_limit: float,
 ) -> Run:
     before = await _stats(session, services)
+    meter = procstat.CpuMeter(services.roots())
+    meter.start()
     batch = await load.run_batch(session, services.api_base, rows, time_limit=time_limit, reprocess=reprocess)
+    cpu = meter.stop()
     after = await _stats(session, services)
     if batch.status != "completed":
         raise RuntimeError(f"the re-run phase's {name} request ended {batch.status}: {batch.errors[:3]}")
-    return Run(
-        name, batch, after["bodies"] - before["bodies"], after["not_modified"] - before["not_modified"]
-    )
+    bodies, not_modified = (after[k] - before[k] for k in ("bodies", "not_modified"))
+    return Run(name, batch, bodies, not_modified, cpu)
 
 
 async def run(

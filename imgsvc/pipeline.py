@@ -139,19 +139,26 @@ async def _output(res: resources.Resources, task: models.ImageTask, seen: _Seen)
     # the end of compression: they bound the sources in memory, downloaded ones waiting
     # for the codec included, by count and by size.
     async with res.source_slots, res.source_budget.hold() as source:
-        known = None if task.reprocess else await reuse.known_source(res.pool, source_url)
-        with metrics.stage_duration.labels("download").time():
-            fetched = await fetch.fetch(
-                res.http, task.url, res.download_limits, expect=source.expect,
-                validators=known.validators if known else None,
-            )  # fmt: skip
-        if fetched.data is None and known is not None:  # 304 Not Modified
+        known = None if task.reprocess else await reuse.known_source(res.pool, source_url, settings_key)
+        # The origin is asked with validators only when an output would answer its 304;
+        # the store is asked whether that output's object is there at the same time.
+        asked = known.output if known is not None else None
+        there = asyncio.ensure_future(res.store.exists(asked.key)) if asked is not None else None
+        try:
+            with metrics.stage_duration.labels("download").time():
+                fetched = await fetch.fetch(
+                    res.http, task.url, res.download_limits, expect=source.expect,
+                    validators=known.validators if known is not None and asked is not None else None,
+                )  # fmt: skip
+            stored = fetched.data is None and there is not None and await there
+        finally:
+            _drop(there)
+        if fetched.data is None and known is not None and asked is not None:  # 304 Not Modified
             seen.bytes_in, seen.sha256 = known.bytes, known.sha256
-            found = await reuse.stored_output(res.pool, res.store, known.sha256, settings_key, own=False)
-            if found is not None:
-                await reuse.touch_source(res.pool, source_url)
-                saved = known.bytes + found.output.bytes_out
-                return reuse.reused(found, models.ReuseReason.NOT_MODIFIED, saved)
+            if stored:
+                saved = known.bytes + asked.bytes_out
+                return dataclasses.replace(asked, reused=models.ReuseReason.NOT_MODIFIED, bytes_saved=saved)
+            await reuse.forget_output(res.pool, asked.key)
             with metrics.stage_duration.labels("download").time():
                 fetched = await fetch.fetch(res.http, task.url, res.download_limits, expect=source.expect)
         data, seen.sha256 = fetched.data, fetched.sha256
@@ -182,6 +189,16 @@ async def _output(res: resources.Resources, task: models.ImageTask, seen: _Seen)
     output = db.Output.made(result, key, url, output_sha256)
     await reuse.remember_output(res.pool, seen.sha256, settings_key, output, seen.bytes_in)
     return output
+
+
+def _drop(task: asyncio.Future[bool] | None) -> None:
+    """A look-up no longer needed: cancelled if it runs, its outcome taken if it ended."""
+    if task is None:
+        return
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()  # taken, so that a failure nobody needed is not reported
 
 
 def _compressed(

@@ -14,34 +14,49 @@ from __future__ import annotations
 
 import dataclasses
 
+import asyncpg
+
 from imgsvc import catalog, db, fetch, models, store
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Known:
-    """What was last seen at a source URL."""
+    """What was last seen at a source URL, and the output made from those bytes under
+    the settings asked about, if there is one (not yet checked in the store)."""
 
     validators: catalog.Validators
     sha256: str
     bytes: int
+    output: db.Output | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Found:
-    """A stored output for some source bytes. ``own``: the bytes are that output."""
+    """A stored output for some source bytes. ``own``: the bytes are that output;
+    ``missing``: its object is gone from the store (the bytes in hand can restore it)."""
 
     output: db.Output
     own: bool
     missing: bool = False
 
 
-async def known_source(pool: db.Pool, url: str) -> Known | None:
+async def known_source(pool: db.Pool, url: str, settings_key: str) -> Known | None:
     """The record of ``url``, or None if it was never fetched."""
     async with db.translated():
-        row = await pool.fetchrow(db.queries()["get_source"], url)
+        row = await pool.fetchrow(db.queries()["get_source"], url, settings_key)
     if row is None:
         return None
-    return Known(catalog.Validators(row["etag"], row["last_modified"]), row["sha256"], row["bytes"])
+    output = None if row["output_key"] is None else _output(row)
+    return Known(catalog.Validators(row["etag"], row["last_modified"]), row["sha256"], row["bytes"], output)
+
+
+def _output(row: asyncpg.Record) -> db.Output:
+    return db.Output(
+        key=row["output_key"], url=row["output_url"], bytes_out=row["bytes_out"], width=row["width"],
+        height=row["height"], format_in=row["format_in"], format_out=row["format_out"],
+        quality_in=row["quality_in"], quality_out=row["quality_out"],
+        kept_original=row["kept_original"], sha256=row["output_sha256"],
+    )  # fmt: skip
 
 
 async def remember_source(pool: db.Pool, url: str, fetched: fetch.Fetched) -> None:
@@ -54,10 +69,10 @@ async def remember_source(pool: db.Pool, url: str, fetched: fetch.Fetched) -> No
         )
 
 
-async def touch_source(pool: db.Pool, url: str) -> None:
-    """The origin said the bytes at ``url`` did not change."""
+async def forget_output(pool: db.Pool, key: str) -> None:
+    """The object of an output is gone from the store: the next image makes it again."""
     async with db.translated():
-        await pool.execute(db.queries()["touch_source"], url)
+        await pool.execute(db.queries()["forget_output"], key)
 
 
 async def stored_output(
@@ -67,27 +82,19 @@ async def stored_output(
     settings_key: str,
     *,
     same: bool = True,
-    own: bool = True,
 ) -> Found | None:
     """The output stored for these source bytes under these settings (with ``same``),
-    or the output these bytes are (with ``own``); None when there is none, or its
-    object is gone."""
+    or the output these bytes are; None when there is none, or its object is gone."""
     async with db.translated():
-        row = await pool.fetchrow(db.queries()["find_output"], source_sha256, settings_key, same, own)
+        row = await pool.fetchrow(db.queries()["find_output"], source_sha256, settings_key, same)
     if row is None:
         return None
-    output = db.Output(
-        key=row["output_key"], url=row["output_url"], bytes_out=row["bytes_out"], width=row["width"],
-        height=row["height"], format_in=row["format_in"], format_out=row["format_out"],
-        quality_in=row["quality_in"], quality_out=row["quality_out"],
-        kept_original=row["kept_original"], sha256=row["output_sha256"],
-    )  # fmt: skip
+    output = _output(row)
     if await storage.exists(output.key):
         return Found(output, own=row["own"])
     if row["own"]:  # the bytes in hand are that object's: it can be stored again
         return Found(output, own=True, missing=True)
-    async with db.translated():
-        await pool.execute(db.queries()["forget_output"], output.key)
+    await forget_output(pool, output.key)
     return None
 
 

@@ -16,12 +16,12 @@ CREATE TABLE sources (
     bytes           bigint NOT NULL,
     first_seen_at   timestamptz NOT NULL DEFAULT now(),
     changed_at      timestamptz NOT NULL DEFAULT now(),
-    checked_at      timestamptz NOT NULL DEFAULT now()
+    fetched_at      timestamptz NOT NULL DEFAULT now()
 );
 COMMENT ON TABLE sources IS 'Per source URL (scheme and host lower-cased, default port dropped): its validators and the SHA-256 of the bytes last fetched.';
 COMMENT ON COLUMN sources.etag IS 'The strong ETag last sent with these bytes (weak ones are not kept: they do not promise the same bytes).';
 COMMENT ON COLUMN sources.changed_at IS 'When the bytes at this URL were last seen to change (or first seen).';
-COMMENT ON COLUMN sources.checked_at IS 'When the origin was last asked.';
+COMMENT ON COLUMN sources.fetched_at IS 'When a body was last downloaded from this URL (a 304 leaves it).';
 
 CREATE TABLE outputs (
     source_sha256   text NOT NULL,

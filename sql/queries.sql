@@ -342,7 +342,14 @@ WHERE d.state IN ('pending', 'retrying')
 LIMIT $2;
 
 -- get_source --
-SELECT etag, last_modified, sha256, bytes FROM sources WHERE url = $1;
+-- What was last seen at a URL, with the output made from those bytes under the
+-- settings $2, if there is one: the one round trip before a conditional request.
+SELECT s.etag, s.last_modified, s.sha256, s.bytes, o.output_key, o.output_url, o.bytes_out, o.width,
+       o.height, o.format_in, o.format_out, o.quality_in, o.quality_out, o.kept_original,
+       o.output_sha256
+FROM sources s
+LEFT JOIN outputs o ON o.source_sha256 = s.sha256 AND o.settings_key = $2
+WHERE s.url = $1;
 
 -- save_source --
 -- What the origin sent for a URL: its bytes' SHA-256, and the validators to ask with
@@ -351,25 +358,20 @@ INSERT INTO sources AS s (url, etag, last_modified, sha256, bytes)
 VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (url) DO UPDATE
 SET etag = excluded.etag, last_modified = excluded.last_modified, sha256 = excluded.sha256,
-    bytes = excluded.bytes, checked_at = now(),
+    bytes = excluded.bytes, fetched_at = now(),
     changed_at = CASE WHEN s.sha256 = excluded.sha256 THEN s.changed_at ELSE now() END;
-
--- touch_source --
--- The origin answered 304: the bytes are those already known.
-UPDATE sources SET checked_at = now() WHERE url = $1;
 
 -- find_output --
 -- A stored output for these source bytes: made from them under these settings ($2;
--- looked for if $3), or the bytes are themselves one of our outputs (own = true;
--- looked for if $4). The first is preferred: an output kept as the original has the
--- source's own SHA-256.
+-- looked for if $3), or the bytes are themselves one of our outputs (own = true). The
+-- first is preferred: an output kept as the original has the source's own SHA-256.
 (SELECT false AS own, output_key, output_url, bytes_in, bytes_out, width, height, format_in,
         format_out, quality_in, quality_out, kept_original, output_sha256
  FROM outputs WHERE $3 AND source_sha256 = $1 AND settings_key = $2)
 UNION ALL
 (SELECT true, output_key, output_url, bytes_out, bytes_out, width, height, format_out,
         format_out, quality_out, quality_out, true, output_sha256
- FROM outputs WHERE $4 AND output_sha256 = $1 ORDER BY created_at LIMIT 1)
+ FROM outputs WHERE output_sha256 = $1 ORDER BY created_at LIMIT 1)
 LIMIT 1;
 
 -- save_output --
