@@ -36,9 +36,13 @@ if TYPE_CHECKING:  # the stubs are a development dependency
 IMMUTABLE = "public, max-age=31536000, immutable"
 
 
+#: The folder of content-addressed output images, under the prefix.
+CONTENT_FOLDER = "img"
+
+
 def content_key(prefix: str, sha256: str, extension: str) -> str:
     """The key of an output image: the SHA-256 of its bytes."""
-    key = f"img/{sha256}.{extension}"
+    key = f"{CONTENT_FOLDER}/{sha256}.{extension}"
     return f"{prefix}/{key}" if prefix else key
 
 

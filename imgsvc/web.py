@@ -39,6 +39,7 @@ from imgsvc import (
     resources,
     responses,
     settings,
+    store,
     upload,
 )
 
@@ -120,7 +121,11 @@ class ApiKeyAuth:
 
 class OwnedFiles(StaticFiles):
     """The local output files (without a bucket), under ``/files/``: a user key gets
-    only those of its own requests, as it does their status."""
+    only the output CSVs of its own requests, as it does their status. Output images
+    (``img/<sha256>``) are shared by every request with the same bytes and belong to
+    none: any key may read them, as anyone may read a public bucket's. Their names are
+    the SHA-256 of their bytes, so only who was given the URL, or has the same image,
+    can name one."""
 
     def __init__(self, *, directory: Path, prefix: str) -> None:
         super().__init__(directory=directory)
@@ -131,6 +136,8 @@ class OwnedFiles(StaticFiles):
         owner = access.caller_of(scope).only_owner
         if owner is not None:
             first = path.removeprefix(self.prefix).partition("/")[0]
+            if first == store.CONTENT_FOLDER and ".." not in path:
+                return await super().get_response(path, scope)
             try:
                 request_id = uuid.UUID(first)
             except ValueError:

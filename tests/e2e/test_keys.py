@@ -247,13 +247,18 @@ async def test_local_files_are_the_owners_only(
         status, body = await post_csv(c["shop-a"], base, csv_body)
         assert status == 202
         done = await wait_for_final(c["shop-a"], body["status_url"])
-        files = [done["products"][0]["images"][0]["output_url"], done["output_csv_url"]]
-        assert all(f"/files/{body['request_id']}/" in url for url in files), files
-        for url in files:
+        image, output_csv = done["products"][0]["images"][0]["output_url"], done["output_csv_url"]
+        assert f"/files/{body['request_id']}/" in output_csv and "/files/img/" in image
+        for url in (image, output_csv):
             assert (await answer(c["shop-a"], "GET", url))[0] == 200
             assert (await answer(c["ops"], "GET", url))[0] == 200
-            assert (await answer(c["shop-b"], "GET", url))[0] == 404
             assert (await answer(c["none"], "GET", url))[0] == 401
+        # The request's own files are its owner's; an image named by its bytes is anyone's
+        # who has a key, as a bucket's object is anyone's who has its URL.
+        assert (await answer(c["shop-b"], "GET", output_csv))[0] == 404
+        assert (await answer(c["shop-b"], "GET", image))[0] == 200
+        hidden = f"{base}/files/img/../{body['request_id']}/output.csv"
+        assert (await answer(c["shop-b"], "GET", hidden))[0] == 404
         unknown = f"{base}/files/{uuid.uuid4()}/output.csv"
         assert (await answer(c["shop-b"], "GET", unknown))[0] == 404
         escape = f"{base}/files/{uuid.uuid4()}/../{body['request_id']}/output.csv"

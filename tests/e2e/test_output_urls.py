@@ -64,7 +64,7 @@ async def test_a_public_base_is_in_the_status_the_output_csv_and_the_webhook(
                 downloaded = csv_rows(await response.read())
     (image, missing) = final["products"][0]["images"]
     key = urlsplit(image["output_url"]).path.lstrip("/")
-    assert image["output_url"] == f"{CDN}/{key}" and key.startswith(f"{rid}/")
+    assert image["output_url"] == f"{CDN}/{key}" and key.startswith("img/")
     assert missing["output_url"] is None
     assert s3.get(key)[0]  # the key under the base is the object's key in the bucket
     assert final["output_csv_url"] == f"{CDN}/{rid}/output.csv"
