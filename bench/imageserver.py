@@ -49,7 +49,9 @@ def make_app(root: Path) -> web.Application:
             return web.Response(status=304, headers=headers)
         stats["bodies"] += 1
         if version:
-            body += b"\0changed %d" % version  # after the image's end: decoders ignore it
+            # After the image's end, where decoders ignore it; with the index, so that no two
+            # changed sources have the same bytes.
+            body += f"\0changed {index} {version}".encode()
         return web.Response(body=body, content_type="application/octet-stream", headers=headers)
 
     async def change(request: web.Request) -> web.StreamResponse:

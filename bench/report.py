@@ -152,6 +152,11 @@ def _rerun(rerun: dict[str, Any]) -> list[str]:
         f"Re-run: a catalog of {rerun['images']} images, sent three times ({rerun['changed']} changed "
         "before the third), then its changed images alone",
         *_table(["request", "images", "s", "downloads", "304s", "compressed", "stored", "reused"], rows),
+        "  CPU ms an image: "
+        + "; ".join(
+            f"{r['run']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms_per_image"].items())
+            for r in rerun["runs"]
+        ),
         f"  unchanged re-run: {speedup:.1f}x faster than the first, {unchanged['compressed']} compressed, "
         f"{unchanged['stored']} stored (target >= 5x, aim 20x, 0 and 0): "
         + _verdict(speedup >= 5 and unchanged["compressed"] == 0 and unchanged["stored"] == 0),
