@@ -100,10 +100,16 @@ async def insert_request(
 _UPLOAD_COLUMNS = ("position", "line", "serial", "serial_number", "name", "urls", "sources")
 
 
+#: Source URLs remembered to tell whether an upload has duplicates. Past this many the
+#: database is asked in any case: a set of hashes costs about 70 bytes a URL, and a
+#: 500,000-URL upload must not grow the API by 35 MB.
+SEEN_URLS = 50_000
+
+
 class _Counted:
     """Products as rows of ``upload_rows``, counted on the way, with their source URLs
-    (``catalog.normalize_url``) and whether any came twice (by hash: the database
-    decides which are the same)."""
+    (``catalog.normalize_url``) and whether any may come twice (``repeats``: by hash,
+    and always past ``SEEN_URLS``; the database decides which are the same)."""
 
     def __init__(self, products: Iterable[models.Product] | AsyncIterable[models.Product]) -> None:
         self._products = products
@@ -125,12 +131,16 @@ class _Counted:
         self.products += 1
         self.images += len(p.urls)
         sources = [catalog.normalize_url(url) for url in p.urls]
-        for source in sources:
-            digest = hash(source)
-            if digest in self._seen:
-                self.repeats += 1
-            else:
-                self._seen.add(digest)
+        seen = self._seen
+        if len(seen) < SEEN_URLS:
+            for source in sources:
+                digest = hash(source)
+                if digest in seen:
+                    self.repeats += 1
+                else:
+                    seen.add(digest)
+        else:
+            self.repeats += 1  # too many to remember: let the database look
         return (self.products, p.line, p.serial, p.serial_number, p.name, p.urls, sources)
 
 

@@ -45,9 +45,9 @@ ORDER BY r.position, u.position;
 -- they get no job of their own, and end when that one does. Run only when the upload
 -- saw a URL twice.
 UPDATE images i SET duplicate_of = d.first
-FROM (SELECT id, min(id) OVER (PARTITION BY source_url) AS first
-      FROM images WHERE request_id = $1) d
-WHERE i.id = d.id AND d.id <> d.first;
+FROM (SELECT source_url, min(id) AS first FROM images WHERE request_id = $1
+      GROUP BY source_url HAVING count(*) > 1) d
+WHERE i.request_id = $1 AND i.source_url = d.source_url AND i.id <> d.first;
 
 -- defer_image_jobs --
 -- One procrastinate job per batch of at most $4 images, in input order, through

@@ -12,6 +12,9 @@ from imgsvc import catalog, compress
     [
         ("HTTP://Shop.Example/A.jpg", "http://shop.example/A.jpg"),
         ("https://shop.example:443/a.jpg", "https://shop.example/a.jpg"),
+        ("http://127.0.0.1:8000/A.jpg?B=C", "http://127.0.0.1:8000/A.jpg?B=C"),  # as it was
+        ("http://shop.example:8080/a", "http://shop.example:8080/a"),
+        ("http://shop.example?Q=1", "http://shop.example?Q=1"),
         ("http://shop.example:80/a.jpg?x=1", "http://shop.example/a.jpg?x=1"),
         ("http://shop.example:8080/a.jpg", "http://shop.example:8080/a.jpg"),
         ("https://shop.example:80/a.jpg", "https://shop.example:80/a.jpg"),  # not https' default
