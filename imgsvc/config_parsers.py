@@ -343,6 +343,7 @@ MEBIBYTES = Parser(_mib, "a whole number of MiB, 0 (no limit) or more", unit=MIB
 REDIRECTS = Parser(_non_negative_int, "a whole number, 0 or more")
 NICE_STEPS = Parser(_nice_steps, "a whole number from 0 to 19")
 FRACTION = Parser(_fraction, "a number above 0 and at most 1")
+SECONDS_OR_ALWAYS = Parser(_non_negative_int, "a whole number of seconds, 0 (always) or more")
 QUALITY = Parser(_quality, "a quality from 1 to 100")
 PIXELS_OR_NEVER = Parser(_non_negative_int, "a whole number of pixels, 0 (never) or more")
 PIXELS_OR_NO_RULE = Parser(_non_negative_int, "a whole number of pixels, 0 (no such rule) or more")

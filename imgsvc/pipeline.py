@@ -38,8 +38,9 @@ async def process_images(res: resources.Resources, image_ids: list[int]) -> list
     already finished."""
     try:
         claimed = {task.image_id: task for task in await db.claim_images(res.pool, image_ids)}
+        known = await _known(res, list(claimed.values()))
         outcomes = await asyncio.gather(
-            *(_process_claimed(res, claimed[image_id]) for image_id in image_ids if image_id in claimed),
+            *(_process_claimed(res, claimed[i], known) for i in image_ids if i in claimed),
             return_exceptions=True,
         )
     except asyncio.CancelledError:
@@ -97,14 +98,33 @@ class _Seen:
     sha256: str | None = None
 
 
-async def _process_claimed(res: resources.Resources, task: models.ImageTask) -> str:
+async def _known(res: resources.Resources, tasks: list[models.ImageTask]) -> dict[str, reuse.Known] | None:
+    """The records of the job's sources, in one round trip; None if the database did not
+    answer (each image then asks on its own, and fails or retries on its own)."""
+    urls = [_source_url(task) for task in tasks if not task.reprocess]
+    if not urls:
+        return {}
+    try:
+        key = compress.settings_key(res.image_limits)
+        return await reuse.known_sources(res.pool, urls, key, res.settings.reuse_check_seconds)
+    except errors.TransientError:
+        return None
+
+
+def _source_url(task: models.ImageTask) -> str:
+    return task.source_url or catalog.normalize_url(task.url)
+
+
+async def _process_claimed(
+    res: resources.Resources, task: models.ImageTask, known: dict[str, reuse.Known] | None = None
+) -> str:
     image_id = task.image_id
     logs.image_id.set(image_id)
     logs.request_id.set(task.request_id)
     final_attempt = task.attempts >= res.settings.max_attempts
     seen = _Seen()
     try:
-        output = await _output(res, task, seen)
+        output = await _output(res, task, seen, known)
     except errors.PermanentError as exc:
         return await record_failure(res, task, exc.message, seen)
     except errors.TransientError as exc:
@@ -130,27 +150,39 @@ async def _process_claimed(res: resources.Resources, task: models.ImageTask) -> 
     return models.ImageStatus.DONE
 
 
-async def _output(res: resources.Resources, task: models.ImageTask, seen: _Seen) -> db.Output:
+async def _output(
+    res: resources.Resources, task: models.ImageTask, seen: _Seen, records: dict[str, reuse.Known] | None
+) -> db.Output:
     """The image's output: reused where a stored result answers (``reuse``), else
     downloaded, compressed and stored under the SHA-256 of its bytes."""
-    source_url = task.source_url or catalog.normalize_url(task.url)
+    source_url = _source_url(task)
     settings_key = compress.settings_key(res.image_limits)
     # A source slot and the source's bytes are held from the start of the download to
     # the end of compression: they bound the sources in memory, downloaded ones waiting
     # for the codec included, by count and by size.
     async with res.source_slots, res.source_budget.hold() as source:
-        known = None if task.reprocess else await reuse.known_source(res.pool, source_url, settings_key)
+        if task.reprocess:
+            known = None
+        elif records is not None:
+            known = records.get(source_url)
+        else:
+            known = await reuse.known_source(
+                res.pool, source_url, settings_key, res.settings.reuse_check_seconds
+            )
         # The origin is asked with validators only when an output would answer its 304;
-        # the store is asked whether that output's object is there at the same time.
+        # the store is asked whether that output's object is there at the same time,
+        # unless it was known to be there a short while ago.
         asked = known.output if known is not None else None
-        there = asyncio.ensure_future(res.store.exists(asked.key)) if asked is not None else None
+        there = None
+        if known is not None and asked is not None and not known.trusted:
+            there = asyncio.ensure_future(reuse.present(res.pool, res.store, asked.key))
         try:
             with metrics.stage_duration.labels("download").time():
                 fetched = await fetch.fetch(
                     res.http, task.url, res.download_limits, expect=source.expect,
                     validators=known.validators if known is not None and asked is not None else None,
                 )  # fmt: skip
-            stored = fetched.data is None and there is not None and await there
+            stored = fetched.data is None and (there is None or await there)
         finally:
             _drop(there)
         if fetched.data is None and known is not None and asked is not None:  # 304 Not Modified
@@ -170,8 +202,9 @@ async def _output(res: resources.Resources, task: models.ImageTask, seen: _Seen)
         # Bytes that are one of our outputs are taken as they are, reprocess or not: no
         # image is degraded twice.
         found = await reuse.stored_output(
-            res.pool, res.store, seen.sha256, settings_key, same=not task.reprocess
-        )
+            res.pool, res.store, seen.sha256, settings_key, res.settings.reuse_check_seconds,
+            same=not task.reprocess,
+        )  # fmt: skip
         if found is not None:
             if found.missing:
                 await _put(res, found.output.key, data, models.CONTENT_TYPES[found.output.format_out or ""])

@@ -6,8 +6,10 @@ the output made and where it is stored). An image asks the origin with the sourc
 validators; on a 304, or on bytes whose SHA-256 is known, it takes the stored output
 instead of compressing. Bytes that are one of our outputs are never compressed again.
 
-A stored output is trusted only once the store says its object is there (a HEAD): a
-record whose object was deleted is forgotten and the output made again.
+A stored output is reused only while its object is in the store: a record is trusted
+for ``IMGSVC_REUSE_CHECK_SECONDS`` after the object was stored or last found, and
+checked with a HEAD after that. A record whose object is gone is forgotten and the
+output made again.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Known:
     sha256: str
     bytes: int
     output: db.Output | None
+    trusted: bool = False  # the output was known to be stored a short while ago
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -40,14 +43,26 @@ class Found:
     missing: bool = False
 
 
-async def known_source(pool: db.Pool, url: str, settings_key: str) -> Known | None:
+async def known_source(pool: db.Pool, url: str, settings_key: str, trust_seconds: int) -> Known | None:
     """The record of ``url``, or None if it was never fetched."""
     async with db.translated():
-        row = await pool.fetchrow(db.queries()["get_source"], url, settings_key)
-    if row is None:
-        return None
+        row = await pool.fetchrow(db.queries()["get_source"], url, settings_key, trust_seconds)
+    return None if row is None else _known(row)
+
+
+async def known_sources(
+    pool: db.Pool, urls: list[str], settings_key: str, trust_seconds: int
+) -> dict[str, Known]:
+    """The records of those of ``urls`` that were fetched before, by URL."""
+    async with db.translated():
+        rows = await pool.fetch(db.queries()["get_sources"], urls, settings_key, trust_seconds)
+    return {row["url"]: _known(row) for row in rows}
+
+
+def _known(row: asyncpg.Record) -> Known:
     output = None if row["output_key"] is None else _output(row)
-    return Known(catalog.Validators(row["etag"], row["last_modified"]), row["sha256"], row["bytes"], output)
+    validators = catalog.Validators(row["etag"], row["last_modified"])
+    return Known(validators, row["sha256"], row["bytes"], output, trusted=bool(row["trusted"]))
 
 
 def _output(row: asyncpg.Record) -> db.Output:
@@ -75,22 +90,35 @@ async def forget_output(pool: db.Pool, key: str) -> None:
         await pool.execute(db.queries()["forget_output"], key)
 
 
+async def present(pool: db.Pool, storage: store.Storage, key: str) -> bool:
+    """Whether the object of an output is in the store (a HEAD); if it is, its record is
+    trusted again for a while."""
+    if not await storage.exists(key):
+        return False
+    async with db.translated():
+        await pool.execute(db.queries()["output_verified"], key)
+    return True
+
+
 async def stored_output(
     pool: db.Pool,
     storage: store.Storage,
     source_sha256: str,
     settings_key: str,
+    trust_seconds: int,
     *,
     same: bool = True,
 ) -> Found | None:
     """The output stored for these source bytes under these settings (with ``same``),
     or the output these bytes are; None when there is none, or its object is gone."""
     async with db.translated():
-        row = await pool.fetchrow(db.queries()["find_output"], source_sha256, settings_key, same)
+        row = await pool.fetchrow(
+            db.queries()["find_output"], source_sha256, settings_key, same, trust_seconds
+        )
     if row is None:
         return None
     output = _output(row)
-    if await storage.exists(output.key):
+    if row["trusted"] or await present(pool, storage, output.key):
         return Found(output, own=row["own"])
     if row["own"]:  # the bytes in hand are that object's: it can be stored again
         return Found(output, own=True, missing=True)

@@ -272,6 +272,14 @@ class Settings:
     quality_factor: float = p.declare(
         0.5, "IMGSVC_QUALITY_FACTOR", IMAGES, p.FRACTION, "output quality as a share of the source's"
     )
+    reuse_check_seconds: int = p.declare(
+        3600,
+        "IMGSVC_REUSE_CHECK_SECONDS",
+        IMAGES,
+        p.SECONDS_OR_ALWAYS,
+        "a stored output known to be in the store (stored, or found by a HEAD) longer ago than"
+        " this is checked with a HEAD before it is reused",
+    )
     min_quality: int = p.declare(
         30,
         "IMGSVC_MIN_QUALITY",

@@ -343,13 +343,23 @@ LIMIT $2;
 
 -- get_source --
 -- What was last seen at a URL, with the output made from those bytes under the
--- settings $2, if there is one: the one round trip before a conditional request.
+-- settings $2, if there is one, and whether it was known to be stored less than $3
+-- seconds ago: the one round trip before a conditional request.
 SELECT s.etag, s.last_modified, s.sha256, s.bytes, o.output_key, o.output_url, o.bytes_out, o.width,
        o.height, o.format_in, o.format_out, o.quality_in, o.quality_out, o.kept_original,
-       o.output_sha256
+       o.output_sha256, o.verified_at > now() - make_interval(secs => $3) AS trusted
 FROM sources s
 LEFT JOIN outputs o ON o.source_sha256 = s.sha256 AND o.settings_key = $2
 WHERE s.url = $1;
+
+-- get_sources --
+-- get_source for a job's URLs ($1), in one round trip.
+SELECT s.url, s.etag, s.last_modified, s.sha256, s.bytes, o.output_key, o.output_url, o.bytes_out,
+       o.width, o.height, o.format_in, o.format_out, o.quality_in, o.quality_out, o.kept_original,
+       o.output_sha256, o.verified_at > now() - make_interval(secs => $3) AS trusted
+FROM sources s
+LEFT JOIN outputs o ON o.source_sha256 = s.sha256 AND o.settings_key = $2
+WHERE s.url = ANY($1::text[]);
 
 -- save_source --
 -- What the origin sent for a URL: its bytes' SHA-256, and the validators to ask with
@@ -366,11 +376,13 @@ SET etag = excluded.etag, last_modified = excluded.last_modified, sha256 = exclu
 -- looked for if $3), or the bytes are themselves one of our outputs (own = true). The
 -- first is preferred: an output kept as the original has the source's own SHA-256.
 (SELECT false AS own, output_key, output_url, bytes_in, bytes_out, width, height, format_in,
-        format_out, quality_in, quality_out, kept_original, output_sha256
+        format_out, quality_in, quality_out, kept_original, output_sha256,
+        verified_at > now() - make_interval(secs => $4) AS trusted
  FROM outputs WHERE $3 AND source_sha256 = $1 AND settings_key = $2)
 UNION ALL
 (SELECT true, output_key, output_url, bytes_out, bytes_out, width, height, format_out,
-        format_out, quality_out, quality_out, true, output_sha256
+        format_out, quality_out, quality_out, true, output_sha256,
+        verified_at > now() - make_interval(secs => $4)
  FROM outputs WHERE output_sha256 = $1 ORDER BY created_at LIMIT 1)
 LIMIT 1;
 
@@ -386,7 +398,12 @@ ON CONFLICT (source_sha256, settings_key) DO UPDATE
 SET output_sha256 = excluded.output_sha256, output_key = excluded.output_key,
     output_url = excluded.output_url, bytes_out = excluded.bytes_out, width = excluded.width,
     height = excluded.height, format_out = excluded.format_out, quality_in = excluded.quality_in,
-    quality_out = excluded.quality_out, kept_original = excluded.kept_original, created_at = now();
+    quality_out = excluded.quality_out, kept_original = excluded.kept_original, created_at = now(),
+    verified_at = now();
+
+-- output_verified --
+-- A HEAD found the object of an output: trusted again for IMGSVC_REUSE_CHECK_SECONDS.
+UPDATE outputs SET verified_at = now() WHERE output_key = $1;
 
 -- forget_output --
 -- The stored object of an output is gone: the next image makes it again.

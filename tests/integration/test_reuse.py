@@ -14,7 +14,7 @@ import pytest
 import pyvips
 
 from imgsvc import db, finish, maintenance, models, pipeline, quality, queue, reads, resources, settings
-from tests.conftest import store_request
+from tests.conftest import store_request, with_settings
 from tests.origin import CatalogOrigin
 from tests.servers import IMAGES, S3Server
 
@@ -248,16 +248,32 @@ async def test_other_settings_make_the_output_again(
     assert len(keys) == 2 and "quality_factor=0.3" in keys[1][0]
 
 
-async def test_a_deleted_object_is_made_again(
+async def test_a_deleted_object_is_made_again_once_its_record_is_checked(
     res: resources.Resources, database_url: str, origin: CatalogOrigin, files: str, s3: S3Server
 ) -> None:
-    url = origin.url("honest", f"{files}/{PNG}")
+    url, same = origin.url("honest", f"{files}/{PNG}"), origin.url("ignore", f"{files}/{PNG}")
     (made,) = await images(res, await run(res, database_url, url))
+    assert res.settings.reuse_check_seconds == 3600  # the default
+    # Within the hour after it was stored, the record is trusted without a HEAD: an
+    # object deleted behind imgsvc's back (and its record kept) is reused.
     s3.client().delete_object(Bucket=s3.bucket, Key=made["output_key"])
-    (again,) = await images(res, await run(res, database_url, url))
-    assert again["status"] == "done" and again["reused"] is None
-    assert again["output_key"] == made["output_key"]  # the same bytes, the same key
-    assert s3.get(again["output_key"])[0]
+    (trusted,) = await images(res, await run(res, database_url, url))
+    assert trusted["reused"] == "not_modified"
+    # Checked every time, a HEAD finds it gone, on a 304 and on the same content alike:
+    # made again, under the same key (the same bytes).
+    checking = with_settings(res, reuse_check_seconds=0)
+    for source in (url, same):
+        s3.client().delete_object(Bucket=s3.bucket, Key=made["output_key"])
+        (again,) = await images(checking, await run(checking, database_url, source))
+        assert again["status"] == "done" and again["reused"] is None
+        assert again["output_key"] == made["output_key"]
+        assert s3.get(again["output_key"])[0]
+    # Found by a HEAD, a record is trusted again.
+    await res.pool.execute("UPDATE outputs SET verified_at = now() - interval '2 hours'")
+    (found,) = await images(checking, await run(checking, database_url, url))
+    assert found["reused"] == "not_modified"
+    verified = await res.pool.fetchval("SELECT verified_at > now() - interval '1 minute' FROM outputs")
+    assert verified is True
 
 
 async def test_two_workers_racing_on_a_new_source_leave_a_correct_state(
