@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from imgsvc import db, intake, localdb, migrate, models, resources, settings
+from imgsvc import db, intake, localdb, migrate, models, queue, resources, settings
 from tests import servers
 
 
@@ -183,3 +183,20 @@ async def eventually(
         if loop.time() >= deadline:
             raise AssertionError(f"not within {timeout} s: {what} (last seen: {seen!r})")
         await asyncio.sleep(interval)
+
+
+async def run_until(res: resources.Resources, database_url: str, sql: str, *args: Any) -> None:
+    """Run the worker until a query answers true (retries are scheduled a little later)."""
+    app = queue.create_app(res.settings, database_url)
+    async with app.open_async():
+        for _ in range(100):
+            await app.run_worker_async(
+                additional_context=queue.context(res),
+                wait=False,
+                install_signal_handlers=False,
+                concurrency=4,
+            )
+            if await res.pool.fetchval(sql, *args):
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"never true: {sql}")

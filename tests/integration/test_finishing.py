@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import csv
 import dataclasses
@@ -16,8 +15,8 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from imgsvc import fetch, finish, models, notify, queue, resources
-from tests.conftest import WEBHOOK_SECRET, store_request, with_settings
+from imgsvc import fetch, finish, models, notify, resources
+from tests.conftest import WEBHOOK_SECRET, run_until, store_request, with_settings
 from tests.servers import ImageServer, S3Server, WebhookReceiver
 
 NAMES = ['Mug, "large"', "Two\nlines", "Crème brûlée 🍮"]
@@ -31,23 +30,6 @@ async def submit(
         for n, (serial, name, urls) in enumerate(products)
     ]
     return await store_request(res.pool, rows, webhook_url=webhook_url)
-
-
-async def run_until(res: resources.Resources, database_url: str, sql: str, *args: Any) -> None:
-    """Run the worker until a query answers true (retries are scheduled a little later)."""
-    app = queue.create_app(res.settings, database_url)
-    async with app.open_async():
-        for _ in range(100):
-            await app.run_worker_async(
-                additional_context=queue.context(res),
-                wait=False,
-                install_signal_handlers=False,
-                concurrency=4,
-            )
-            if await res.pool.fetchval(sql, *args):
-                return
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"never true: {sql}")
 
 
 async def delivery(res: resources.Resources, rid: str) -> dict[str, Any]:

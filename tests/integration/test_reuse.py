@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import pyvips
 
-from imgsvc import db, finish, maintenance, models, pipeline, quality, queue, reads, resources, settings
-from tests.conftest import store_request, with_settings
+from imgsvc import db, finish, maintenance, models, pipeline, quality, reads, resources, settings
+from tests.conftest import run_until, store_request, with_settings
 from tests.origin import CatalogOrigin
 from tests.servers import IMAGES, S3Server
 
@@ -56,21 +56,9 @@ async def run_products(
     res: resources.Resources, database_url: str, products: list[models.Product], *, reprocess: bool = False
 ) -> str:
     rid = await store_request(res.pool, products, reprocess=reprocess)
-    app = queue.create_app(res.settings, database_url)
-    async with app.open_async():
-        for _ in range(200):
-            await app.run_worker_async(
-                additional_context=queue.context(res),
-                queues=[models.IMAGE_QUEUE],
-                wait=False,
-                install_signal_handlers=False,
-                concurrency=4,
-            )
-            finished = "SELECT completed_at IS NOT NULL FROM requests WHERE id = $1"
-            if await res.pool.fetchval(finished, uuid.UUID(rid)):
-                return rid
-            await asyncio.sleep(0.05)
-    raise AssertionError("the request did not finish")
+    finished = "SELECT completed_at IS NOT NULL FROM requests WHERE id = $1"
+    await run_until(res, database_url, finished, uuid.UUID(rid))
+    return rid
 
 
 async def images(res: resources.Resources, rid: str) -> list[dict[str, Any]]:
