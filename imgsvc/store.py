@@ -5,7 +5,7 @@ Keys are made only from hex digests, the request id (a UUID) and numbers, so no 
 text ever reaches a key. An output image's key is the SHA-256 of its bytes: two images
 share a key only when they share every byte, and a key never changes what it holds,
 so its object is sent as cacheable forever. Images stored before that layout keep
-their per-request keys (``object_key``).
+the per-request keys they were stored under (``<request id>/<serial>-<position>``).
 
 The database keeps keys; a URL is made from a key when an answer, a download or a
 webhook is built (``link``): under ``IMGSVC_OUTPUT_BASE_URL`` when it is set, else the
@@ -43,13 +43,6 @@ CONTENT_FOLDER = "img"
 def content_key(prefix: str, sha256: str, extension: str) -> str:
     """The key of an output image: the SHA-256 of its bytes."""
     key = f"{CONTENT_FOLDER}/{sha256}.{extension}"
-    return f"{prefix}/{key}" if prefix else key
-
-
-def object_key(prefix: str, request_id: str, serial_number: int, position: int, extension: str) -> str:
-    """The key of one output image in the older, per-request layout (request, product
-    serial, image position); kept for the rows that have one."""
-    key = f"{request_id}/{serial_number}-{position}.{extension}"
     return f"{prefix}/{key}" if prefix else key
 
 

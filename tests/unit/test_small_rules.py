@@ -11,14 +11,11 @@ import pytest
 from imgsvc import errors, fetch, ingest, localdb, settings, store
 
 
-def test_keys_are_unique_per_image_and_carry_no_user_text() -> None:
-    rid = "0b7e4a8e-0000-4000-8000-000000000001"
-    keys = {
-        store.object_key("", rid, serial, position, "jpg") for serial in (1, 2, 12) for position in (1, 2, 21)
-    }
-    assert len(keys) == 9
-    assert store.object_key("", rid, 12, 3, "png") == f"{rid}/12-3.png"
-    assert store.object_key("out", rid, 1, 1, "jpg") == f"out/{rid}/1-1.jpg"
+def test_image_keys_are_named_by_content_and_carry_no_user_text() -> None:
+    digest = "ab" * 32
+    assert store.content_key("", digest, "jpg") == f"img/{digest}.jpg"
+    assert store.content_key("out", digest, "png") == f"out/img/{digest}.png"
+    assert store.csv_key("out", "0b7e4a8e-0000-4000-8000-000000000001").endswith("/output.csv")
 
 
 def test_s3_public_url() -> None:
