@@ -6,8 +6,9 @@ In a private PostgreSQL (migrated with `imgsvc migrate`), makes one request per 
 with that many products and images, half of them done, and times with EXPLAIN ANALYZE
 (best of 5) the service's own named queries, read from its queries.sql:
 
-- ``record_image``: run for every image (it locks the request row, records the image
-  and counts it on the request); timed inside a transaction that is rolled back;
+- ``record_images``: run for every image, alone or with others of its job (it locks the
+  request row, records the image and counts it on the request); timed for one image,
+  inside a transaction that is rolled back;
 - ``final_status_by_count``: after a cancel, for a request with nothing left running
   (it counts all its images);
 - ``get_request``: the summary behind every GET /status.
@@ -98,7 +99,7 @@ def main() -> None:
             [sys.executable, "-m", "imgsvc", "migrate"], env=env, check=True, capture_output=True, timeout=120
         )
         print(
-            "images   record_image (every image)   final_status_by_count (after a cancel)"
+            "images   record_images (one image)   final_status_by_count (after a cancel)"
             "   get_request (every GET /status)"
         )
         for size in sizes:
@@ -109,33 +110,33 @@ def main() -> None:
                 database=localdb.DATABASE,
             )
             values = {
-                1: open_image,
-                2: f"'{request_id}'::uuid",
-                3: "'done'",
-                4: "NULL",
-                5: "'k'",
-                6: "'http://127.0.0.1/out'",
-                7: "1000",
-                8: "500",
-                9: "100",
-                10: "100",
-                11: "'jpeg'",
-                12: "'jpeg'",
-                13: "90",
-                14: "45",
-                15: "false",
-                16: "'requests'",
-                17: "'finish_request'",
-                18: "NULL::text",
-                19: "NULL::bigint",
-                20: "NULL::text",
-                21: "NULL::text",
+                1: f"'{request_id}'::uuid",
+                2: f"ARRAY[{open_image}]",
+                3: "ARRAY['done']",
+                4: "ARRAY[NULL]",
+                5: "ARRAY['k']",
+                6: "ARRAY['http://127.0.0.1/out']",
+                7: "ARRAY[1000]",
+                8: "ARRAY[500]",
+                9: "ARRAY[100]",
+                10: "ARRAY[100]",
+                11: "ARRAY['jpeg']",
+                12: "ARRAY['jpeg']",
+                13: "ARRAY[90]",
+                14: "ARRAY[45]",
+                15: "ARRAY[false]",
+                16: "ARRAY[NULL]",
+                17: "ARRAY[NULL]",
+                18: "ARRAY[NULL]",
+                19: "ARRAY[NULL]",
+                20: "'requests'",
+                21: "'finish_request'",
             }
             cells = []
             for name, params, rollback in (
-                ("record_image", values, True),
-                ("final_status_by_count", {1: values[2]}, False),
-                ("get_request", {1: values[2]}, False),
+                ("record_images", values, True),
+                ("final_status_by_count", {1: values[1]}, False),
+                ("get_request", {1: values[1]}, False),
             ):
                 if name not in queries:
                     cells.append(f"{'missing':>12}")

@@ -8,6 +8,7 @@ retry, and the API answers 503.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -15,7 +16,7 @@ import functools
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -179,54 +180,57 @@ class Output:
         )  # fmt: skip
 
 
-async def record_image(
-    pool: Pool,
-    task: models.ImageTask,
-    *,
-    output: Output | None,
-    error: str | None,
-    bytes_in: int | None,
-    source_sha256: str | None = None,
-    finish_job: tuple[str, str],
-) -> Recorded:
-    """Record an image's final state, and its duplicates', in one statement; say the
-    request's final status if they were its last, having queued ``finish_job`` (queue,
-    task) for it in the same transaction. Exactly one image finishes a request, even
-    when its last images finish at the same moment on several workers; an image
-    already finished is left as it is."""
-    if output is not None:
-        outcome: tuple[Any, ...] = (
-            str(models.ImageStatus.DONE), None, output.key, output.url, bytes_in, output.bytes_out,
-            output.width, output.height, output.format_in, output.format_out,
-            output.quality_in, output.quality_out, output.kept_original,
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ending:
+    """An image's final state: its output, or the reason it failed."""
+
+    task: models.ImageTask
+    output: Output | None = None
+    error: str | None = None
+    bytes_in: int | None = None
+    source_sha256: str | None = None
+
+    def values(self) -> tuple[Any, ...]:
+        """The image's element of each of ``record_images``' arrays."""
+        out = self.output
+        if out is None:
+            return (
+                self.task.image_id, str(models.ImageStatus.FAILED), self.error, None, None,
+                self.bytes_in, *[None] * 10, self.source_sha256, None,
+            )  # fmt: skip
+        return (
+            self.task.image_id, str(models.ImageStatus.DONE), None, out.key, out.url, self.bytes_in,
+            out.bytes_out, out.width, out.height, out.format_in, out.format_out, out.quality_in,
+            out.quality_out, out.kept_original, None if out.reused is None else str(out.reused),
+            out.bytes_saved, self.source_sha256, out.sha256,
         )  # fmt: skip
-        reuse: tuple[Any, ...] = (
-            None if output.reused is None else str(output.reused), output.bytes_saved, source_sha256,
-            output.sha256,
-        )  # fmt: skip
-    else:
-        outcome = (str(models.ImageStatus.FAILED), error, None, None, bytes_in, *[None] * 8)
-        reuse = (None, None, source_sha256, None)
+
+
+async def record_images(pool: Pool, endings: Sequence[Ending], *, finish_job: tuple[str, str]) -> Recorded:
+    """Record the final states of some images of one request, and their duplicates', in
+    one statement; say the request's final status if they were its last, having queued
+    ``finish_job`` (queue, task) for it in the same transaction. Exactly one statement
+    finishes a request, even when its last images finish at the same moment on several
+    workers; an image already finished is left as it is."""
+    request_ids = {ending.task.request_id for ending in endings}
+    if len(request_ids) != 1:
+        raise ValueError(f"the images of one record must share one request, not {len(request_ids)}")
+    columns = [list(column) for column in zip(*(ending.values() for ending in endings), strict=True)]
     async with translated():
         row = await pool.fetchrow(
-            queries()["record_image"],
-            task.image_id,
-            uuid.UUID(task.request_id),
-            *outcome,
-            *finish_job,
-            *reuse,
+            queries()["record_images"], uuid.UUID(request_ids.pop()), *columns, *finish_job
         )
     assert row is not None  # the statement always returns one row
-    return Recorded(status=row["status"], duplicates=row["duplicates"])
+    return Recorded(status=row["status"], duplicates=collections.Counter(row["duplicates_of"]))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Recorded:
-    """What recording an image did: the request's final status if it finished it, and
-    how many duplicates of the image ended with it."""
+    """What recording images did: the request's final status if they finished it, and
+    how many duplicates ended with each image (by image id)."""
 
     status: str | None
-    duplicates: int
+    duplicates: collections.Counter[int]
 
 
 async def defer_job(

@@ -2,7 +2,7 @@
 
 A request becomes final in one of three transactions, each of which also queues its
 ``finish_request`` job (under a queueing lock, so never twice):
-- the statement that records its last image (``db.record_image``);
+- the statement that records its last image (``db.record_images``);
 - a cancel that leaves nothing running (``cancel``);
 - the maintenance sweep's count, should the counters ever be wrong (``finalize``).
 

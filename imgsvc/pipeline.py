@@ -18,11 +18,11 @@ from imgsvc import (
     db,
     errors,
     fetch,
-    finish,
     logs,
     memory,
     metrics,
     models,
+    recorder,
     resources,
     reuse,
     store,
@@ -39,8 +39,9 @@ async def process_images(res: resources.Resources, image_ids: list[int]) -> list
     try:
         claimed = {task.image_id: task for task in await db.claim_images(res.pool, image_ids)}
         known = await _known(res, list(claimed.values()))
+        recorder = _recorder(res)
         outcomes = await asyncio.gather(
-            *(_process_claimed(res, claimed[i], known) for i in image_ids if i in claimed),
+            *(_process_claimed(res, claimed[i], recorder, known) for i in image_ids if i in claimed),
             return_exceptions=True,
         )
     except asyncio.CancelledError:
@@ -115,8 +116,15 @@ def _source_url(task: models.ImageTask) -> str:
     return task.source_url or catalog.normalize_url(task.url)
 
 
+def _recorder(res: resources.Resources) -> recorder.Recorder:
+    return recorder.Recorder(res.pool, (models.REQUEST_QUEUE, models.FINISH_REQUEST))
+
+
 async def _process_claimed(
-    res: resources.Resources, task: models.ImageTask, known: dict[str, reuse.Known] | None = None
+    res: resources.Resources,
+    task: models.ImageTask,
+    records: recorder.Recorder,
+    known: dict[str, reuse.Known] | None = None,
 ) -> str:
     image_id = task.image_id
     logs.image_id.set(image_id)
@@ -126,11 +134,11 @@ async def _process_claimed(
     try:
         output = await _output(res, task, seen, known)
     except errors.PermanentError as exc:
-        return await record_failure(res, task, exc.message, seen)
+        return await record_failure(res, task, exc.message, seen, records)
     except errors.TransientError as exc:
         if final_attempt:
             return await record_failure(
-                res, task, f"{exc.message} (gave up after {task.attempts} attempts)", seen
+                res, task, f"{exc.message} (gave up after {task.attempts} attempts)", seen, records
             )
         await db.release_image(res.pool, image_id, f"attempt {task.attempts}: {exc.message}")
         metrics.images.labels("retry").inc()
@@ -138,8 +146,10 @@ async def _process_claimed(
         raise
     except Exception as exc:  # a bug must not leave the image unfinished
         logger.exception("image %s: unexpected error", image_id)
-        return await record_failure(res, task, f"internal error ({type(exc).__name__})", seen)
-    duplicates = await record(res, task, output=output, bytes_in=seen.bytes_in, source_sha256=seen.sha256)
+        return await record_failure(res, task, f"internal error ({type(exc).__name__})", seen, records)
+    duplicates = await record(
+        res, task, output=output, bytes_in=seen.bytes_in, source_sha256=seen.sha256, records=records
+    )
     metrics.images.labels("done").inc(1 + duplicates)
     if output.reused is not None:
         metrics.images_reused.labels(str(output.reused)).inc()
@@ -249,10 +259,18 @@ async def _put(res: resources.Resources, key: str, data: bytes, content_type: st
             return await res.store.put(key, data, content_type, store.IMMUTABLE)
 
 
-async def record_failure(res: resources.Resources, task: models.ImageTask, reason: str, seen: _Seen) -> str:
+async def record_failure(
+    res: resources.Resources,
+    task: models.ImageTask,
+    reason: str,
+    seen: _Seen,
+    records: recorder.Recorder | None = None,
+) -> str:
     """Fail an image (and its duplicates) with a reason a person can read."""
     logger.info("image %s failed: %s", task.image_id, reason)
-    duplicates = await record(res, task, error=reason, bytes_in=seen.bytes_in, source_sha256=seen.sha256)
+    duplicates = await record(
+        res, task, error=reason, bytes_in=seen.bytes_in, source_sha256=seen.sha256, records=records
+    )
     metrics.images.labels("failed").inc(1 + duplicates)
     return models.ImageStatus.FAILED
 
@@ -265,19 +283,12 @@ async def record(
     error: str | None = None,
     bytes_in: int | None = None,
     source_sha256: str | None = None,
+    records: recorder.Recorder | None = None,
 ) -> int:
-    """Store an image's final state, and its duplicates', and if they were the request's
-    last, finish the request (the statement that records them queues the request's
-    finishing job). Returns how many duplicates ended with it."""
-    recorded = await db.record_image(
-        res.pool,
-        task,
-        output=output,
-        error=error,
-        bytes_in=bytes_in,
-        source_sha256=source_sha256,
-        finish_job=(models.REQUEST_QUEUE, models.FINISH_REQUEST),
-    )
-    if recorded.status is not None:
-        finish.announce(task.request_id, models.RequestStatus(recorded.status))
+    """Store an image's final state, and its duplicates', with the job's other images
+    that end at the same time (``records``; alone without it); if they were the
+    request's last, the statement that records them finishes the request (it queues the
+    request's finishing job). Returns how many duplicates ended with it."""
+    ending = db.Ending(task, output=output, error=error, bytes_in=bytes_in, source_sha256=source_sha256)
+    recorded = await (records or _recorder(res)).record(ending)
     return recorded.duplicates

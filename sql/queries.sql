@@ -103,46 +103,66 @@ UPDATE images SET status = 'queued', error = $2 WHERE id = $1 AND status = 'proc
 -- lock_request --
 SELECT status FROM requests WHERE id = $1 FOR UPDATE;
 
--- record_image --
--- An image's final state ($3: 'done' or 'failed'), and its duplicates' (the images of
--- the request with the same source URL, which end with it), in one round trip and one
--- transaction: lock the request row (first, as cancelling does), record the images,
--- count them on the request, and if they were the request's last open images, give the
--- request its final status and queue procrastinate's finish_request job ($16 queue,
--- $17 task). The counters decide, not a count of the images: this statement's
--- snapshot predates its wait for the lock, but the lock returns the newest committed
--- row, so when the last two images finish at once, exactly one sees the total.
--- $18 why the output was reused (NULL: made now), $19 the bytes that saved, $20 and
--- $21 the SHA-256 of the source and of the output.
--- Returns the final status when this image finished the request (else NULL), and how
--- many duplicates ended with it.
-WITH locked AS (
+-- record_images --
+-- The final states of some of a request's images ($1), and their duplicates' (the
+-- images of the request with the same source URL, which end with them), in one round
+-- trip and one transaction: lock the request row (first, as cancelling does), record
+-- the images, count them on the request, and if they were the request's last open
+-- images, give the request its final status and queue procrastinate's finish_request
+-- job ($20 queue, $21 task). The counters decide, not a count of the images: this
+-- statement's snapshot predates its wait for the lock, but the lock returns the newest
+-- committed row, so when the last images finish at once on two workers, exactly one
+-- sees the total.
+-- $2 to $19 are arrays, one element per image: its id, 'done' or 'failed', the error,
+-- the output's key and URL, bytes in and out, width, height, formats and qualities in
+-- and out, kept_original, why the output was reused (NULL: made now), the bytes that
+-- saved, and the SHA-256 of the source and of the output.
+-- Returns the final status when these images finished the request (else NULL), and
+-- for each duplicate that ended, the id of the image it ended with.
+WITH v AS (
+    SELECT * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
+                         $7::bigint[], $8::bigint[], $9::int[], $10::int[], $11::text[],
+                         $12::text[], $13::int[], $14::int[], $15::bool[], $16::text[],
+                         $17::bigint[], $18::text[], $19::text[])
+        AS v(id, status, error, output_key, output_url, bytes_in, bytes_out, width, height,
+             format_in, format_out, quality_in, quality_out, kept_original, reused,
+             bytes_saved, source_sha256, output_sha256)
+), targets AS (
+    SELECT v.id AS leader, v.id AS target FROM v
+    UNION ALL
+    SELECT v.id, d.id FROM v JOIN images d ON d.duplicate_of = v.id
+), locked AS (
     SELECT id, status, done_count + failed_count + cancelled_count AS ended, image_count
-    FROM requests WHERE id = $2 FOR UPDATE
+    FROM requests WHERE id = $1 FOR UPDATE
 ), finished AS (
     UPDATE images i
-    SET status = $3, error = $4, output_key = $5, output_url = $6, bytes_in = coalesce($7, i.bytes_in),
-        bytes_out = $8, width = $9, height = $10, format_in = $11, format_out = $12,
-        quality_in = $13, quality_out = $14, kept_original = $15, finished_at = now(),
-        reused = CASE WHEN i.id = $1 THEN $18 WHEN $3 = 'done' THEN 'duplicate' END,
-        bytes_saved = CASE WHEN i.id = $1 THEN $19::bigint
-                           WHEN $3 = 'done' THEN coalesce($7::bigint, 0) + coalesce($8::bigint, 0) END,
-        source_sha256 = $20, output_sha256 = $21
-    FROM locked l
-    WHERE (i.id = $1 OR i.duplicate_of = $1) AND i.request_id = $2 AND i.status IN ('queued', 'processing')
-    RETURNING i.id, i.request_id, (i.status = 'done')::int AS done, (i.status = 'failed')::int AS failed,
-              (i.reused IS NOT NULL)::int AS reused, coalesce(i.bytes_saved, 0) AS saved,
+    SET status = v.status, error = v.error, output_key = v.output_key, output_url = v.output_url,
+        bytes_in = coalesce(v.bytes_in, i.bytes_in), bytes_out = v.bytes_out, width = v.width,
+        height = v.height, format_in = v.format_in, format_out = v.format_out,
+        quality_in = v.quality_in, quality_out = v.quality_out, kept_original = v.kept_original,
+        finished_at = now(),
+        reused = CASE WHEN i.id = v.id THEN v.reused WHEN v.status = 'done' THEN 'duplicate' END,
+        bytes_saved = CASE WHEN i.id = v.id THEN v.bytes_saved
+                           WHEN v.status = 'done' THEN coalesce(v.bytes_in, 0) + coalesce(v.bytes_out, 0) END,
+        source_sha256 = v.source_sha256, output_sha256 = v.output_sha256
+    FROM targets t JOIN v ON v.id = t.leader, locked l
+    WHERE i.id = t.target AND i.request_id = $1 AND i.status IN ('queued', 'processing')
+    RETURNING t.leader, i.id, i.request_id, (i.status = 'done')::int AS done,
+              (i.status = 'failed')::int AS failed, (i.reused IS NOT NULL)::int AS reused,
+              coalesce(i.bytes_saved, 0) AS saved,
+              CASE WHEN i.status = 'done' THEN coalesce(v.bytes_in, 0) ELSE 0 END AS done_in,
+              CASE WHEN i.status = 'done' THEN coalesce(v.bytes_out, 0) ELSE 0 END AS done_out,
               l.status IN ('queued', 'processing') AS open, l.ended, l.image_count
 ), totals AS (
     SELECT request_id, sum(done) AS done, sum(failed) AS failed, sum(reused) AS reused,
-           sum(saved) AS saved, bool_and(open) AND max(ended) + count(*) >= max(image_count) AS closes
+           sum(saved) AS saved, sum(done_in) AS done_in, sum(done_out) AS done_out,
+           bool_and(open) AND max(ended) + count(*) >= max(image_count) AS closes
     FROM finished GROUP BY request_id
 ), counted AS (
     UPDATE requests r
     SET done_count = r.done_count + f.done, failed_count = r.failed_count + f.failed,
         reused_count = r.reused_count + f.reused, bytes_saved = r.bytes_saved + f.saved,
-        done_bytes_in = r.done_bytes_in + f.done * coalesce($7, 0),
-        done_bytes_out = r.done_bytes_out + f.done * coalesce($8, 0),
+        done_bytes_in = r.done_bytes_in + f.done_in, done_bytes_out = r.done_bytes_out + f.done_out,
         status = CASE
             WHEN NOT f.closes THEN r.status
             WHEN r.cancel_requested_at IS NOT NULL THEN 'cancelled'
@@ -156,12 +176,12 @@ WITH locked AS (
     RETURNING r.id, r.status, f.closes
 ), queued AS (
     SELECT procrastinate_defer_jobs_v1(ARRAY[
-        ROW($16, $17, 0, NULL, 'finish:' || c.id::text, jsonb_build_object('request_id', c.id::text),
+        ROW($20, $21, 0, NULL, 'finish:' || c.id::text, jsonb_build_object('request_id', c.id::text),
             NULL)::procrastinate_job_to_defer_v1])
     FROM counted c WHERE c.closes
 )
 SELECT (SELECT c.status FROM counted c WHERE c.closes AND EXISTS (SELECT FROM queued)) AS status,
-       (SELECT count(*) FROM finished WHERE id <> $1)::int AS duplicates;
+       ARRAY(SELECT leader FROM finished WHERE id <> leader) AS duplicates_of;
 
 -- final_status_by_count --
 -- With the request row locked (after a cancel, or by the maintenance task): counts the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -132,14 +133,11 @@ async def _finish_concurrently(
         task = models.ImageTask(image_id, request_id, serial_number=1, position=1, url="", attempts=1)
         await barrier.wait()
         if image_id in fail:
-            failed = await db.record_image(
-                pool, task, output=None, error="broken", bytes_in=None, finish_job=FINISH_JOB
-            )
-            return failed.status
-        done = await db.record_image(
-            pool, task, output=output, error=None, bytes_in=10, finish_job=FINISH_JOB
-        )
-        return done.status
+            ending = db.Ending(task, error="broken")
+        else:
+            ending = db.Ending(task, output=output, bytes_in=10)
+        recorded = await db.record_images(pool, [ending], finish_job=FINISH_JOB)
+        return recorded.status
 
     return await asyncio.gather(*(finish(i) for i in image_ids))
 
@@ -400,3 +398,60 @@ async def test_deleting_or_truncating_requests_or_products_takes_their_images(po
     await pool.execute("TRUNCATE requests CASCADE")
     for table in ("requests", "products", "images"):
         assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0, table
+
+
+async def test_one_statement_records_several_images_and_their_duplicates(pool: db.Pool) -> None:
+    # Product 2 repeats product 1's two URLs: its slots are duplicates and end with them.
+    first = product(1, 2)
+    again = dataclasses.replace(product(2, 0), urls=first.urls)
+    rid = await store_request(pool, [first, again, product(3, 1)])
+    rows = await pool.fetch(
+        "SELECT id, duplicate_of FROM images WHERE request_id = $1 ORDER BY id", uuid.UUID(rid)
+    )
+    leaders = [r["id"] for r in rows if r["duplicate_of"] is None]
+    assert len(leaders) == 3 and len(rows) == 5
+    tasks = [models.ImageTask(i, rid, serial_number=1, position=1, url="", attempts=1) for i in leaders]
+    result = models.Compressed(
+        data=b"xy", format_in="jpeg", format_out="jpeg", width=2, height=1,
+        quality_in=80, quality_out=40, kept_original=False,
+    )  # fmt: skip
+    output = db.Output.made(result, key="k", url="http://out.test/k", sha256="11" * 32)
+    endings = [
+        db.Ending(tasks[0], output=output, bytes_in=10, source_sha256="aa" * 32),
+        db.Ending(tasks[1], error="broken", bytes_in=7),
+    ]
+    recorded = await db.record_images(pool, endings, finish_job=FINISH_JOB)
+    assert recorded.status is None  # the third image is still open
+    assert recorded.duplicates == {leaders[0]: 1, leaders[1]: 1}
+    last = await db.record_images(
+        pool, [db.Ending(tasks[2], output=output, bytes_in=10)], finish_job=FINISH_JOB
+    )
+    assert last.status == "completed_with_errors" and not last.duplicates
+    again_recorded = await db.record_images(pool, endings, finish_job=FINISH_JOB)
+    assert again_recorded.status is None and not again_recorded.duplicates  # already finished: left as is
+    images = await pool.fetch(
+        "SELECT status, error, reused, bytes_in, bytes_out, output_sha256 FROM images"
+        " WHERE request_id = $1 ORDER BY id",
+        uuid.UUID(rid),
+    )
+    assert [(r["status"], r["reused"]) for r in images] == [
+        ("done", None), ("failed", None), ("done", "duplicate"), ("failed", None), ("done", None),
+    ]  # fmt: skip
+    assert images[3]["error"] == "broken" and images[2]["output_sha256"] == "11" * 32
+    request = await pool.fetchrow("SELECT * FROM requests WHERE id = $1", uuid.UUID(rid))
+    assert request is not None
+    assert (request["done_count"], request["failed_count"], request["reused_count"]) == (3, 2, 1)
+    assert (request["done_bytes_in"], request["done_bytes_out"]) == (30, 6)
+    assert request["bytes_saved"] == 12  # the duplicate's download and output
+    assert await _finish_jobs(pool, rid) == 1
+
+
+async def test_the_images_of_one_record_share_a_request(pool: db.Pool) -> None:
+    one, other = await store_request(pool, [product(1, 1)]), await store_request(pool, [product(2, 1)])
+    ids = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
+    tasks = [
+        models.ImageTask(i, rid, serial_number=1, position=1, url="", attempts=1)
+        for i, rid in zip(ids, (one, other), strict=True)
+    ]
+    with pytest.raises(ValueError, match="share one request"):
+        await db.record_images(pool, [db.Ending(t, error="x") for t in tasks], finish_job=FINISH_JOB)
