@@ -67,6 +67,19 @@ def parser() -> argparse.ArgumentParser:
         help="images in the re-run phase's catalog, sent three times (default 200; 0 skips the phase)",
     )
     p.add_argument(
+        "--tiny-images",
+        type=int,
+        default=2000,
+        help="distinct 64x48 JPEGs in the tiny-image phase's request, the pipeline's own cost "
+        "(default 2000; 0 skips the phase)",
+    )
+    p.add_argument(
+        "--pg-statements",
+        action="store_true",
+        help="preload pg_stat_statements and report PostgreSQL's time by statement in the re-run "
+        "and tiny-image phases",
+    )
+    p.add_argument(
         "--images-dir",
         type=Path,
         default=imageset.BUNDLED,
@@ -232,7 +245,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
 
     services = Services(
-        args.images_dir, extra_env=extra_env, keep=args.keep, log_dir=out.with_name(f"{out.stem}-logs")
+        args.images_dir,
+        extra_env=extra_env,
+        keep=args.keep,
+        log_dir=out.with_name(f"{out.stem}-logs"),
+        pg_statements=args.pg_statements,
     )
     # The ceiling runs with the settings the service ran with: its image limits, its
     # image concurrency as the thread count, and its rule for large photos at once;
@@ -261,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         upload_repeat=args.upload_repeat,
         large_csv_mb=args.large_csv_mb,
         rerun_images=args.rerun_images,
+        tiny_images=args.tiny_images,
+        pg_statements=args.pg_statements,
         paired=None if args.no_paired else paired,
     )
     try:
@@ -358,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "codec": codec_json,
         "large_uploads": measured.large_uploads.as_json() if measured.large_uploads else None,
         "rerun": measured.rerun,
+        "tiny": measured.tiny,
     }
     results["summary"] = report.summary_rows(results)
     results["run"]["seconds"] = round(time.monotonic() - started, 1)

@@ -136,7 +136,7 @@ def main() -> None:
             for name, params, rollback in (
                 ("record_images", values, True),
                 ("final_status_by_count", {1: values[1]}, False),
-                ("get_request", {1: values[1]}, False),
+                ("get_request", {1: values[1], 2: "NULL"}, False),
             ):
                 if name not in queries:
                     cells.append(f"{'missing':>12}")

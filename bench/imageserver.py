@@ -7,6 +7,10 @@ URL of a CSV unique), with a strong ETag and a Last-Modified, and 304 Not Modifi
 a request that names them, as a real image host does; anything else, including a
 name not in DIR, answers 404.
 
+GET /tiny/{index}.jpg answers a 64x48 JPEG made at start from the first JPEG of DIR,
+with the index after its end: every URL has its own bytes (nothing is reused) and the
+codec costs next to nothing, so what is measured is the pipeline around it.
+
 POST /change/{index} changes what every URL of that index answers (the file, with a
 few bytes after its end: other bytes, the same picture), as a re-exported image in a
 catalog would. GET /stats says how many answers carried a body and how many were 304s.
@@ -62,11 +66,32 @@ def make_app(root: Path) -> web.Application:
     async def counts(request: web.Request) -> web.StreamResponse:
         return web.json_response(stats)
 
+    small = tiny_jpeg(root)
+
+    async def tiny(request: web.Request) -> web.StreamResponse:
+        stats["bodies"] += 1
+        body = small + f"\0{request.match_info['index']}".encode()
+        return web.Response(body=body, content_type="image/jpeg")
+
     app = web.Application()
     app.router.add_get("/img/{index}/{name}", image)
+    app.router.add_get("/tiny/{index}.jpg", tiny)
     app.router.add_post("/change/{index}", change)
     app.router.add_get("/stats", counts)
     return app
+
+
+def tiny_jpeg(root: Path) -> bytes:
+    """A 64x48 JPEG of the first JPEG in ``root`` (by name), or of a gradient."""
+    import pyvips  # only this route needs it
+
+    jpegs = sorted(p for p in root.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    if jpegs:
+        image = pyvips.Image.thumbnail(str(jpegs[0]), 64, height=48, crop="centre")
+    else:
+        image = (pyvips.Image.xyz(64, 48)[0] * 4).cast("uchar").bandjoin([128, 64])
+    data: bytes = image.jpegsave_buffer(Q=80, strip=True)
+    return data
 
 
 def main() -> None:

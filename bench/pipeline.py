@@ -34,7 +34,7 @@ from typing import Any
 
 import aiohttp
 
-from bench import imageset, load, procstat, profiling, rerun, uploads
+from bench import imageset, load, procstat, profiling, rerun, tiny, uploads
 from bench.services import Services
 from imgsvc import metrics
 
@@ -63,6 +63,8 @@ class Options:
     upload_repeat: int
     large_csv_mb: float
     rerun_images: int = 0  # the re-run phase's catalog; 0: no such phase
+    tiny_images: int = 0  # the tiny-image phase's request; 0: no such phase
+    pg_statements: bool = False  # report pg_stat_statements in the re-run and tiny phases
     # One ceiling pass over a request's sources, run right after the request; None: none.
     paired: Callable[[list[bytes]], dict[str, Any]] | None = None
 
@@ -168,6 +170,7 @@ class PipelineResults:
     pids: dict[str, int]
     large_uploads: uploads.LargeUploads | None = None  # in the JSON under a key of its own
     rerun: dict[str, Any] | None = None  # likewise
+    tiny: dict[str, Any] | None = None  # likewise
 
     def as_json(self) -> dict[str, Any]:
         """Figures for the report."""
@@ -350,6 +353,7 @@ async def run(services: Services, items: list[imageset.Item], options: Options) 
     api_loop_lag: dict[str, Any] | None = None
     profile: dict[str, Any] | None = None
     rerun_results: dict[str, Any] | None = None
+    tiny_results: dict[str, Any] | None = None
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             if options.warmup:
@@ -414,7 +418,12 @@ async def run(services: Services, items: list[imageset.Item], options: Options) 
                     f"bench: re-run, a catalog of {options.rerun_images} images sent three times", flush=True
                 )
                 rerun_results = await rerun.run(
-                    session, services, items, options.rerun_images, options.timeout
+                    session, services, items, options.rerun_images, options.timeout, options.pg_statements
+                )
+            if options.tiny_images:
+                print(f"bench: tiny images, {options.tiny_images} 64x48 JPEGs in one request", flush=True)
+                tiny_results = await tiny.run(
+                    session, services, options.tiny_images, options.timeout, options.pg_statements
                 )
     finally:
         sampler.stop()
@@ -445,4 +454,5 @@ async def run(services: Services, items: list[imageset.Item], options: Options) 
         pids=roots,
         large_uploads=large,
         rerun=rerun_results,
+        tiny=tiny_results,
     )

@@ -160,8 +160,39 @@ def _rerun(rerun: dict[str, Any]) -> list[str]:
         f"  unchanged re-run: {speedup:.1f}x faster than the first, {unchanged['compressed']} compressed, "
         f"{unchanged['stored']} stored (target >= 5x, aim 20x, 0 and 0): "
         + _verdict(speedup >= 5 and unchanged["compressed"] == 0 and unchanged["stored"] == 0),
-        f"  1% changed: {changed:.2f}x the cost of the changed images alone (target <= 3x): "
-        + _verdict(changed <= 3),
+        f"  1% changed: {changed:.2f}x the time of the changed images alone, "
+        f"{rerun['changed_over_changed_only_cpu']:.2f}x their CPU (target <= 3x): " + _verdict(changed <= 3),
+        *_statements("unchanged re-run", rerun.get("unchanged_statements")),
+    ]
+
+
+def _statements(phase: str, rows: list[dict[str, Any]] | None) -> list[str]:
+    """PostgreSQL's time by statement (``--pg-statements``)."""
+    if not rows:
+        return []
+    table = [
+        [_num(r["ms_per_image"], 3), _num(r["calls_per_image"], 2), _num(r["ms_per_call"], 3), r["query"]]
+        for r in rows
+    ]
+    return [
+        f"  PostgreSQL's time by statement, {phase} (pg_stat_statements, execution + planning):",
+        *("  " + line for line in _table(["ms/image", "calls/image", "ms/call", "statement"], table)),
+    ]
+
+
+def _tiny(tiny: dict[str, Any]) -> list[str]:
+    """The tiny-image phase: the pipeline's own cost."""
+    cpu = tiny["cpu_ms_per_image"]
+    postgres = cpu.get("postgres", 0.0)
+    return [
+        "",
+        f"Tiny images: {tiny['images']} distinct 64x48 JPEGs in one request, every one compressed and stored",
+        f"  {tiny['images_per_second']:.0f} images/s ({tiny['seconds']:.2f} s, target >= 200); "
+        + "CPU ms an image: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()),
+        f"  PostgreSQL {postgres:.2f} CPU ms an image (target <= 0.5, aim 0.25): "
+        + _verdict(postgres <= 0.5),
+        *_statements("tiny images", tiny.get("statements")),
     ]
 
 
@@ -371,6 +402,8 @@ def render(results: dict[str, Any]) -> str:
         out += _large_uploads(large)
     if results.get("rerun"):
         out += _rerun(results["rerun"])
+    if results.get("tiny"):
+        out += _tiny(results["tiny"])
     foreign = {
         "throughput": max((t["machine_cpu"]["foreign_cores"] for t in pipeline["throughput"]), default=0.0),
         "latency": (pipeline["latency_batch"] or {}).get("machine_cpu", {}).get("foreign_cores", 0.0),

@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from bench import imageset, load, procstat
+from bench import imageset, load, pgstat, procstat
 from bench.services import Services
 
 FIRST_INDEX = 1_000_000  # above every index the other phases use
@@ -38,6 +38,11 @@ class Run:
     bodies: int
     not_modified: int
     cpu: dict[str, Any]
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU seconds of every process tree of the system under test."""
+        return float(sum(self.cpu["trees"].values()))
 
     def as_json(self) -> dict[str, Any]:
         reuse = self.batch.reuse
@@ -93,6 +98,7 @@ async def run(
     items: Sequence[imageset.Item],
     size: int,
     time_limit: float,
+    statements: bool = False,
 ) -> dict[str, Any]:
     """The four requests, and the ratios the targets are set on."""
     files = [item.file for item in items]
@@ -102,7 +108,10 @@ async def run(
         for item in catalog
     ]
     first = await _run(session, services, "first", rows, reprocess=True, time_limit=time_limit)
+    if statements:
+        await pgstat.reset(services.database_url)
     unchanged = await _run(session, services, "unchanged", rows, reprocess=False, time_limit=time_limit)
+    top = await pgstat.top(services.database_url, size) if statements else None
     # The changed sources: JPEGs where there are enough (bytes after the end of a JPEG
     # are ignored by every decoder), spread over the catalog.
     count = max(1, math.ceil(size * CHANGED_SHARE))
@@ -124,4 +133,7 @@ async def run(
         "unchanged_speedup": round(first.batch.seconds / unchanged.batch.seconds, 2),
         "changed_over_first": round(one_percent.batch.seconds / first.batch.seconds, 3),
         "changed_over_changed_only": round(one_percent.batch.seconds / alone.batch.seconds, 2),
+        # The same ratio in CPU seconds of every process tree: steadier on a busy machine.
+        "changed_over_changed_only_cpu": round(one_percent.cpu_seconds / max(alone.cpu_seconds, 1e-3), 2),
+        "unchanged_statements": top,
     }

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import boto3
 
-from bench import procstat
+from bench import pgstat, procstat
 from imgsvc import localdb
 
 ACCESS_KEY = "imgsvc-bench-access"
@@ -121,6 +121,7 @@ class Services:
         extra_env: Mapping[str, str] | None = None,
         keep: bool = False,
         log_dir: Path | None = None,
+        pg_statements: bool = False,
     ) -> None:
         self.images_dir = images_dir.absolute()
         self.log_dir = log_dir
@@ -129,6 +130,12 @@ class Services:
         self.work = Path(tempfile.mkdtemp(prefix="imgsvc-bench-"))
         os.chmod(self.work, 0o755)  # noqa: S103 - PostgreSQL runs as 'nobody' when we are root
         self.postgres = localdb.LocalPostgres(self.work / "pg", fast=False)
+        if pg_statements:
+            if not pgstat.available(self.postgres.bindir):
+                raise RuntimeError(
+                    f"--pg-statements: this PostgreSQL ({self.postgres.bindir}) has no pg_stat_statements"
+                )
+            self.postgres.settings += pgstat.SETTINGS
         self.children: list[Child] = []
         self.database_url = ""
         self.api_port = localdb.free_port()

@@ -92,9 +92,22 @@ async def insert_request(
                 raise errors.ImgsvcError(
                     f"queued {queued} jobs for {counted.images} images; expected {expected}"
                 )
+        await _analyze_if_outgrown(conn, counted.images)
     return Inserted(
         request_id=str(request_id), products=counted.products, images=counted.images, csv_sha256=csv_sha256
     )
+
+
+async def _analyze_if_outgrown(conn: db.Connection, images: int) -> None:
+    """Refresh the planner's statistics of the images and products when this request
+    alone outnumbers what they say the images table holds (a new database's first
+    catalog, say). Until autovacuum comes by, up to a minute later, the planner would
+    take the table for the size it was, and the workers' per-image statements would
+    scan the request's images instead of looking them up. The table at least doubles
+    between two such refreshes, so they stay rare; each costs a sample of the table."""
+    q = db.queries()
+    if await conn.fetchval(q["images_outgrown"], images):
+        await conn.execute(q["analyze_images"])
 
 
 _UPLOAD_COLUMNS = ("position", "line", "serial", "serial_number", "name", "urls", "sources")

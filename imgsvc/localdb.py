@@ -73,8 +73,11 @@ def free_port() -> int:
 class LocalPostgres:
     """A cluster in ``root`` (data/, run/, log): started on enter, stopped on exit."""
 
-    def __init__(self, root: Path, *, fast: bool = False, port: int | None = None) -> None:
+    def __init__(
+        self, root: Path, *, fast: bool = False, port: int | None = None, settings: Sequence[str] = ()
+    ) -> None:
         self.root = root.absolute()
+        self.settings = list(settings)  # more server settings, "name=value"
         self.data = self.root / "data"
         self.run_dir = self.root / "run"
         self.log = self.root / "postgres.log"
@@ -160,6 +163,7 @@ class LocalPostgres:
             ]
             if self.fast:
                 options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+            options += [f"-c {setting}" for setting in self.settings]
             self._run(
                 [
                     str(self.bindir / "pg_ctl"),

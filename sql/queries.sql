@@ -103,6 +103,14 @@ UPDATE images SET status = 'queued', error = $2 WHERE id = $1 AND status = 'proc
 -- lock_request --
 SELECT status FROM requests WHERE id = $1 FOR UPDATE;
 
+-- images_outgrown --
+-- Whether $1 images are more than the planner's statistics say the images table holds
+-- (reltuples is -1 before the table's first ANALYZE).
+SELECT reltuples < $1 FROM pg_class WHERE oid = 'images'::regclass;
+
+-- analyze_images --
+ANALYZE images, products;
+
 -- record_images --
 -- The final states of some of a request's images ($1), and their duplicates' (the
 -- images of the request with the same source URL, which end with them), in one round
@@ -119,6 +127,9 @@ SELECT status FROM requests WHERE id = $1 FOR UPDATE;
 -- saved, and the SHA-256 of the source and of the output.
 -- Returns the final status when these images finished the request (else NULL), and
 -- for each duplicate that ended, the id of the image it ended with.
+-- The images to record are found first, once (MATERIALIZED): with the statistics of a
+-- table that has just grown (a new database's first catalog), the planner would run
+-- the duplicates' look-up again for every image of the request.
 WITH v AS (
     SELECT * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
                          $7::bigint[], $8::bigint[], $9::int[], $10::int[], $11::text[],
@@ -127,7 +138,7 @@ WITH v AS (
         AS v(id, status, error, output_key, output_url, bytes_in, bytes_out, width, height,
              format_in, format_out, quality_in, quality_out, kept_original, reused,
              bytes_saved, source_sha256, output_sha256)
-), targets AS (
+), targets AS MATERIALIZED (
     SELECT v.id AS leader, v.id AS target FROM v
     UNION ALL
     SELECT v.id, d.id FROM v JOIN images d ON d.duplicate_of = v.id

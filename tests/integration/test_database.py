@@ -8,6 +8,7 @@ import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -455,3 +456,67 @@ async def test_the_images_of_one_record_share_a_request(pool: db.Pool) -> None:
     ]
     with pytest.raises(ValueError, match="share one request"):
         await db.record_images(pool, [db.Ending(t, error="x") for t in tasks], finish_job=FINISH_JOB)
+
+
+async def _images_reltuples(pool: db.Pool) -> float:
+    value: float = await pool.fetchval("SELECT reltuples FROM pg_class WHERE oid = 'images'::regclass")
+    return value
+
+
+async def test_a_request_bigger_than_the_images_table_refreshes_its_statistics(pool: db.Pool) -> None:
+    await store_request(pool, [product(n, 2) for n in range(100)])
+    assert await _images_reltuples(pool) == 200  # this request was more than the table held
+    await store_request(pool, [product(n, 1) for n in range(50)])
+    assert await _images_reltuples(pool) == 200  # fewer than the table holds: left to autovacuum
+    await store_request(pool, [product(n, 3) for n in range(100)])
+    assert await _images_reltuples(pool) == 550
+
+
+async def test_recording_looks_images_up_even_when_the_statistics_are_stale(pool: db.Pool) -> None:
+    # A request stored behind the planner's back (no ANALYZE), recorded with the generic
+    # plan a prepared statement gets after five runs: a plan that ran the duplicates'
+    # look-up once per image of the request read a million rows here.
+    rid = str(uuid.uuid4())
+    await pool.execute(
+        "INSERT INTO requests (id, product_count, image_count, status) VALUES ($1, 1000, 1000, 'processing')",
+        uuid.UUID(rid),
+    )
+    await pool.execute(
+        "INSERT INTO products (request_id, position, line, serial, serial_number, name)"
+        " SELECT $1, g, g + 1, g::text, g, 'p' FROM generate_series(1, 1000) g",
+        uuid.UUID(rid),
+    )
+    await pool.execute(
+        "INSERT INTO images (request_id, product_id, position, input_url, status)"
+        " SELECT $1, p.id, 1, 'http://img.test/' || p.position, 'processing' FROM products p",
+        uuid.UUID(rid),
+    )
+    ids = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id LIMIT 8")]
+    types = "uuid, bigint[], text[], text[], text[], text[], bigint[], bigint[], int[], int[], text[], text[]"
+    types += ", int[], int[], bool[], text[], bigint[], text[], text[], text, text"
+    arrays = ", ".join(
+        [
+            f"'{{{','.join(map(str, ids))}}}'",
+            "'{" + ",".join(["failed"] * 8) + "}'",
+            "'{" + ",".join(["gone"] * 8) + "}'",
+        ]
+    )
+    arrays += ", " + ", ".join(["'{" + ",".join(["NULL"] * 8) + "}'"] * 15)
+    async with pool.acquire() as conn:
+        recording = conn.transaction()
+        await recording.start()
+        try:
+            await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            await conn.execute(f"PREPARE record ({types}) AS {db.queries()['record_images']}")
+            execute = f"EXECUTE record ('{rid}', {arrays}, 'requests', 'finish_request')"
+            plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {execute}")
+        finally:
+            await recording.rollback()  # nothing recorded
+            await conn.execute("DEALLOCATE ALL")
+
+    def image_rows(node: dict[str, Any]) -> int:
+        own = node["Actual Rows"] * node["Actual Loops"] if node.get("Relation Name") == "images" else 0
+        return own + sum(image_rows(child) for child in node.get("Plans", []))
+
+    read = image_rows(json.loads(plan)[0]["Plan"])
+    assert read <= 3 * 1000, f"the statement read {read} rows of images for 8 images of 1,000"
