@@ -4,7 +4,8 @@
 
 In a private PostgreSQL (migrated with `imgsvc migrate`), makes one request per size
 with that many products and images, half of them done, and times with EXPLAIN ANALYZE
-(best of 5) the service's own named queries, read from its queries.sql:
+(best of 5) the service's own named queries, read from its queries.sql, prepared
+and with a generic plan, as the service runs them:
 
 - ``record_images``: run for every image, alone or with others of its job (it locks the
   request row, records the image and counts it on the request); timed for one image,
@@ -19,6 +20,7 @@ A query the service no longer has is reported as missing.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -42,11 +44,20 @@ def _psql(cluster: localdb.LocalPostgres, *statements: str) -> str:
     return done.stdout
 
 
-def _best_ms(cluster: localdb.LocalPostgres, sql: str, *, rollback: bool = False, repeats: int = 5) -> float:
+def _best_ms(
+    cluster: localdb.LocalPostgres, sql: str, args: str, *, rollback: bool = False, repeats: int = 5
+) -> float:
+    """The best execution time of ``sql`` run as the service runs it: a prepared statement,
+    with the generic plan it settles on after its first runs."""
     best = float("inf")
     for _ in range(repeats):
-        explain = "EXPLAIN (ANALYZE, TIMING OFF) " + sql
-        plan = _psql(cluster, "BEGIN", explain, "ROLLBACK") if rollback else _psql(cluster, explain)
+        explain = f"EXPLAIN (ANALYZE, TIMING OFF) EXECUTE q ({args})"
+        session = ["SET plan_cache_mode = force_generic_plan", f"PREPARE q AS {sql}"]
+        plan = (
+            _psql(cluster, *session, "BEGIN", explain, "ROLLBACK")
+            if rollback
+            else _psql(cluster, *session, explain)
+        )
         found = re.search(r"Execution Time: ([\d.]+) ms", plan)
         if found is None:
             raise RuntimeError(f"no execution time in:\n{plan}")
@@ -109,28 +120,17 @@ def main() -> None:
                 f"SELECT min(id) FROM images WHERE request_id = '{request_id}' AND status = 'queued'",
                 database=localdb.DATABASE,
             )
+            ending = {
+                "id": int(open_image), "status": "done", "output_key": "k",
+                "output_url": "http://127.0.0.1/out", "bytes_in": 1000, "bytes_out": 500, "width": 100,
+                "height": 100, "format_in": "jpeg", "format_out": "jpeg", "quality_in": 90,
+                "quality_out": 45, "kept_original": False,
+            }  # fmt: skip
             values = {
                 1: f"'{request_id}'::uuid",
-                2: f"ARRAY[{open_image}]",
-                3: "ARRAY['done']",
-                4: "ARRAY[NULL]",
-                5: "ARRAY['k']",
-                6: "ARRAY['http://127.0.0.1/out']",
-                7: "ARRAY[1000]",
-                8: "ARRAY[500]",
-                9: "ARRAY[100]",
-                10: "ARRAY[100]",
-                11: "ARRAY['jpeg']",
-                12: "ARRAY['jpeg']",
-                13: "ARRAY[90]",
-                14: "ARRAY[45]",
-                15: "ARRAY[false]",
-                16: "ARRAY[NULL]",
-                17: "ARRAY[NULL]",
-                18: "ARRAY[NULL]",
-                19: "ARRAY[NULL]",
-                20: "'requests'",
-                21: "'finish_request'",
+                2: f"'{json.dumps([ending])}'",
+                3: "'requests'",
+                4: "'finish_request'",
             }
             cells = []
             for name, params, rollback in (
@@ -141,10 +141,8 @@ def main() -> None:
                 if name not in queries:
                     cells.append(f"{'missing':>12}")
                     continue
-                sql = queries[name]
-                for number in sorted(params, reverse=True):  # $21 before $2 before $1
-                    sql = sql.replace(f"${number}", params[number])
-                cells.append(f"{_best_ms(cluster, sql, rollback=rollback):9.2f} ms")
+                args = ", ".join(params[number] for number in sorted(params))
+                cells.append(f"{_best_ms(cluster, queries[name], args, rollback=rollback):9.2f} ms")
             print(f"{size:>7}   {cells[0]:>26}   {cells[1]:>39}   {cells[2]:>31}")
     finally:
         cluster.remove()

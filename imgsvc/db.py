@@ -190,20 +190,24 @@ class Ending:
     bytes_in: int | None = None
     source_sha256: str | None = None
 
-    def values(self) -> tuple[Any, ...]:
-        """The image's element of each of ``record_images``' arrays."""
+    def as_json(self) -> dict[str, Any]:
+        """The image's object in ``record_images``' JSON."""
         out = self.output
+        ending: dict[str, Any] = {
+            "id": self.task.image_id,
+            "bytes_in": self.bytes_in,
+            "source_sha256": self.source_sha256,
+        }
         if out is None:
-            return (
-                self.task.image_id, str(models.ImageStatus.FAILED), self.error, None, None,
-                self.bytes_in, *[None] * 10, self.source_sha256, None,
-            )  # fmt: skip
-        return (
-            self.task.image_id, str(models.ImageStatus.DONE), None, out.key, out.url, self.bytes_in,
-            out.bytes_out, out.width, out.height, out.format_in, out.format_out, out.quality_in,
-            out.quality_out, out.kept_original, None if out.reused is None else str(out.reused),
-            out.bytes_saved, self.source_sha256, out.sha256,
-        )  # fmt: skip
+            return ending | {"status": str(models.ImageStatus.FAILED), "error": self.error}
+        return ending | {
+            "status": str(models.ImageStatus.DONE), "output_key": out.key, "output_url": out.url,
+            "bytes_out": out.bytes_out, "width": out.width, "height": out.height,
+            "format_in": out.format_in, "format_out": out.format_out, "quality_in": out.quality_in,
+            "quality_out": out.quality_out, "kept_original": out.kept_original,
+            "reused": None if out.reused is None else str(out.reused), "bytes_saved": out.bytes_saved,
+            "output_sha256": out.sha256,
+        }  # fmt: skip
 
 
 async def record_images(pool: Pool, endings: Sequence[Ending], *, finish_job: tuple[str, str]) -> Recorded:
@@ -215,10 +219,10 @@ async def record_images(pool: Pool, endings: Sequence[Ending], *, finish_job: tu
     request_ids = {ending.task.request_id for ending in endings}
     if len(request_ids) != 1:
         raise ValueError(f"the images of one record must share one request, not {len(request_ids)}")
-    columns = [list(column) for column in zip(*(ending.values() for ending in endings), strict=True)]
+    batch = json.dumps([ending.as_json() for ending in endings])
     async with translated():
         row = await pool.fetchrow(
-            queries()["record_images"], uuid.UUID(request_ids.pop()), *columns, *finish_job
+            queries()["record_images"], uuid.UUID(request_ids.pop()), batch, *finish_job
         )
     assert row is not None  # the statement always returns one row
     return Recorded(status=row["status"], duplicates=collections.Counter(row["duplicates_of"]))

@@ -117,27 +117,29 @@ ANALYZE images, products;
 -- trip and one transaction: lock the request row (first, as cancelling does), record
 -- the images, count them on the request, and if they were the request's last open
 -- images, give the request its final status and queue procrastinate's finish_request
--- job ($20 queue, $21 task). The counters decide, not a count of the images: this
+-- job ($3 queue, $4 task). The counters decide, not a count of the images: this
 -- statement's snapshot predates its wait for the lock, but the lock returns the newest
 -- committed row, so when the last images finish at once on two workers, exactly one
 -- sees the total.
--- $2 to $19 are arrays, one element per image: its id, 'done' or 'failed', the error,
--- the output's key and URL, bytes in and out, width, height, formats and qualities in
--- and out, kept_original, why the output was reused (NULL: made now), the bytes that
--- saved, and the SHA-256 of the source and of the output.
+-- $2 is a JSON array with an object per image (the columns of v below): its id, 'done'
+-- or 'failed', the error, the output's key and URL, bytes in and out, width, height,
+-- formats and qualities in and out, kept_original, why the output was reused (NULL:
+-- made now), the bytes that saved, and the SHA-256 of the source and of the output.
+-- JSON rather than arrays: the planner's estimate of a JSON set does not depend on its
+-- value, so the prepared statement settles on one generic plan; with arrays it was
+-- planned anew on every call, and planning was most of its cost.
 -- Returns the final status when these images finished the request (else NULL), and
 -- for each duplicate that ended, the id of the image it ended with.
--- The images to record are found first, once (MATERIALIZED): with the statistics of a
--- table that has just grown (a new database's first catalog), the planner would run
--- the duplicates' look-up again for every image of the request.
+-- The ids of the images to record are listed first, once (MATERIALIZED), and the
+-- images looked up by them (= ANY): the plan then reads only those rows whatever the
+-- planner's statistics say. With a new database's stale statistics, a plan that joined
+-- them otherwise ran the duplicates' look-up again for every image of the request.
 WITH v AS (
-    SELECT * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
-                         $7::bigint[], $8::bigint[], $9::int[], $10::int[], $11::text[],
-                         $12::text[], $13::int[], $14::int[], $15::bool[], $16::text[],
-                         $17::bigint[], $18::text[], $19::text[])
-        AS v(id, status, error, output_key, output_url, bytes_in, bytes_out, width, height,
-             format_in, format_out, quality_in, quality_out, kept_original, reused,
-             bytes_saved, source_sha256, output_sha256)
+    SELECT * FROM json_to_recordset($2::json)
+        AS v(id bigint, status text, error text, output_key text, output_url text,
+             bytes_in bigint, bytes_out bigint, width int, height int, format_in text,
+             format_out text, quality_in int, quality_out int, kept_original bool, reused text,
+             bytes_saved bigint, source_sha256 text, output_sha256 text)
 ), targets AS MATERIALIZED (
     SELECT v.id AS leader, v.id AS target FROM v
     UNION ALL
@@ -157,7 +159,8 @@ WITH v AS (
                            WHEN v.status = 'done' THEN coalesce(v.bytes_in, 0) + coalesce(v.bytes_out, 0) END,
         source_sha256 = v.source_sha256, output_sha256 = v.output_sha256
     FROM targets t JOIN v ON v.id = t.leader, locked l
-    WHERE i.id = t.target AND i.request_id = $1 AND i.status IN ('queued', 'processing')
+    WHERE i.id = ANY (ARRAY(SELECT target FROM targets)) AND i.id = t.target AND i.request_id = $1
+      AND i.status IN ('queued', 'processing')
     RETURNING t.leader, i.id, i.request_id, (i.status = 'done')::int AS done,
               (i.status = 'failed')::int AS failed, (i.reused IS NOT NULL)::int AS reused,
               coalesce(i.bytes_saved, 0) AS saved,
@@ -187,7 +190,7 @@ WITH v AS (
     RETURNING r.id, r.status, f.closes
 ), queued AS (
     SELECT procrastinate_defer_jobs_v1(ARRAY[
-        ROW($20, $21, 0, NULL, 'finish:' || c.id::text, jsonb_build_object('request_id', c.id::text),
+        ROW($3, $4, 0, NULL, 'finish:' || c.id::text, jsonb_build_object('request_id', c.id::text),
             NULL)::procrastinate_job_to_defer_v1])
     FROM counted c WHERE c.closes
 )

@@ -492,23 +492,14 @@ async def test_recording_looks_images_up_even_when_the_statistics_are_stale(pool
         uuid.UUID(rid),
     )
     ids = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id LIMIT 8")]
-    types = "uuid, bigint[], text[], text[], text[], text[], bigint[], bigint[], int[], int[], text[], text[]"
-    types += ", int[], int[], bool[], text[], bigint[], text[], text[], text, text"
-    arrays = ", ".join(
-        [
-            f"'{{{','.join(map(str, ids))}}}'",
-            "'{" + ",".join(["failed"] * 8) + "}'",
-            "'{" + ",".join(["gone"] * 8) + "}'",
-        ]
-    )
-    arrays += ", " + ", ".join(["'{" + ",".join(["NULL"] * 8) + "}'"] * 15)
+    batch = json.dumps([{"id": i, "status": "failed", "error": "gone"} for i in ids])
     async with pool.acquire() as conn:
         recording = conn.transaction()
         await recording.start()
         try:
             await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-            await conn.execute(f"PREPARE record ({types}) AS {db.queries()['record_images']}")
-            execute = f"EXECUTE record ('{rid}', {arrays}, 'requests', 'finish_request')"
+            await conn.execute(f"PREPARE record (uuid, json, text, text) AS {db.queries()['record_images']}")
+            execute = f"EXECUTE record ('{rid}', '{batch}', 'requests', 'finish_request')"
             plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {execute}")
         finally:
             await recording.rollback()  # nothing recorded
