@@ -141,8 +141,8 @@ def main() -> None:
                 if name not in queries:
                     cells.append(f"{'missing':>12}")
                     continue
-                args = ", ".join(params[number] for number in sorted(params))
-                cells.append(f"{_best_ms(cluster, queries[name], args, rollback=rollback):9.2f} ms")
+                given = ", ".join(params[number] for number in sorted(params))
+                cells.append(f"{_best_ms(cluster, queries[name], given, rollback=rollback):9.2f} ms")
             print(f"{size:>7}   {cells[0]:>26}   {cells[1]:>39}   {cells[2]:>31}")
     finally:
         cluster.remove()

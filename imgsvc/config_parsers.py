@@ -173,6 +173,13 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0:  # NaN too
+        raise ValueError(raw)
+    return value
+
+
 def _fraction(raw: str) -> float:
     value = float(raw)
     if not 0 < value <= 1:
@@ -339,6 +346,7 @@ API_KEYS = Parser(_api_keys, "comma-separated NAME:KEY[:admin] entries or plain 
 WEBHOOK_SECRETS = Parser(_webhook_secrets, "space-separated secrets: whsec_ and base64, or other text")
 COUNT = Parser(_positive_int, "a whole number above 0")
 SECONDS = Parser(_positive_float, "a number of seconds above 0")
+SECONDS_OR_NONE = Parser(_non_negative_float, "a number of seconds, 0 (none) or more")
 MEBIBYTES = Parser(_mib, "a whole number of MiB, 0 (no limit) or more", unit=MIB)
 REDIRECTS = Parser(_non_negative_int, "a whole number, 0 or more")
 NICE_STEPS = Parser(_nice_steps, "a whole number from 0 to 19")

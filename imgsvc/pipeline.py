@@ -39,7 +39,7 @@ async def process_images(res: resources.Resources, image_ids: list[int]) -> list
     try:
         claimed = {task.image_id: task for task in await db.claim_images(res.pool, image_ids)}
         known = await _known(res, list(claimed.values()))
-        recorder = _recorder(res)
+        recorder = _recorder(res, len(claimed))
         outcomes = await asyncio.gather(
             *(_process_claimed(res, claimed[i], recorder, known) for i in image_ids if i in claimed),
             return_exceptions=True,
@@ -116,8 +116,13 @@ def _source_url(task: models.ImageTask) -> str:
     return task.source_url or catalog.normalize_url(task.url)
 
 
-def _recorder(res: resources.Resources) -> recorder.Recorder:
-    return recorder.Recorder(res.pool, (models.REQUEST_QUEUE, models.FINISH_REQUEST))
+def _recorder(res: resources.Resources, expected: int = 1) -> recorder.Recorder:
+    return recorder.Recorder(
+        res.pool,
+        (models.REQUEST_QUEUE, models.FINISH_REQUEST),
+        expected=expected,
+        linger=res.settings.record_linger_seconds,
+    )
 
 
 async def _process_claimed(
@@ -140,6 +145,7 @@ async def _process_claimed(
             return await record_failure(
                 res, task, f"{exc.message} (gave up after {task.attempts} attempts)", seen, records
             )
+        records.left_out()
         await db.release_image(res.pool, image_id, f"attempt {task.attempts}: {exc.message}")
         metrics.images.labels("retry").inc()
         logger.info("image %s: attempt %s failed, will retry: %s", image_id, task.attempts, exc.message)

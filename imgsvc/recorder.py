@@ -1,11 +1,12 @@
-"""A job's images recorded together: one statement for the images that end while the
-previous statement runs.
+"""A job's images recorded together: one statement for the images that end close
+together.
 
-The first image of a job to end is recorded at once; those that end while its
-statement is in flight wait for it and then go in the next one, together. Nothing
-waits for a timer: a lone image is recorded as soon as it ends, and a job whose images
-end together (a re-sent catalog, answered by ``304``) costs a statement or two instead
-of one per image. Each image still learns whether its own record finished the request.
+An image that ends waits a little (``IMGSVC_RECORD_LINGER_SECONDS``) for the job's
+others, or less if they all end first; those that end while a statement is in flight
+go in the next one. A job whose images end together (a re-sent catalog, answered by
+``304``; small images) costs one statement instead of one per image, and a status read
+lags the work by at most the linger. Each image still learns whether its own record
+finished the request.
 
 An image whose record was not made (the worker stopped, the database failed) is not
 finished: its job, or the requeue of an interrupted job, takes it again, and the stored
@@ -15,6 +16,7 @@ results it made answer that second time (``reuse``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 
 from imgsvc import db, finish, models
@@ -28,21 +30,49 @@ class Recorded:
 
 
 class Recorder:
-    """Records a job's image endings, in as few statements as the timing allows."""
+    """Records a job's image endings, in as few statements as the timing allows.
 
-    def __init__(self, pool: db.Pool, finish_job: tuple[str, str]) -> None:
+    An ending waits up to ``linger`` seconds for the job's other images to end (none
+    waits once the ``expected`` endings are all in, or what is left of the job will not
+    end: ``left_out``), then goes with those that came meanwhile."""
+
+    def __init__(
+        self, pool: db.Pool, finish_job: tuple[str, str], *, expected: int = 1, linger: float = 0.0
+    ) -> None:
         self._pool = pool
         self._finish_job = finish_job
+        self._expected = expected
+        self._linger = linger
         self._waiting: list[tuple[db.Ending, asyncio.Future[Recorded]]] = []
+        self._since: float | None = None  # when the oldest waiting ending came
+        self._all_in = asyncio.Event()
         self._lock = asyncio.Lock()
         self.statements = 0  # statements sent, for the tests and the profile
+        self._count(0)
+
+    def left_out(self) -> None:
+        """One expected image will not end in this job (it is retried later)."""
+        self._count(-1)
+
+    def _count(self, change: int) -> None:
+        self._expected += change
+        if self._expected <= 0:
+            self._all_in.set()
 
     async def record(self, ending: db.Ending) -> Recorded:
         """Record ``ending`` (with any others that end meanwhile); raise what the database
         raised if the statement that carried it failed."""
-        mine: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        mine: asyncio.Future[Recorded] = loop.create_future()
         self._waiting.append((ending, mine))
+        if self._since is None:
+            self._since = loop.time()
+        self._count(-1)
         try:
+            wait = self._since + self._linger - loop.time()
+            if wait > 0 and not self._all_in.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._all_in.wait(), wait)
             async with self._lock:
                 if not mine.done():
                     await self._flush(mine)
@@ -54,7 +84,7 @@ class Recorder:
         return mine.result()
 
     async def _flush(self, mine: asyncio.Future[Recorded]) -> None:
-        batch, self._waiting = self._waiting, []
+        batch, self._waiting, self._since = self._waiting, [], None
         self.statements += 1
         try:
             recorded = await db.record_images(

@@ -355,6 +355,15 @@ class Settings:
         "images of a request carried by one job (fewer queue round trips per image; each image"
         " still has its own attempts)",
     )
+    record_linger_seconds: float = p.declare(
+        0.1,
+        "IMGSVC_RECORD_LINGER_SECONDS",
+        CONCURRENCY,
+        p.SECONDS_OR_NONE,
+        "how long a finished image waits for the rest of its job, to be recorded with them in"
+        " one statement (a status read lags by at most this; 0: each on its own unless another"
+        " statement is in flight)",
+    )
     max_attempts: int = p.declare(
         5,
         "IMGSVC_MAX_ATTEMPTS",

@@ -101,3 +101,41 @@ async def test_a_cancelled_ending_leaves_the_others_of_its_statement_to_be_recor
         ("queued", None),
         ("failed", "other"),
     ]
+
+
+async def test_endings_wait_for_the_rest_of_their_job_and_go_in_one_statement(pool: db.Pool) -> None:
+    rid, tasks = await _tasks(pool, 8)
+    records = recorder.Recorder(pool, FINISH_JOB, expected=8, linger=60.0)
+
+    async def end(task: models.ImageTask, after: float) -> recorder.Recorded:
+        await asyncio.sleep(after)
+        return await records.record(db.Ending(task, error="broken"))
+
+    # Endings spread over 0.4 s: all wait for the eighth (not for the 60 s linger).
+    await asyncio.wait_for(asyncio.gather(*(end(t, n * 0.05) for n, t in enumerate(tasks))), 10)
+    assert records.statements == 1
+    assert await pool.fetchval("SELECT status FROM requests WHERE id = $1", uuid.UUID(rid)) == "failed"
+
+
+async def test_an_image_left_out_of_its_job_is_not_waited_for(pool: db.Pool) -> None:
+    _, tasks = await _tasks(pool, 3)
+    records = recorder.Recorder(pool, FINISH_JOB, expected=3, linger=60.0)
+    first = asyncio.ensure_future(records.record(db.Ending(tasks[0], error="broken")))
+    second = asyncio.ensure_future(records.record(db.Ending(tasks[1], error="broken")))
+    await asyncio.sleep(0.1)
+    assert not first.done() and not second.done()  # waiting for the third
+    records.left_out()  # the third will be retried by a later job
+    await asyncio.wait_for(asyncio.gather(first, second), 10)
+    assert records.statements == 1
+
+
+async def test_endings_wait_no_longer_than_the_linger(pool: db.Pool) -> None:
+    _, tasks = await _tasks(pool, 3)
+    records = recorder.Recorder(pool, FINISH_JOB, expected=3, linger=0.2)
+    # The third never ends in this job (nobody says so): the two go after the linger.
+    await asyncio.wait_for(
+        asyncio.gather(*(records.record(db.Ending(t, error="broken")) for t in tasks[:2])), 10
+    )
+    assert records.statements == 1
+    statuses = await pool.fetch("SELECT status FROM images WHERE id = ANY($1)", [t.image_id for t in tasks])
+    assert sorted(r["status"] for r in statuses) == ["failed", "failed", "queued"]
