@@ -348,7 +348,7 @@ class Settings:
         8, "IMGSVC_WORKER_CONCURRENCY", CONCURRENCY, p.COUNT, "jobs a worker runs at once"
     )
     images_per_job: int = p.declare(
-        8,
+        16,
         "IMGSVC_IMAGES_PER_JOB",
         CONCURRENCY,
         p.COUNT,

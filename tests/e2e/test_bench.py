@@ -12,6 +12,9 @@ from typing import Any
 
 import pytest
 
+from bench import pgstat
+from imgsvc import localdb
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Every phase, each as short as it goes: 3 images a request, 1-second latency load,
@@ -20,6 +23,7 @@ SHORT = [
     "--images", "3", "--repeat", "1", "--warmup", "1", "--rounds", "1",
     "--ceiling-seconds", "0.05", "--latency-seconds", "1",
     "--upload-rows", "50", "--upload-repeat", "2", "--large-csv-mb", "1", "--rerun-images", "4",
+    "--tiny-images", "20",
 ]  # fmt: skip
 
 
@@ -36,7 +40,8 @@ def bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str],
 
 
 def test_every_phase_measures_the_pipeline_and_writes_table_and_json(tmp_path: Path) -> None:
-    done, out = bench(tmp_path, *SHORT)
+    statements = pgstat.available(localdb.find_bindir())  # the module is in PostgreSQL's contrib
+    done, out = bench(tmp_path, *SHORT, *(["--pg-statements"] if statements else []))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     results: dict[str, Any] = json.loads(out.read_text())
 
@@ -94,6 +99,17 @@ def test_every_phase_measures_the_pipeline_and_writes_table_and_json(tmp_path: P
     assert (alone["downloads"], alone["compressed"]) == (1, 1)
     assert "Re-run: a catalog of 4 images" in done.stdout
 
+    # Tiny images: each downloaded, compressed and stored; the CPU of every process tree.
+    tiny = results["tiny"]
+    assert tiny["images"] == 20 and tiny["images_per_second"] > 0
+    assert set(tiny["cpu_ms_per_image"]) == {"api", "worker", "postgres", "s3 (rclone)", "image server"}
+    assert tiny["cpu_ms_per_image"]["worker"] > 0
+    assert "Tiny images: 20 distinct 64x48 JPEGs" in done.stdout
+    if statements:  # PostgreSQL's time by statement: recording the images is among it
+        assert any("json_to_recordset" in row["query"] for row in tiny["statements"])
+        assert any("json_to_recordset" in row["query"] for row in results["rerun"]["unchanged_statements"])
+        assert "PostgreSQL's time by statement, tiny images" in done.stdout
+
     large = results["large_uploads"]
     assert large["worker_stopped"] and large["worker_exit_code"] == 0
     assert large["rows_upload"]["accepted"] == 2
@@ -111,7 +127,7 @@ def test_a_request_that_does_not_complete_fails_the_run(tmp_path: Path) -> None:
     # its "throughput" would measure refusals, and the run must say so and exit 1.
     done, out = bench(
         tmp_path, *SHORT, "--no-latency", "--no-settings", "--no-large-uploads", "--rerun-images", "0",
-        "--env", "IMGSVC_MAX_PIXELS=1000",
+        "--tiny-images", "0", "--env", "IMGSVC_MAX_PIXELS=1000",
     )  # fmt: skip
     assert done.returncode == 1, done.stdout[-4000:] + done.stderr[-4000:]
     assert "the ecommerce request ended failed" in done.stderr
