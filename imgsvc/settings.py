@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from imgsvc import config_parsers as p
-from imgsvc import errors
+from imgsvc import cores, errors
 
 MIB = p.MIB
-_CORES = max(1, os.cpu_count() or 1)
+_CORES = cores.usable_cores()  # affinity and cgroup quota, not the host's count
 
 SERVER, DATABASE, STORAGE, WEBHOOKS = "Server", "Database", "Storage", "Webhooks"
 LIMITS, IMAGES, CONCURRENCY, RETRIES = "Security and limits", "Images", "Concurrency", "Retries"
@@ -231,8 +231,9 @@ class Settings:
         "IMGSVC_IMAGE_MEMORY_MB",
         IMAGES,
         p.MEBIBYTES,
-        "the codec memory (MiB) a worker process may have in use at once, each image's estimated from"
-        " its header (see below); one larger than this runs alone. `0` for no limit",
+        "the codec memory (MiB) a worker may have in use at once, each image's estimated from its"
+        " header (see below); one larger than this runs alone. `0` for no limit. Per `imgsvc worker`:"
+        " its processes share it (see below)",
     )
     jpeg_optimize_max_pixels: int = p.declare(
         16_000_000,
@@ -293,10 +294,10 @@ class Settings:
         "IMGSVC_DOWNLOAD_CONCURRENCY",
         CONCURRENCY,
         p.COUNT,
-        "images a worker process holds from the start of their download to the end of their"
+        "images a worker holds from the start of their download to the end of their"
         " compression (downloading, or downloaded and waiting for the codec), by count. Raise it"
         " when sources are slow to answer",
-        default_text="8 × number of cores",
+        default_text="8 × usable cores",
     )
     source_memory: int = p.declare(
         16 * MIB,
@@ -315,7 +316,7 @@ class Settings:
         p.COUNT,
         "images decoded and encoded at once (the threads of the image pool); one more than the"
         " cores fills compress()'s single-threaded moments (see below)",
-        default_text="number of cores + 1",
+        default_text="usable cores + 1",
     )
     large_image_concurrency: int = p.declare(
         _CORES,
@@ -323,7 +324,7 @@ class Settings:
         CONCURRENCY,
         p.COUNT,
         "of those, photos over 4 MP at once, so the extra thread never holds a large one (memory)",
-        default_text="number of cores",
+        default_text="usable cores",
     )
     image_nice: int = p.declare(
         10,
