@@ -89,9 +89,9 @@ class _Json(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-# The periodic task whose every run procrastinate would report at INFO (deferred,
-# started, ended: three lines each 15 s); its own lines say when a run did something.
-HOUSEKEEPING_TASKS = frozenset({"maintenance"})
+# The periodic tasks whose every run procrastinate would report at INFO (deferred,
+# started, ended: three lines each 15 s); their own lines say when a run did something.
+HOUSEKEEPING_TASKS = frozenset({"maintenance", "prune_jobs"})
 
 
 class _Housekeeping(logging.Filter):

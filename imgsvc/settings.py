@@ -380,6 +380,15 @@ class Settings:
         p.SECONDS,
         "a worker silent this long is taken as dead, and its jobs run again",
     )
+    job_retention_hours: int = p.declare(
+        168,
+        "IMGSVC_JOB_RETENTION_HOURS",
+        RETRIES,
+        p.HOURS,
+        "jobs that ended failed, aborted (interrupted at a stop) or cancelled stay in"
+        " `procrastinate_jobs` this long, then a maintenance task deletes them; jobs that succeed"
+        " are deleted as they finish",
+    )
     shutdown_seconds: float = p.declare(
         20.0,
         "IMGSVC_SHUTDOWN_SECONDS",
