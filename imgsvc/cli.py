@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_processes,
         default=None,
         metavar="N",
-        help=f"worker processes under one supervisor (default: usable cores, {cores.usable_cores()} here)",
+        help="worker processes under one supervisor (default: one per 2 usable cores,"
+        f" {supervisor.default_processes(cores.usable_cores())} here)",
     )
     # A supervisor's child: who its parent is, and which of the N it is.
     worker.add_argument("--child-of", type=int, default=None, help=argparse.SUPPRESS)
@@ -214,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.child_of is not None:
             supervisor.follow_parent(args.child_of)
         if args.processes is None:
-            args.processes = cores.usable_cores()
+            args.processes = supervisor.default_processes(cores.usable_cores())
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         config = settings.from_env()

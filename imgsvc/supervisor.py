@@ -49,6 +49,19 @@ RESTART_RESET_AFTER = 60.0  # a child that lived this long starts the delays afr
 _POLL_SECONDS = 0.2
 
 
+# Cores one process keeps busy before its event loop is the limit, on the images that
+# need the loop most: tiny ones, whose codec work is nothing (the loop was 2.8 of the
+# worker's 5.2 CPU ms an image; on 2 MP photos 5.0 of 33.9). docs/performance.md has
+# the measurement.
+CORES_PER_PROCESS = 2
+
+
+def default_processes(usable_cores: int) -> int:
+    """The worker processes ``imgsvc worker`` runs unless told: one per
+    ``CORES_PER_PROCESS`` usable cores, rounded up (1 on 1 or 2 cores, 8 on 16)."""
+    return max(1, math.ceil(usable_cores / CORES_PER_PROCESS))
+
+
 def name(slot: int) -> str:
     """A child's name in logs and metrics: ``worker-1`` … ``worker-N``."""
     return f"worker-{slot}"

@@ -38,3 +38,7 @@ def test_no_limit_stays_no_limit() -> None:
     config = settings.from_env({"IMGSVC_IMAGE_MEMORY_MB": "0", "IMGSVC_SOURCE_MEMORY_MB": "0"})
     each = supervisor.share(config, 3)
     assert each.image_memory == 0 and each.source_memory == 0
+
+
+def test_one_process_for_two_usable_cores_rounded_up() -> None:
+    assert [supervisor.default_processes(n) for n in (1, 2, 3, 4, 16)] == [1, 1, 2, 2, 8]
