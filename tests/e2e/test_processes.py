@@ -18,7 +18,15 @@ import aiohttp
 import pytest
 
 from imgsvc import localdb
-from tests.e2e.processes import Process, assert_clean_exit, post_csv, service_env, serving, wait_for_final
+from tests.e2e.processes import (
+    Process,
+    assert_clean_exit,
+    post_csv,
+    service_env,
+    serving,
+    wait_for_final,
+    wait_until_up,
+)
 from tests.e2e.test_faults import query, slow_csv, wait_for
 from tests.servers import ImageServer, S3Server
 
@@ -182,3 +190,36 @@ def test_children_die_with_a_supervisor_killed_outright(
     supervisor.popen.send_signal(signal.SIGKILL)
     supervisor.popen.wait(10)
     wait_until_gone(pids)  # orphans would be adopted and live on
+
+
+async def test_the_api_behind_several_uvicorn_workers(
+    database_url: str, s3: S3Server, image_server: ImageServer, tmp_path: Path
+) -> None:
+    port = localdb.free_port()
+    env = service_env(database_url, s3, tmp_path, port)
+    args = [
+        "--factory",
+        "imgsvc.web:from_env",
+        "--workers",
+        "2",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    api = Process([sys.executable, "-m", "uvicorn", *args], env, tmp_path / "uvicorn.log")
+    worker = workers(env, tmp_path / "worker.log", 1)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(base, api)
+        # Two processes serve it (multiprocessing's resource tracker may be a third child).
+        assert len(children(api.popen.pid)) >= 2
+        url = image_server.url("/img/png_palette_trns.png")
+        body = f'S. No.,Product Name,Input Image Urls\n1,P,"{url},{url}?2"\n2,Q,{url}?3\n'.encode()
+        async with aiohttp.ClientSession() as session:
+            status, accepted = await post_csv(session, base, body)
+            assert status == 202, accepted
+            final = await wait_for_final(session, accepted["status_url"], seconds=60)
+    finally:
+        assert_clean_exit(api, worker)
+    assert final["status"] == "completed" and final["counts"]["done"] == 3
