@@ -68,7 +68,8 @@ class Settings:
         "IMGSVC_METRICS_PORT",
         SERVER,
         p.PORT,
-        "a standalone worker's Prometheus port (the API serves `/metrics` itself)",
+        "a standalone worker's Prometheus port (the API serves `/metrics` itself); with"
+        " `--processes N`, `worker-1`'s, and the next ports the other processes'",
     )
 
     aws_region: str = p.declare(
