@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -223,3 +224,16 @@ async def test_the_api_behind_several_uvicorn_workers(
     finally:
         assert_clean_exit(api, worker)
     assert final["status"] == "completed" and final["counts"]["done"] == 3
+
+
+def test_a_process_count_that_is_not_one_or_more_is_refused_in_words() -> None:
+    for bad in ("0", "-2", "many"):
+        done = subprocess.run(
+            [sys.executable, "-m", "imgsvc", "worker", "--processes", bad],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 2
+        assert f"--processes: expected a whole number above 0, got {bad!r}" in done.stderr
+        assert "Traceback" not in done.stderr
