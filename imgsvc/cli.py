@@ -16,10 +16,9 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import prometheus_client
 import uvloop
 
-from imgsvc import __version__, client, errors, localdb, logs, migrate, settings
+from imgsvc import __version__, client, cores, errors, localdb, logs, metrics, migrate, settings, supervisor
 
 logger = logging.getLogger("imgsvc")
 
@@ -33,6 +32,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--migrate", action="store_true", help="apply the schema first")
     worker = commands.add_parser("worker", help="run a standalone worker")
     worker.add_argument("--migrate", action="store_true", help="apply the schema first")
+    worker.add_argument(
+        "--processes",
+        type=_processes,
+        default=None,
+        metavar="N",
+        help="worker processes under one supervisor (default: one per 2 usable cores,"
+        f" {supervisor.default_processes(cores.usable_cores())} here)",
+    )
+    # A supervisor's child: who its parent is, and which of the N it is.
+    worker.add_argument("--child-of", type=int, default=None, help=argparse.SUPPRESS)
+    worker.add_argument("--slot", type=int, default=1, help=argparse.SUPPRESS)
     migrate_command = commands.add_parser("migrate", help="apply the database schema (idempotent)")
     migrate_command.add_argument(
         "--post",
@@ -58,6 +68,16 @@ def _parser() -> argparse.ArgumentParser:
         )
         command.add_argument("--api-key", default=None, help="an API key (default: $IMGSVC_API_KEY)")
     return parser
+
+
+def _processes(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number above 0, got {text!r}")
+    return count
 
 
 def _client(args: argparse.Namespace) -> int:
@@ -123,7 +143,8 @@ def _serve(config: settings.Settings, url: str, run_worker: bool) -> None:
         raise SystemExit(1)
 
 
-async def _worker(config: settings.Settings, url: str) -> None:
+async def _worker(config: settings.Settings, url: str, process: str | None = None, slot: int = 1) -> None:
+    """One worker process; ``process`` names it when it is ``slot`` of a supervisor's."""
     from imgsvc import priority, queue, resources
 
     priority.lower_session_priority(config.worker_session_nice)
@@ -134,8 +155,9 @@ async def _worker(config: settings.Settings, url: str) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         if config.metrics_port:
-            prometheus_client.start_http_server(config.metrics_port, addr=config.host)
-            logger.info("metrics on http://%s:%s/metrics", config.host, config.metrics_port)
+            port = config.metrics_port + slot - 1  # worker-1 on the port itself, worker-2 on the next
+            metrics.serve_worker(port, config.host, process)
+            logger.info("metrics on http://%s:%s/metrics", config.host, port)
         logger.info("worker started (concurrency %s)", config.worker_concurrency)
         await queue.run_worker(app, res, stop)
 
@@ -160,18 +182,48 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def _supervise(config: settings.Settings, url: str, processes: int) -> int:
+    """Run ``processes`` workers under a supervisor until SIGTERM or SIGINT."""
+    from imgsvc import priority
+
+    # The session is the supervisor's, and autogroup schedules its children with it.
+    priority.lower_session_priority(config.worker_session_nice)
+    boss = supervisor.Supervisor(
+        lambda slot: supervisor.child_command(processes, slot),
+        processes,
+        config.shutdown_seconds,
+        env={**os.environ, "DATABASE_URL": url},
+    )
+    return boss.run()
+
+
+def _process_name(args: argparse.Namespace) -> str | None:
+    """How logs and metrics name this process: a supervisor's or its child's name, or none."""
+    if args.command != "worker":
+        return None
+    if args.child_of is not None:
+        return supervisor.name(args.slot)
+    return supervisor.SUPERVISOR if args.processes != 1 else None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `imgsvc` command."""
     args = _parser().parse_args(argv)
     if args.command in ("submit", "status"):
         raise SystemExit(_client(args))
+    if args.command == "worker":
+        if args.child_of is not None:
+            supervisor.follow_parent(args.child_of)
+        if args.processes is None:
+            args.processes = supervisor.default_processes(cores.usable_cores())
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         config = settings.from_env()
     except errors.SettingsError as exc:
         print(f"imgsvc: configuration error: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from None
-    logs.configure(config.log_level, config.log_format)
+    process = _process_name(args)
+    logs.configure(config.log_level, config.log_format, process)
     try:
         with _database(config) as url:
             if args.command == "migrate" or getattr(args, "migrate", False):
@@ -180,8 +232,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 asyncio.run(migrate.require_current(url))
             if args.command == "serve":
                 _serve(config, url, run_worker=not args.no_worker)
+            elif args.command == "worker" and args.child_of is None and args.processes > 1:
+                raise SystemExit(_supervise(config, url, args.processes))
             elif args.command == "worker":
-                uvloop.run(_worker(config, url))
+                uvloop.run(_worker(supervisor.share(config, args.processes), url, process, args.slot))
     except errors.ImgsvcError as exc:
         print(f"imgsvc: {exc.message}", file=sys.stderr)
         raise SystemExit(1) from None

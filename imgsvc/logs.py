@@ -1,6 +1,7 @@
 """Logging: one line per event, as text or JSON (IMGSVC_LOG_FORMAT=json), with the
-request id and image id on every line that concerns them, and never a traceback for
-failures the service expects and recovers from."""
+request id and image id on every line that concerns them, the process's name on every
+line of a worker of several processes, and never a traceback for failures the service
+expects and recovers from."""
 
 from __future__ import annotations
 
@@ -36,10 +37,17 @@ EXPECTED = (
 
 
 class _Context(logging.Filter):
-    """Adds the current request and image ids, and drops tracebacks of expected failures
-    (libraries log them with one; for these the message says all an operator needs)."""
+    """Adds the process's name (if it has one), the current request and image ids, and
+    drops tracebacks of expected failures (libraries log them with one; for these the
+    message says all an operator needs)."""
+
+    def __init__(self, process: str | None) -> None:
+        super().__init__()
+        self.process = process
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # Not "process": LogRecord has that already (the pid).
+        record.process_name = self.process
         record.request_id = request_id.get()
         record.image_id = image_id.get()
         if record.exc_info and isinstance(record.exc_info[1], EXPECTED):
@@ -48,12 +56,18 @@ class _Context(logging.Filter):
         return True
 
 
+# What a line says about where it comes from, in this order; JSON names process_name
+# "process".
+_IDS = ("process_name", "request_id", "image_id")
+_FIELDS = {"process_name": "process"}
+
+
 class _Text(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         ids = [
-            f"{name}={value}"
-            for name in ("request_id", "image_id")
+            f"{_FIELDS.get(name, name)}={value}"
+            for name in _IDS
             if (value := getattr(record, name, None)) is not None
         ]
         return f"{line} [{' '.join(ids)}]" if ids else line
@@ -67,17 +81,17 @@ class _Json(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for name in ("request_id", "image_id"):
+        for name in _IDS:
             if (value := getattr(record, name, None)) is not None:
-                entry[name] = value
+                entry[_FIELDS.get(name, name)] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
 
-# The periodic task whose every run procrastinate would report at INFO (deferred,
-# started, ended: three lines each 15 s); its own lines say when a run did something.
-HOUSEKEEPING_TASKS = frozenset({"maintenance"})
+# The periodic tasks whose every run procrastinate would report at INFO (deferred,
+# started, ended: three lines each 15 s); their own lines say when a run did something.
+HOUSEKEEPING_TASKS = frozenset({"maintenance", "prune_jobs"})
 
 
 class _Housekeeping(logging.Filter):
@@ -111,11 +125,12 @@ def quiet_libraries() -> None:
             logger.addFilter(_HOUSEKEEPING)
 
 
-def configure(level: str, fmt: str) -> None:
-    """Send every log line to stderr in the chosen format."""
+def configure(level: str, fmt: str, process: str | None = None) -> None:
+    """Send every log line to stderr in the chosen format, each naming ``process``
+    (``supervisor``, ``worker-2``) if given."""
     handler = logging.StreamHandler()
     handler.addFilter(_HOUSEKEEPING)  # a worker's own child logger too (procrastinate.worker.NAME)
-    handler.addFilter(_Context())
+    handler.addFilter(_Context(process))
     if fmt == "json":
         handler.setFormatter(_Json())
     else:

@@ -1,9 +1,10 @@
 """The periodic sweeps behind "nothing lost": jobs of workers that stopped sending
-heartbeats go back to the queue, and unfinished work that has no job gets one.
+heartbeats go back to the queue, and unfinished work that has no job gets one; and
+the one that keeps the queue's table bounded: jobs that ended are deleted.
 
-Run every 15 s by the ``maintenance`` task, on one worker at a time. A run that did
-nothing logs at DEBUG only (``logs.HOUSEKEEPING_TASKS``); one that requeued work says so
-at WARNING.
+The first run every 15 s (the ``maintenance`` task), the second every 10 minutes
+(``prune_jobs``), each on one worker at a time. A run that did nothing logs at DEBUG
+only (``logs.HOUSEKEEPING_TASKS``); one that requeued work says so at WARNING.
 """
 
 from __future__ import annotations
@@ -90,3 +91,17 @@ async def _requeue_orphans(res: resources.Resources, limit: int) -> int:
     if count:
         logger.warning("queued %s unfinished items again that had no job", count)
     return count
+
+
+async def prune_jobs(jobs: manager.JobManager, retention_hours: int) -> None:
+    """Delete the jobs that ended, whatever their end, ``retention_hours`` or more ago.
+
+    Workers delete a job that succeeds as it ends; this takes the others: failed (a
+    task that raised what is not retried, or unknown to the worker that took it),
+    aborted (interrupted at a stop: their images have jobs of their own again) and
+    cancelled. Their events go with them. Nothing unfinished depends on such a job:
+    the sweeps for orphans look only at jobs still to do or doing."""
+    await jobs.delete_old_jobs(
+        nb_hours=retention_hours, include_failed=True, include_cancelled=True, include_aborted=True
+    )
+    logger.debug("deleted the jobs that ended %s hours ago or more", retention_hours)

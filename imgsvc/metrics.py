@@ -1,12 +1,17 @@
 """Prometheus metrics, with the standard client library. Each process has its own:
-the API serves them at /metrics; a standalone worker on IMGSVC_METRICS_PORT."""
+the API serves them at /metrics; a standalone worker on IMGSVC_METRICS_PORT, and each
+process of a worker of several on a port of its own, every sample labelled with the
+process's name (``serve_worker``)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
+import prometheus_client
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import REGISTRY, CollectorRegistry
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -69,3 +74,30 @@ async def watch_event_loop(
         due = loop.time() + interval
         await asyncio.sleep(interval)
         record(max(0.0, loop.time() - due))
+
+
+class _Labelled:
+    """The metrics of ``registry`` with a ``process`` label added to every sample."""
+
+    def __init__(self, registry: CollectorRegistry, process: str) -> None:
+        self.registry = registry
+        self.process = process
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self.registry.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [
+                sample._replace(labels={**sample.labels, "process": self.process})
+                for sample in family.samples
+            ]
+            yield labelled
+
+
+def serve_worker(port: int, host: str, process: str | None = None) -> None:
+    """Serve this process's metrics on ``port`` in a thread; each sample labelled
+    ``process`` with ``process`` if given."""
+    registry = REGISTRY
+    if process is not None:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Labelled(REGISTRY, process))
+    prometheus_client.start_http_server(port, addr=host, registry=registry)

@@ -13,6 +13,7 @@ REQUEST_QUEUE = "requests"
 FINISH_REQUEST = "finish_request"
 DELIVER_WEBHOOK = "deliver_webhook"
 MAINTENANCE_QUEUE = "maintenance"
+PRUNE_JOBS = "prune_jobs"
 
 
 class RequestStatus(enum.StrEnum):

@@ -102,6 +102,12 @@ async def run_maintenance(context: procrastinate.JobContext, timestamp: int) -> 
     return await maintenance.sweep(context.app.job_manager, _resources(context))
 
 
+async def prune_jobs(context: procrastinate.JobContext, timestamp: int) -> None:
+    """Every 10 minutes, on one worker: delete the jobs that ended (failed, aborted,
+    cancelled) IMGSVC_JOB_RETENTION_HOURS ago, so that the queue's table stays bounded."""
+    await maintenance.prune_jobs(context.app.job_manager, _resources(context).settings.job_retention_hours)
+
+
 def create_app(config: settings.Settings, database_url: str | None = None) -> App:
     """The app and its tasks, with retry delays from ``config``; the database is
     ``database_url``, else DATABASE_URL."""
@@ -121,6 +127,13 @@ def create_app(config: settings.Settings, database_url: str | None = None) -> Ap
         name="maintenance", queue=models.MAINTENANCE_QUEUE, queueing_lock="maintenance", pass_context=True
     )(run_maintenance)
     app.periodic(cron="* * * * * */15", periodic_id="maintenance")(sweeps)
+    prunes = app.task(
+        name=models.PRUNE_JOBS,
+        queue=models.MAINTENANCE_QUEUE,
+        queueing_lock=models.PRUNE_JOBS,
+        pass_context=True,
+    )(prune_jobs)
+    app.periodic(cron="*/10 * * * *", periodic_id=models.PRUNE_JOBS)(prunes)
     return app
 
 

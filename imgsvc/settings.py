@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from imgsvc import config_parsers as p
-from imgsvc import errors
+from imgsvc import cores, errors
 
 MIB = p.MIB
-_CORES = max(1, os.cpu_count() or 1)
+_CORES = cores.usable_cores()  # affinity and cgroup quota, not the host's count
 
 SERVER, DATABASE, STORAGE, WEBHOOKS = "Server", "Database", "Storage", "Webhooks"
 LIMITS, IMAGES, CONCURRENCY, RETRIES = "Security and limits", "Images", "Concurrency", "Retries"
@@ -68,7 +68,8 @@ class Settings:
         "IMGSVC_METRICS_PORT",
         SERVER,
         p.PORT,
-        "a standalone worker's Prometheus port (the API serves `/metrics` itself)",
+        "a standalone worker's Prometheus port (the API serves `/metrics` itself); with"
+        " `--processes N`, `worker-1`'s, and the next ports the other processes'",
     )
 
     aws_region: str = p.declare(
@@ -231,8 +232,9 @@ class Settings:
         "IMGSVC_IMAGE_MEMORY_MB",
         IMAGES,
         p.MEBIBYTES,
-        "the codec memory (MiB) a worker process may have in use at once, each image's estimated from"
-        " its header (see below); one larger than this runs alone. `0` for no limit",
+        "the codec memory (MiB) a worker may have in use at once, each image's estimated from its"
+        " header (see below); one larger than this runs alone. `0` for no limit. Per `imgsvc worker`:"
+        " its processes share it (see below)",
     )
     jpeg_optimize_max_pixels: int = p.declare(
         16_000_000,
@@ -293,10 +295,10 @@ class Settings:
         "IMGSVC_DOWNLOAD_CONCURRENCY",
         CONCURRENCY,
         p.COUNT,
-        "images a worker process holds from the start of their download to the end of their"
+        "images a worker holds from the start of their download to the end of their"
         " compression (downloading, or downloaded and waiting for the codec), by count. Raise it"
         " when sources are slow to answer",
-        default_text="8 × number of cores",
+        default_text="8 × usable cores",
     )
     source_memory: int = p.declare(
         16 * MIB,
@@ -315,7 +317,7 @@ class Settings:
         p.COUNT,
         "images decoded and encoded at once (the threads of the image pool); one more than the"
         " cores fills compress()'s single-threaded moments (see below)",
-        default_text="number of cores + 1",
+        default_text="usable cores + 1",
     )
     large_image_concurrency: int = p.declare(
         _CORES,
@@ -323,7 +325,7 @@ class Settings:
         CONCURRENCY,
         p.COUNT,
         "of those, photos over 4 MP at once, so the extra thread never holds a large one (memory)",
-        default_text="number of cores",
+        default_text="usable cores",
     )
     image_nice: int = p.declare(
         10,
@@ -387,6 +389,15 @@ class Settings:
         RETRIES,
         p.SECONDS,
         "a worker silent this long is taken as dead, and its jobs run again",
+    )
+    job_retention_hours: int = p.declare(
+        168,
+        "IMGSVC_JOB_RETENTION_HOURS",
+        RETRIES,
+        p.HOURS,
+        "jobs that ended failed, aborted (interrupted at a stop) or cancelled stay in"
+        " `procrastinate_jobs` this long, then a maintenance task deletes them; jobs that succeed"
+        " are deleted as they finish",
     )
     shutdown_seconds: float = p.declare(
         20.0,

@@ -32,6 +32,7 @@ from imgsvc import (
     api,
     config_parsers,
     errors,
+    logs,
     metrics,
     pages,
     queue,
@@ -235,3 +236,14 @@ def create_app(config: settings.Settings, database_url: str, *, run_worker: bool
     return Starlette(
         routes=routes, lifespan=lifespan, exception_handlers=_ERROR_HANDLERS, middleware=middleware
     )
+
+
+def from_env() -> Starlette:
+    """The API alone, its settings read from the environment: for an ASGI server that
+    runs it in several processes (``uvicorn --factory imgsvc.web:from_env --workers 4``).
+    Needs DATABASE_URL, and a schema that ``imgsvc migrate`` has made current."""
+    config = settings.from_env()
+    if not config.database_url:
+        raise errors.SettingsError("DATABASE_URL", "is required to serve the API from several processes")
+    logs.configure(config.log_level, config.log_format)
+    return create_app(config, config.database_url, run_worker=False)

@@ -23,7 +23,8 @@ async def run_maintenance_once(res: resources.Resources, database_url: str) -> N
     async with app.open_async():
         deferrer = periodic.PeriodicDeferrer(registry=app.periodic_registry)
         await deferrer.defer_jobs(deferrer.get_previous_tasks(at=time.time()))
-        assert await res.pool.fetchval("SELECT count(*) FROM procrastinate_periodic_defers") == 1
+        defers = "SELECT count(*) FROM procrastinate_periodic_defers WHERE task_name = 'maintenance'"
+        assert await res.pool.fetchval(defers) == 1
         options = queue.worker_options(res.settings)  # as serve and worker run it
         options["additional_context"] = queue.context(res)
         options["queues"] = [models.MAINTENANCE_QUEUE]
