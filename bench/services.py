@@ -270,7 +270,7 @@ class Services:
         if migrate.returncode != 0:
             raise RuntimeError(f"imgsvc migrate failed:\n{migrate.stdout}{migrate.stderr}")
         api = self._spawn("api", [sys.executable, "-m", "imgsvc", "serve", "--no-worker"], env)
-        worker = self._spawn("worker", [sys.executable, "-m", "imgsvc", "worker"], env)
+        worker = self._spawn("worker", [sys.executable, "-m", "imgsvc", "worker", "--processes", "1"], env)
         _wait_until("the API", lambda: _answers(self.api_base + "/"), api, STARTUP_SECONDS)
         _wait_until("the worker", lambda: "worker started" in worker.tail(), worker, STARTUP_SECONDS)
 
