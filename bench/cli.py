@@ -317,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     codec_failures = [
         f"{m['group']} {m['label']}: {m['failures']} of {m['images']} images failed"
         for m in [
-            *codec_json["ceiling"].values(),
+            *(way for ways in codec_json["three_way"].values() for way in ways.values()),
             *(v for vs in codec_json["variants"].values() for v in vs),
         ]
         if m["failures"]
@@ -380,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "tiny": measured.tiny,
     }
     results["summary"] = report.summary_rows(results)
+    results["three_way"] = report.three_way_rows(results)
     results["run"]["seconds"] = round(time.monotonic() - started, 1)
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(report.render(results))

@@ -1,17 +1,26 @@
 """The ceiling: the same images through libvips alone, in this process.
 
-``service`` is the service's own ``imgsvc.compress.compress`` with the service's image
-limits (so every setting is the service's, including any given with ``--env``), run
-in a thread pool as wide as the service's image concurrency. The
-other variants call pyvips directly and add one encode setting at a time, so the
-difference between two neighbours is what that setting costs:
+Three ways, on the same images, with the same threads, in the same run:
 
-    plain        decode (sequential access) + jpegsave_buffer(Q=50), no options
-    +optimize    ... optimize_coding=True (Huffman tables computed per image)
+    plain        decode (sequential access) + jpegsave_buffer(Q=the quality rule's), no
+                 metadata: the bare codec loop with the standard Huffman tables
+    optimize     ... optimize_coding=True (Huffman tables computed per image)
+    service      the service's own ``imgsvc.compress.compress`` with the service's image
+                 limits (so every setting is the service's, including any given with
+                 ``--env``) and its rule for large photos at once
+
+in a thread pool as wide as the service's image concurrency. The headline ceiling of
+a size class is the bare loop that makes the same bytes as the service (within
+``SAME_BYTES``): the service must be measured against the codec doing the same work,
+not against itself. Both loops take the quality from the service's quality rule (half
+the source's), which is what makes their bytes comparable.
+
+The encode-settings table adds one setting at a time to the bare loop on the JPEG
+sources, so that the difference between two neighbours is what that setting costs:
+
     +autorot     ... autorot() (random access when the EXIF orientation is not 1)
-    +icc         ... icc_transform("srgb", embedded=True) where there is an ICC profile
-
-They run on the JPEG sources only: the settings in question are JPEG's.
+    +icc         ... icc_transform("srgb", embedded=True) wherever there is an ICC
+                 profile, as a service that trusts no profile would
 """
 
 from __future__ import annotations
@@ -28,10 +37,14 @@ from typing import Any
 import pyvips
 
 from bench import imageset, procstat
-from imgsvc import compress, memory
+from imgsvc import compress, memory, quality
 
 CONTENDED = 0.1  # cores used by other processes above which a pass is done again
 RETRIES = 3
+#: A loop makes "the same bytes" as the service when its output is within this fraction.
+SAME_BYTES = 0.02
+#: The loops the headline ceiling is chosen from, in order of preference.
+LOOPS = ("optimize", "plain")
 
 
 def _service(limits: compress.Limits, large_concurrency: int) -> Callable[[bytes], int]:
@@ -44,8 +57,15 @@ def _service(limits: compress.Limits, large_concurrency: int) -> Callable[[bytes
     return run
 
 
-def _variant(*, optimize: bool, autorot: bool, icc: bool) -> Callable[[bytes], int]:
+def _loop(
+    limits: compress.Limits, *, optimize: bool | None, autorot: bool = False, icc: bool = False
+) -> Callable[[bytes], int]:
+    """The bare codec loop at the quality rule's quality, without metadata; ``optimize``
+    None takes the service's Huffman rule (``Limits.optimizes``)."""
+
     def run(data: bytes) -> int:
+        q_in = quality.estimate_jpeg_quality(data) or quality.LOSSLESS_QUALITY
+        q = quality.target_quality(q_in, limits.quality_factor, limits.min_quality)
         access = "sequential"
         if autorot:
             header = pyvips.Image.new_from_buffer(data, "")
@@ -57,10 +77,8 @@ def _variant(*, optimize: bool, autorot: bool, icc: bool) -> Callable[[bytes], i
             image = image.autorot()
         if icc and image.get_typeof("icc-profile-data"):
             image = image.icc_transform("srgb", embedded=True, intent="perceptual")
-        options: dict[str, Any] = {"Q": 50}
-        if optimize:
-            options["optimize_coding"] = True
-        return len(image.jpegsave_buffer(**options))
+        tables = limits.optimizes(image.width * image.height) if optimize is None else optimize
+        return len(image.jpegsave_buffer(Q=q, optimize_coding=tables, keep=pyvips.enums.ForeignKeep.NONE))
 
     return run
 
@@ -72,15 +90,24 @@ class Variant:
     key: str
     label: str
     run: Callable[[bytes], int]
-    jpeg_only: bool
 
 
-VARIANTS: tuple[Variant, ...] = (
-    Variant("plain", "decode + jpegsave Q=50", _variant(optimize=False, autorot=False, icc=False), True),
-    Variant("optimize", "+ optimize_coding", _variant(optimize=True, autorot=False, icc=False), True),
-    Variant("autorot", "+ autorot", _variant(optimize=True, autorot=True, icc=False), True),
-    Variant("icc", "+ icc_transform to sRGB", _variant(optimize=True, autorot=True, icc=True), True),
-)
+def variants(limits: compress.Limits, large_concurrency: int) -> dict[str, Variant]:
+    """Every way of encoding measured, by key: the three-way ceiling's, then the settings'."""
+    return {
+        v.key: v
+        for v in (
+            Variant("plain", "bare loop, plain Huffman", _loop(limits, optimize=False)),
+            Variant("optimize", "bare loop, optimize_coding", _loop(limits, optimize=True)),
+            Variant("service", "service compress()", _service(limits, large_concurrency)),
+            Variant("autorot", "+ autorot", _loop(limits, optimize=True, autorot=True)),
+            Variant("icc", "+ icc_transform to sRGB", _loop(limits, optimize=True, autorot=True, icc=True)),
+        )
+    }
+
+
+THREE_WAY = ("plain", "optimize", "service")
+SETTINGS = ("plain", "optimize", "autorot", "icc", "service")
 
 
 @dataclasses.dataclass
@@ -178,20 +205,23 @@ def _quiet_pass(pool: ThreadPoolExecutor, run: Callable[[bytes], int], datas: Se
 def paired_pass(
     datas: Sequence[bytes], *, threads: int, large_concurrency: int, limits: compress.Limits
 ) -> dict[str, Any]:
-    """One ceiling pass over ``datas`` (the service's compress(), as in ``measure``), for a
-    request's images right after the request, so that the two are measured minutes apart
-    at most rather than across the whole run: a virtual machine's speed can drift by
-    several percent in that time."""
+    """One ceiling pass over ``datas`` for a request's images right after the request, so
+    that the two are measured minutes apart at most rather than across the whole run: a
+    virtual machine's speed can drift by several percent in that time. The loop is the
+    bare one with the service's Huffman rule, the one that makes the service's bytes."""
+    del large_concurrency  # the bare loop has no rule for large photos
     compress.configure()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bench-paired") as pool:
         list(pool.map(lambda _: None, range(threads)))
-        run = _quiet_pass(pool, _service(limits, large_concurrency), datas)
+        run = _quiet_pass(pool, _loop(limits, optimize=None), datas)
     return {
+        "loop": "bare loop, the service's Huffman rule",
         "images": len(datas),
         "failures": run.failures,
         "seconds": round(run.seconds, 4),
         "images_per_s": round(len(datas) / run.seconds, 3) if run.seconds else None,
         "cpu_seconds": round(run.cpu_seconds, 4),
+        "out_bytes": run.out_bytes,
         "foreign_cores": run.foreign_cores,
         "retries": run.retries,
     }
@@ -206,19 +236,50 @@ def _reset_peak_rss() -> bool:
     return True
 
 
+def _matched(loops: dict[str, Measured]) -> dict[str, Any]:
+    """The bare loop whose bytes are nearest the service's (preferring ``LOOPS``' order
+    on a tie), whether that is within ``SAME_BYTES``, and the ratios against it."""
+    service = loops["service"].as_json()
+    served = service["out_bytes_per_image"] or 0
+
+    def apart(key: str) -> float:
+        made = loops[key].as_json()["out_bytes_per_image"] or 0
+        return abs(made / served - 1) if served else math.inf
+
+    key = min(LOOPS, key=lambda k: (round(apart(k), 4), LOOPS.index(k)))
+    loop, plain = loops[key].as_json(), loops["plain"].as_json()
+    return {
+        "loop": key,
+        "label": loop["label"],
+        "bytes_apart": round(apart(key), 4),
+        "same_bytes": apart(key) <= SAME_BYTES,
+        "service_over_loop": round(service["images_per_s"] / loop["images_per_s"], 4)
+        if service["images_per_s"] and loop["images_per_s"]
+        else None,
+        "service_bytes_over_plain": round(served / plain["out_bytes_per_image"], 4)
+        if plain["out_bytes_per_image"]
+        else None,
+    }
+
+
 @dataclasses.dataclass
 class CodecResults:
-    """The ceiling per size class, and the setting variants per size class."""
+    """The three-way ceiling per size class, and the setting variants per size class."""
 
     threads: int
     large_concurrency: int
     progressive_solo_pixels: int
     rounds: int
-    ceiling: dict[str, Measured]
+    loops: dict[str, dict[str, Measured]]
     variants: dict[str, list[Measured]]
     rss_before_kib: int | None
     peak_rss_kib: int | None
     machine: dict[str, Any]
+
+    @property
+    def ceiling(self) -> dict[str, Measured]:
+        """Per group, the bare loop that makes the service's bytes: the headline ceiling."""
+        return {group: loops[_matched(loops)["loop"]] for group, loops in self.loops.items()}
 
     def as_json(self) -> dict[str, Any]:
         """Figures for the report."""
@@ -227,10 +288,15 @@ class CodecResults:
             "large_concurrency": self.large_concurrency,
             "progressive_solo_pixels": self.progressive_solo_pixels,
             "rounds": self.rounds,
+            "same_bytes_within": SAME_BYTES,
             "rss_before_kib": self.rss_before_kib,
             "peak_rss_kib": self.peak_rss_kib,
             "machine_cpu": {k: v for k, v in self.machine.items() if k != "trees"},
             "ceiling": {group: m.as_json() for group, m in self.ceiling.items()},
+            "matched": {group: _matched(loops) for group, loops in self.loops.items()},
+            "three_way": {
+                group: {key: m.as_json() for key, m in loops.items()} for group, loops in self.loops.items()
+            },
             "variants": {group: [m.as_json() for m in ms] for group, ms in self.variants.items()},
         }
 
@@ -245,34 +311,42 @@ def measure(
     limits: compress.Limits,
     settings: bool = True,
 ) -> CodecResults:
-    """The ceiling and (with ``settings``) the variants on every group, ``rounds`` passes
-    each, interleaved.
+    """The three-way ceiling and (with ``settings``) the variants on every group,
+    ``rounds`` passes each, interleaved.
 
     A first, untimed pass of each warms up and calibrates: short lists are repeated so
     that a timed pass lasts at least ``min_seconds`` (a rate, not a total, is wanted).
+    The settings rows of a group whose images are all JPEGs are the three-way's own.
     """
     compress.configure()
-    service = _service(limits, large_concurrency)
-    ceiling = Variant("service", "service compress()", service, False)
-    variants = [*VARIANTS, Variant("service_jpeg", "service compress()", service, True)]
-    plan: list[tuple[Variant, str, list[imageset.Item]]] = []
+    ways = variants(limits, large_concurrency)
+    # (measurement key, variant, group, items)
+    plan: list[tuple[str, Variant, str, list[imageset.Item]]] = []
+    settings_keys: dict[str, list[str]] = {}
     for group, items in groups.items():
-        plan.append((ceiling, group, items))
+        plan += [(f"{key}/{group}", ways[key], group, items) for key in THREE_WAY]
         jpegs = [item for item in items if item.file.format == "jpeg"] if settings else []
-        if jpegs:
-            plan += [(variant, group, jpegs) for variant in variants]
+        if not jpegs:
+            continue
+        subset = "" if len(jpegs) == len(items) else "/jpeg"
+        settings_keys[group] = [f"{key}/{group}{subset if key in THREE_WAY else '/jpeg'}" for key in SETTINGS]
+        plan += [
+            (measured_key, ways[key], group, jpegs)
+            for key, measured_key in zip(SETTINGS, settings_keys[group], strict=True)
+            if measured_key.endswith("/jpeg")
+        ]
     before = procstat.status_kib(os.getpid(), "VmRSS")
     reset = _reset_peak_rss()
     meter = procstat.CpuMeter()
     meter.start()
-    measured: dict[tuple[str, str], tuple[Measured, list[bytes]]] = {}
+    measured: dict[str, tuple[Measured, list[bytes]]] = {}
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bench-codec") as pool:
         list(pool.map(lambda _: None, range(threads)))  # start the threads before timing
-        for variant, group, items in plan:
+        for key, variant, group, items in plan:
             calibration = _one_pass(pool, variant.run, [item.file.data for item in items])
             copies = max(1, min(50, math.ceil(min_seconds / max(calibration.seconds, 1e-3))))
             expanded = list(items) * copies
-            measured[(variant.key, group)] = (
+            measured[key] = (
                 Measured(
                     variant=variant.key,
                     label=variant.label,
@@ -286,8 +360,8 @@ def measure(
                 [item.file.data for item in expanded],
             )
         for _ in range(rounds):
-            for variant, group, _items in plan:
-                result, datas = measured[(variant.key, group)]
+            for key, variant, _group, _items in plan:
+                result, datas = measured[key]
                 result.runs.append(_quiet_pass(pool, variant.run, datas))
     machine = meter.stop()
     peak = procstat.status_kib(os.getpid(), "VmHWM") if reset else None
@@ -296,11 +370,8 @@ def measure(
         large_concurrency=large_concurrency,
         progressive_solo_pixels=limits.progressive_solo_pixels,
         rounds=rounds,
-        ceiling={group: measured[("service", group)][0] for group in groups},
-        variants={
-            group: [measured[(v.key, group)][0] for v in variants if (v.key, group) in measured]
-            for group in groups
-        },
+        loops={group: {key: measured[f"{key}/{group}"][0] for key in THREE_WAY} for group in groups},
+        variants={group: [measured[key][0] for key in keys] for group, keys in settings_keys.items()},
         rss_before_kib=before,
         peak_rss_kib=peak,
         machine=machine,

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import pyvips
 from PIL import Image as PillowImage
 
-from imgsvc import errors, memory, models, quality
+from imgsvc import errors, icc, memory, models, quality
 
 logger = logging.getLogger("imgsvc.compress")
 
@@ -75,8 +75,9 @@ class Limits:
 
 
 #: Raised whenever this module would make other bytes from the same source and settings:
-#: outputs stored under an older value are made again.
-RULES = 1
+#: outputs stored under an older value are made again. 2: sources tagged with an sRGB
+#: profile are no longer transformed to sRGB.
+RULES = 2
 
 
 @functools.cache
@@ -208,7 +209,13 @@ def _open(data: bytes, limits: Limits) -> _Opened:
     if pillow is not None:
         pixels, kind = pillow
         return _Opened(pixels, kind, memory.memory_estimate(kind, pixels.width * pixels.height), solo=False)
-    header = _header(data)
+    # Opened once as most images are compressed (streamed top to bottom); opened again
+    # only for what that cannot give: animation, rotation, or a header that fails so.
+    streamed: dict[str, Any] = {"fail_on": "error", "access": "sequential"}
+    try:
+        header = pyvips.Image.new_from_buffer(data, "", **streamed)
+    except pyvips.Error:
+        header, streamed = _header(data), {}
     loader = str(header.get("vips-loader"))
     fmt = _FORMATS.get(loader)
     if fmt == "heif" and header.get_typeof("heif-compression") and header.get("heif-compression") == "av1":
@@ -222,7 +229,7 @@ def _open(data: bytes, limits: Limits) -> _Opened:
     options: dict[str, Any] = {"fail_on": "error"}
     if fmt in _ANIMATED:
         # The frame count from the n=-1 header: the "n-pages" field is not always set.
-        header = _header(data, n=-1)
+        header, streamed = _header(data, n=-1), {}
         options["n"] = -1
     frame_height = header.get_page_height()
     pages = max(1, header.height // frame_height)
@@ -248,15 +255,24 @@ def _open(data: bytes, limits: Limits) -> _Opened:
         rotated=orientation not in (0, 1),
         optimize=limits.optimizes(pixels),
     )
-    return _Opened(
-        _header(data, **options), fmt, needs, solo=limits.solo(pixels * pages, progressive=progressive)
-    )
+    image = header if options == streamed else _header(data, **options)
+    return _Opened(image, fmt, needs, solo=limits.solo(pixels * pages, progressive=progressive))
+
+
+def _needs_transform(image: pyvips.Image) -> bool:
+    """Whether ``image``'s embedded profile must be applied: not when it is 8-bit RGB
+    tagged with a profile that is sRGB already (``icc.is_srgb``)."""
+    if image.format != "uchar" or image.interpretation != "srgb" or image.bands not in (3, 4):
+        return True
+    return not icc.is_srgb(image.get("icc-profile-data"))
 
 
 def _to_srgb(image: pyvips.Image) -> pyvips.Image:
-    """Pixels in 8-bit sRGB (or grey), with any embedded profile applied."""
+    """Pixels in 8-bit sRGB (or grey), with any embedded profile applied, unless it is
+    sRGB's own."""
     if image.get_typeof("icc-profile-data"):
-        image = image.icc_transform("srgb", embedded=True, intent="perceptual")
+        if _needs_transform(image):
+            image = image.icc_transform("srgb", embedded=True, intent=icc.INTENT)
     elif image.interpretation == "cmyk":
         image = image.icc_transform("srgb", input_profile="cmyk", intent="perceptual")
     target = "b-w" if image.interpretation in ("b-w", "grey16") else "srgb"

@@ -49,7 +49,7 @@ def test_every_phase_measures_the_pipeline_and_writes_table_and_json(tmp_path: P
     assert machine["cores"] >= 1 and machine["memory_gib"] > 0
     assert machine["postgresql"] != "?" and machine["rclone"] != "?"  # each read from the server it ran
 
-    # The committed set is all 1-2 MP photos: one class, one request of 3 images.
+    # The committed set's first three files are 1-3 MP photos: one class, one request of 3.
     (measured,) = results["pipeline"]["throughput"]
     assert measured["group"] == "ecommerce" and measured["status"] == "completed"
     assert measured["counts"] == {
@@ -64,14 +64,22 @@ def test_every_phase_measures_the_pipeline_and_writes_table_and_json(tmp_path: P
 
     rows = {row["group"]: row for row in results["summary"]}
     assert rows["large"]["images"] == 0 and rows["all"]["images"] == 3
-    # The ratio's denominator is the ceiling pass of the same images, which failed none.
+    # The ratio's denominator is the bare loop that makes the service's bytes, measured
+    # beside the other loop and compress() on the same images; none failed an image.
+    ways = results["codec"]["three_way"]["ecommerce"]
+    assert set(ways) == {"plain", "optimize", "service"}
+    assert all(way["failures"] == 0 and way["distinct_images"] == 3 for way in ways.values())
+    matched = results["codec"]["matched"]["ecommerce"]
     ceiling = results["codec"]["ceiling"]["ecommerce"]
-    assert ceiling["label"] == "service compress()" and ceiling["failures"] == 0
+    assert ceiling["variant"] == matched["loop"] == "optimize" and matched["same_bytes"]
     assert rows["ecommerce"]["ceiling_images_per_s"] == pytest.approx(ceiling["images_per_s"], rel=1e-3)
+    (three_way,) = results["three_way"]
+    assert three_way["service_over_loop"] == matched["service_over_loop"] > 0
+    assert "Ceiling three ways" in done.stdout
 
     # The ceiling's encode settings, one added at a time, end with the service's own.
     variants = [v["variant"] for v in results["codec"]["variants"]["ecommerce"]]
-    assert variants[0] == "plain" and variants[-1] == "service_jpeg"
+    assert variants[0] == "plain" and variants[-1] == "service"
     assert all(v["failures"] == 0 for v in results["codec"]["variants"]["ecommerce"])
 
     # Open-loop latency: every probe answered, none failed.
