@@ -39,6 +39,8 @@ def api(database_url: str, s3: S3Server, tmp_path: Path) -> Iterator[tuple[str, 
         **service_env(database_url, s3, tmp_path, localdb.free_port()),
         "IMGSVC_STALLED_SECONDS": "2",
         "IMGSVC_SHUTDOWN_SECONDS": "1",
+        # A job an image, so that every worker process holds some of a small request.
+        "IMGSVC_IMAGES_PER_JOB": "1",
     }
     with serving(env, tmp_path / "api.log", "--no-worker") as (base, _):
         yield base, env
