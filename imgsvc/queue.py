@@ -93,8 +93,7 @@ def _taken_over(job: Job) -> Iterator[None]:
         if not isinstance(cause, psycopg.errors.RaiseException) or "Job was not found" not in str(cause):
             raise
         logger.warning(
-            "job %s (%s) had been given to another worker, this one having been silent for too"
-            " long; its end here is not recorded",
+            "job %s (%s) had been taken over, or ended, by another worker; its end here is not recorded",
             job.id,
             job.task_name,
         )

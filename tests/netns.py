@@ -57,13 +57,11 @@ def unavailable() -> str | None:
         return "network namespaces need root (ip netns add)"
     if not Path(IP).is_file():
         return "the ip command (iproute2) is not installed"
-    name = f"imgsvc-probe-{uuid.uuid4().hex[:8]}"
     try:
-        _ip("netns", "add", name)
+        with separate_host():
+            return None
     except OSError as exc:
-        return f"a network namespace cannot be made here: {exc}"
-    _ip("netns", "del", name, check=False)
-    return None
+        return f"a network namespace and a veth pair cannot be made here: {exc}"
 
 
 def _ip(*args: str, check: bool = True) -> str:
