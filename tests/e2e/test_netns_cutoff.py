@@ -5,7 +5,9 @@ down while the first worker's images are in flight. Root only (skipped elsewhere
 The link stays down until the other host has finished the batch (10-25 s here). The
 cut-off worker's connections have no keepalive that soon, so its statements wait for
 the link, and its procrastinate run goes on; when the link returns, its runs of the
-jobs taken over end and say so, and it takes new work.
+jobs taken over end and say so, and it takes new work. With ``tcp_user_timeout`` in
+DATABASE_URL, the link stays down until the worker's heartbeat has failed: its run
+stops, and it starts again once the link is back.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Servers:
         self.origin = ImageServer(host=host.address)
         self.receiver = WebhookReceiver(host=host.address)
         self.host = host
+        self._started: list[S3Server | ImageServer | WebhookReceiver] = []
 
     def start(self) -> None:
         self.cluster.start()
@@ -63,9 +66,11 @@ class Servers:
         self.cluster.execute("SELECT pg_reload_conf()")
         for server in (self.s3, self.origin, self.receiver):
             server.start()
+            self._started.append(server)
 
     def stop(self) -> None:
-        for server in (self.receiver, self.origin, self.s3):
+        """Stop what was started, the cluster last."""
+        for server in reversed(self._started):
             server.stop()
         self.cluster.remove()
 
@@ -119,10 +124,13 @@ def hook_events(receiver: WebhookReceiver, hook: str) -> list[str]:
     ]
 
 
+@pytest.mark.parametrize("user_timeout", [None, 5000], ids=["defaults", "tcp_user_timeout"])
 async def test_a_host_cut_off_mid_batch_loses_nothing_and_does_nothing_twice(
-    host: netns.Host, servers: Servers, tmp_path: Path
+    host: netns.Host, servers: Servers, tmp_path: Path, user_timeout: int | None
 ) -> None:
-    url = servers.database_url
+    # With tcp_user_timeout (ms) in DATABASE_URL, the cut-off worker gives up: its
+    # heartbeat fails, procrastinate stops its run, and imgsvc starts it again.
+    url = servers.database_url + (f"?tcp_user_timeout={user_timeout}" if user_timeout else "")
     await migrate.apply(url)
     hook = f"/flaky/{uuid.uuid4().hex}/0"
     port = localdb.free_port()
@@ -199,9 +207,27 @@ async def test_a_host_cut_off_mid_batch_loses_nothing_and_does_nothing_twice(
                 url, "SELECT completed_at FROM requests WHERE id = $1", uuid.UUID(rid)
             )
 
+            if user_timeout:
+                await eventually(
+                    lambda: "Side task update_heartbeats failed" in cut_off.output(),
+                    what="the cut-off worker's heartbeat failed",
+                    timeout=120,
+                    interval=0.5,
+                )
+
             # The link returns: the cut-off worker's runs of those jobs end, and say so.
             host.restore()
             print(f"link restored after {time.monotonic() - cut_at:.1f} s")
+            if user_timeout:
+                await eventually(
+                    lambda: (
+                        "the worker stopped (its database connection failed); starting it again"
+                        in cut_off.output()
+                    ),
+                    what="the cut-off worker's run stopped, to start again",
+                    timeout=60,
+                    interval=0.5,
+                )
             await eventually(
                 lambda: all(
                     f"job {job} (process_images) had been taken over, or ended, by another worker"
