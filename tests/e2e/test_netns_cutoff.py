@@ -185,13 +185,15 @@ async def test_a_host_cut_off_mid_batch_loses_nothing_and_does_nothing_twice(
                 cut_worker,
             )
             assert held, "the worker in the namespace held no job when it was cut off"
-            held_images = await fetchval(
+            in_flight = await fetchval(
                 url,
-                "SELECT array_agg(DISTINCT i::bigint) FROM procrastinate_jobs j,"
-                " jsonb_array_elements(j.args->'image_ids') i WHERE j.id = ANY($1::bigint[])",
+                "SELECT array_agg(DISTINCT i.id) FROM procrastinate_jobs j,"
+                " jsonb_array_elements(j.args->'image_ids') a, images i WHERE i.id = a::bigint"
+                " AND j.id = ANY($1::bigint[]) AND i.status IN ('queued', 'processing')",
                 held,
             )
-            print(f"cut {host.namespace} off holding jobs {held} (images {held_images})")
+            assert in_flight, "none of the cut-off worker's images was in flight"
+            print(f"cut {host.namespace} off holding jobs {held}, images {in_flight} in flight")
 
             # The other host finishes the batch, the cut-off one's images included.
             final = await wait_for_final(session, accepted["status_url"], seconds=120)
@@ -200,7 +202,7 @@ async def test_a_host_cut_off_mid_batch_loses_nothing_and_does_nothing_twice(
             for job in held:
                 assert f"retried job {job} (process_images) of a stalled worker" in other.output()
             taken_over = await fetchval(
-                url, "SELECT bool_and(attempts >= 2) FROM images WHERE id = ANY($1::bigint[])", held_images
+                url, "SELECT bool_and(attempts >= 2) FROM images WHERE id = ANY($1::bigint[])", in_flight
             )
             assert taken_over, "the cut-off worker's images did not run again"
             completed_at = await fetchval(
