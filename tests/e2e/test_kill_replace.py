@@ -160,6 +160,8 @@ async def test_workers_killed_and_replaced_at_random_lose_nothing_and_do_nothing
             for headers, body in receiver.posts(hook)
         ]
         assert events == [rid], seed
+        written, _ = s3.get(f"{prefix}/{rid}/output.csv")
+        assert len(written.decode().splitlines()) == IMAGES + 1  # the header, and every product once
         assert all("Traceback" not in worker.output() for worker in killed)
         assert_clean_exit(*running, api)
         running.clear()
