@@ -74,7 +74,13 @@ class LocalPostgres:
     """A cluster in ``root`` (data/, run/, log): started on enter, stopped on exit."""
 
     def __init__(
-        self, root: Path, *, fast: bool = False, port: int | None = None, settings: Sequence[str] = ()
+        self,
+        root: Path,
+        *,
+        fast: bool = False,
+        port: int | None = None,
+        listen: Sequence[str] = (),
+        settings: Sequence[str] = (),
     ) -> None:
         self.root = root.absolute()
         self.settings = list(settings)  # more server settings, "name=value"
@@ -83,6 +89,7 @@ class LocalPostgres:
         self.log = self.root / "postgres.log"
         self.fast = fast
         self.port = port
+        self.listen = ["127.0.0.1", *listen]  # addresses besides loopback, for other hosts
         self.bindir = find_bindir()
         self.started_here = False
         self._user: pwd.struct_passwd | None = None
@@ -158,7 +165,7 @@ class LocalPostgres:
             options = [
                 f"-p {self.port}",
                 f"-k {self.run_dir}",
-                "-c listen_addresses=127.0.0.1",
+                f"-c listen_addresses={','.join(self.listen)}",
                 "-c max_connections=300",
             ]
             if self.fast:

@@ -10,6 +10,7 @@ only (``logs.HOUSEKEEPING_TASKS``); one that requeued work says so at WARNING.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 
 from procrastinate import exceptions as procrastinate_exceptions
@@ -33,7 +34,9 @@ async def retry_stalled(jobs: manager.JobManager, stalled_seconds: float) -> int
     count = 0
     for job in await jobs.get_stalled_jobs(seconds_since_heartbeat=stalled_seconds):
         with contextlib.suppress(procrastinate_exceptions.ProcrastinateException):
-            await jobs.retry_job(job)
+            assert job.id is not None
+            # By id: JobManager.retry_job is the worker's, which lets a job gone meanwhile be.
+            await jobs.retry_job_by_id_async(job.id, retry_at=datetime.datetime.now(datetime.UTC))
             count += 1
             logger.warning("retried job %s (%s) of a stalled worker", job.id, job.task_name)
     return count

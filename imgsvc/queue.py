@@ -19,10 +19,13 @@ import contextlib
 import datetime
 import logging
 import random
+from collections.abc import Iterator
 from typing import Any, Unpack
 
 import procrastinate
-from procrastinate import retry
+import psycopg
+from procrastinate import exceptions as procrastinate_exceptions
+from procrastinate import jobs, manager, retry
 from procrastinate.app import WorkerOptions
 from procrastinate.jobs import Job
 
@@ -52,6 +55,50 @@ class BackoffRetry(retry.BaseRetryStrategy):
         return retry.RetryDecision(retry_at=utcnow() + datetime.timedelta(seconds=delay))
 
 
+class JobManager(manager.JobManager):
+    """procrastinate's job manager, for a worker that may lose its database for a while.
+
+    A worker cut off from the database long enough is taken for dead: its jobs are put
+    back in the queue and another worker runs them (``maintenance.retry_stalled``). When
+    the link returns, the first worker's runs of those jobs end too, and procrastinate
+    finds no job of theirs to end (``Job was not found``), which it would report as an
+    unretrieved "Database error". The images are recorded once either way (a finished
+    image is left as it is); this says what happened instead, in one line. A run that
+    ends while the other worker still runs the job ends it for both (procrastinate does
+    not check whose it is): the other's end is then the one that finds nothing.
+    """
+
+    async def finish_job(self, job: Job, status: jobs.Status, delete_job: bool) -> None:
+        with _taken_over(job):
+            await super().finish_job(job, status, delete_job)
+
+    async def retry_job(
+        self,
+        job: Job,
+        retry_at: datetime.datetime | None = None,
+        priority: int | None = None,
+        queue: str | None = None,
+        lock: str | None = None,
+    ) -> None:
+        with _taken_over(job):
+            await super().retry_job(job, retry_at, priority, queue, lock)
+
+
+@contextlib.contextmanager
+def _taken_over(job: Job) -> Iterator[None]:
+    try:
+        yield
+    except procrastinate_exceptions.ConnectorException as exc:
+        cause = exc.__cause__
+        if not isinstance(cause, psycopg.errors.RaiseException) or "Job was not found" not in str(cause):
+            raise
+        logger.warning(
+            "job %s (%s) had been taken over, or ended, by another worker; its end here is not recorded",
+            job.id,
+            job.task_name,
+        )
+
+
 class App(procrastinate.App):
     """procrastinate's app, with the settings and database it was built for, which
     opens this process's resources around a worker run that was not given them."""
@@ -60,6 +107,7 @@ class App(procrastinate.App):
         super().__init__(
             connector=procrastinate.PsycopgConnector(conninfo=database_url, min_size=1, max_size=10),
         )
+        self.job_manager = JobManager(connector=self.connector)
         self.config = config
         self.database_url = database_url
 

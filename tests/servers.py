@@ -58,15 +58,15 @@ class ImageServer(_Served):
     /slow/MS/NAME             the file, after MS milliseconds
     """
 
-    def __init__(self, root: Path = IMAGES) -> None:
+    def __init__(self, root: Path = IMAGES, host: str = "127.0.0.1") -> None:
         self.root = root
         self.hits: collections.Counter[str] = collections.Counter()
         self.requests: list[str] = []
-        self._server = _ThreadServer(self._routes)
+        self._server = _ThreadServer(self._routes, host)
 
     def url(self, path: str) -> str:
         """The full URL of a path on this server."""
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self._server.host}:{self.port}{path}"
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(request.path)
@@ -111,10 +111,12 @@ class ImageServer(_Served):
 
 
 class _ThreadServer:
-    """An aiohttp application on 127.0.0.1, served from its own thread and event loop."""
+    """An aiohttp application on ``host`` (127.0.0.1 unless another host must reach it),
+    served from its own thread and event loop."""
 
-    def __init__(self, routes: Callable[[web.Application], None]) -> None:
+    def __init__(self, routes: Callable[[web.Application], None], host: str = "127.0.0.1") -> None:
         self.routes = routes
+        self.host = host
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -126,7 +128,7 @@ class _ThreadServer:
         self.routes(app)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
         self._loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, self.host, 0)
         self._loop.run_until_complete(site.start())
         self.port = runner.addresses[0][1]
         self._ready.set()
@@ -155,10 +157,11 @@ class S3Server:
     bucket = "imgsvc-test"
     region = "us-east-1"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, host: str = "127.0.0.1") -> None:
         self.root = root
+        self.host = host
         self.port = localdb.free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.endpoint = f"http://{host}:{self.port}"
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -176,7 +179,7 @@ class S3Server:
                 "--auth-key",
                 f"{self.access_key},{self.secret_key}",
                 "--addr",
-                f"127.0.0.1:{self.port}",
+                f"{self.host}:{self.port}",
                 "--config",
                 "/dev/null",
                 str(self.root),
@@ -229,7 +232,7 @@ class S3Server:
 
 
 class WebhookReceiver(_Served):
-    """A real HTTP receiver on loopback, on its own thread, that records every POST.
+    """A real HTTP receiver (on loopback unless told), on its own thread, that records every POST.
 
     /ok                 200
     /flaky/KEY/N        500 for the first N posts of KEY, then 200
@@ -238,14 +241,14 @@ class WebhookReceiver(_Served):
     /slow/KEY/MS        200 after MS milliseconds
     """
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.received: list[tuple[str, dict[str, str], bytes]] = []
         self.hits: collections.Counter[str] = collections.Counter()
-        self._server = _ThreadServer(self._routes)
+        self._server = _ThreadServer(self._routes, host)
 
     def url(self, path: str) -> str:
         """The full URL of a path on this receiver."""
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self._server.host}:{self.port}{path}"
 
     def posts(self, path: str) -> list[tuple[dict[str, str], bytes]]:
         """What was posted to a path, in order."""

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 
 import pytest
+from procrastinate import exceptions as procrastinate_exceptions
+from procrastinate import jobs
 
 from imgsvc import db, finish, maintenance, models, pipeline, queue, resources
 from tests.conftest import request_row_locked, store_request, wait_for_lock_waits
@@ -149,3 +152,30 @@ async def test_a_stopped_job_queues_again_its_released_images_too(
         await asyncio.sleep(0.02)
     await _stop(job)
     await _assert_each_queued_again(res, ids)
+
+
+async def test_the_end_of_a_job_another_worker_took_over_is_one_warning(
+    res: resources.Resources, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A worker cut off from the database long enough has its jobs given to another, which
+    # ends them. When the link returns and its own runs end too, there is no job left to
+    # end: a warning that says so, not procrastinate's "Database error".
+    products = [
+        models.Product(line=2, serial="1", serial_number=1, name="P", urls=("http://img.test/a.jpg",))
+    ]
+    await store_request(res.pool, products)
+    app = queue.create_app(res.settings, database_url)
+    async with app.open_async():
+        worker_id = await app.job_manager.register_worker()
+        job = await app.job_manager.fetch_job(queues=None, worker_id=worker_id)
+        assert job is not None and job.id is not None
+        await res.pool.execute("DELETE FROM procrastinate_jobs WHERE id = $1", job.id)
+        with caplog.at_level(logging.WARNING, logger="imgsvc.queue"):
+            await app.job_manager.finish_job(job, jobs.Status.SUCCEEDED, delete_job=True)
+            await app.job_manager.retry_job(job)
+        said = [record.getMessage() for record in caplog.records if record.name == "imgsvc.queue"]
+        taken = f"job {job.id} (process_images) had been taken over, or ended, by another worker"
+        assert said == [f"{taken}; its end here is not recorded"] * 2
+        # Any other failure to end a job is still an error.
+        with pytest.raises(procrastinate_exceptions.ConnectorException):
+            await app.job_manager.finish_job(job, jobs.Status.TODO, delete_job=False)
