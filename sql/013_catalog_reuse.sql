@@ -39,13 +39,11 @@ CREATE TABLE outputs (
     quality_out     integer,
     kept_original   boolean NOT NULL,
     created_at      timestamptz NOT NULL DEFAULT now(),
-    verified_at     timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (source_sha256, settings_key)
 );
 CREATE INDEX outputs_output_sha256 ON outputs (output_sha256);
 COMMENT ON TABLE outputs IS 'What was made from a source''s bytes (source_sha256) under the settings that shape an output (settings_key), and where it is stored.';
 COMMENT ON COLUMN outputs.settings_key IS 'The quality factor, the encoder rules and libvips'' version that made the output: another key is compressed again.';
-COMMENT ON COLUMN outputs.verified_at IS 'When the object was last known to be in the store: stored, or found by a HEAD. Older than IMGSVC_REUSE_CHECK_SECONDS, it is checked again before a reuse.';
 COMMENT ON COLUMN outputs.output_sha256 IS 'SHA-256 of the stored bytes; a source with these bytes is one of our outputs and is never compressed again.';
 
 ALTER TABLE requests
