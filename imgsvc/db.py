@@ -22,7 +22,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
-from imgsvc import errors, models
+from imgsvc import catalog, errors, models
 
 Pool: TypeAlias = asyncpg.Pool
 # What ``pool.acquire()`` gives: every connection of ours comes from the pool.
@@ -181,14 +181,27 @@ class Output:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Source:
+    """A source URL that sent bytes (their SHA-256 and size are the image's), with the
+    validators to ask it with next time: its ``sources`` record."""
+
+    url: str
+    validators: catalog.Validators
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Ending:
-    """An image's final state: its output, or the reason it failed."""
+    """An image's final state: its output, or the reason it failed. With ``source``, the
+    source's record is written with it; with ``made_under`` (a settings key), the output
+    was made now and its ``outputs`` record is written with it too."""
 
     task: models.ImageTask
     output: Output | None = None
     error: str | None = None
     bytes_in: int | None = None
     source_sha256: str | None = None
+    source: Source | None = None
+    made_under: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The image's object in ``record_images``' JSON."""
@@ -198,6 +211,11 @@ class Ending:
             "bytes_in": self.bytes_in,
             "source_sha256": self.source_sha256,
         }
+        if self.source is not None and self.source_sha256 is not None and self.bytes_in is not None:
+            v = self.source.validators
+            ending |= {"source_url": self.source.url, "etag": v.etag, "last_modified": v.last_modified}
+        if out is not None and self.made_under is not None and self.source_sha256 is not None:
+            ending["settings_key"] = self.made_under
         if out is None:
             return ending | {"status": str(models.ImageStatus.FAILED), "error": self.error}
         return ending | {

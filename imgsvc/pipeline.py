@@ -93,10 +93,14 @@ INTERRUPTED = "interrupted: the worker stopped before this image was finished; q
 
 @dataclasses.dataclass(slots=True)
 class _Seen:
-    """What an image's stages learnt of its source, for its record if it fails."""
+    """What an image's stages learnt of its source, for its record: the source's bytes,
+    and, written with the image's record, the source's record if it sent them and the
+    settings an output was made under now."""
 
     bytes_in: int | None = None
     sha256: str | None = None
+    source: db.Source | None = None
+    made_under: str | None = None
 
 
 async def _known(res: resources.Resources, tasks: list[models.ImageTask]) -> dict[str, reuse.Known] | None:
@@ -153,9 +157,7 @@ async def _process_claimed(
     except Exception as exc:  # a bug must not leave the image unfinished
         logger.exception("image %s: unexpected error", image_id)
         return await record_failure(res, task, f"internal error ({type(exc).__name__})", seen, records)
-    duplicates = await record(
-        res, task, output=output, bytes_in=seen.bytes_in, source_sha256=seen.sha256, records=records
-    )
+    duplicates = await record(res, task, seen, output=output, records=records)
     metrics.images.labels("done").inc(1 + duplicates)
     if output.reused is not None:
         metrics.images_reused.labels(str(output.reused)).inc()
@@ -214,7 +216,7 @@ async def _output(
         seen.bytes_in = len(data)
         source(seen.bytes_in)
         metrics.image_bytes.labels("in").inc(seen.bytes_in)
-        await reuse.remember_source(res.pool, source_url, fetched)
+        seen.source = db.Source(source_url, fetched.validators)
         # Bytes that are one of our outputs are taken as they are, reprocess or not: no
         # image is degraded twice.
         found = await reuse.stored_output(
@@ -235,9 +237,8 @@ async def _output(
         del data
     key = store.content_key(res.settings.s3_prefix, output_sha256, result.extension)
     url = await _put(res, key, result.data, result.content_type)
-    output = db.Output.made(result, key, url, output_sha256)
-    await reuse.remember_output(res.pool, seen.sha256, settings_key, output, seen.bytes_in)
-    return output
+    seen.made_under = settings_key
+    return db.Output.made(result, key, url, output_sha256)
 
 
 def _drop(task: asyncio.Future[bool] | None) -> None:
@@ -274,9 +275,7 @@ async def record_failure(
 ) -> str:
     """Fail an image (and its duplicates) with a reason a person can read."""
     logger.info("image %s failed: %s", task.image_id, reason)
-    duplicates = await record(
-        res, task, error=reason, bytes_in=seen.bytes_in, source_sha256=seen.sha256, records=records
-    )
+    duplicates = await record(res, task, seen, error=reason, records=records)
     metrics.images.labels("failed").inc(1 + duplicates)
     return models.ImageStatus.FAILED
 
@@ -284,17 +283,21 @@ async def record_failure(
 async def record(
     res: resources.Resources,
     task: models.ImageTask,
+    seen: _Seen | None = None,
     *,
     output: db.Output | None = None,
     error: str | None = None,
-    bytes_in: int | None = None,
-    source_sha256: str | None = None,
     records: recorder.Recorder | None = None,
 ) -> int:
     """Store an image's final state, and its duplicates', with the job's other images
     that end at the same time (``records``; alone without it); if they were the
     request's last, the statement that records them finishes the request (it queues the
-    request's finishing job). Returns how many duplicates ended with it."""
-    ending = db.Ending(task, output=output, error=error, bytes_in=bytes_in, source_sha256=source_sha256)
+    request's finishing job). The records of its source and of an output made now go in
+    the same statement. Returns how many duplicates ended with it."""
+    seen = seen or _Seen()
+    ending = db.Ending(
+        task, output=output, error=error, bytes_in=seen.bytes_in, source_sha256=seen.sha256,
+        source=seen.source, made_under=seen.made_under if output is not None else None,
+    )  # fmt: skip
     recorded = await (records or _recorder(res)).record(ending)
     return recorded.duplicates

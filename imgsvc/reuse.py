@@ -5,6 +5,7 @@ and the SHA-256 of its bytes) and ``outputs`` (per source SHA-256 and settings k
 the output made and where it is stored). An image asks the origin with the source's
 validators; on a 304, or on bytes whose SHA-256 is known, it takes the stored output
 instead of compressing. Bytes that are one of our outputs are never compressed again.
+The records are written with the image's own (``db.record_images``), in its statement.
 
 A stored output is reused only while its object is in the store: a record is trusted
 for ``IMGSVC_REUSE_CHECK_SECONDS`` after the object was stored or last found, and
@@ -18,7 +19,7 @@ import dataclasses
 
 import asyncpg
 
-from imgsvc import catalog, db, fetch, models, store
+from imgsvc import catalog, db, models, store
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -74,16 +75,6 @@ def _output(row: asyncpg.Record) -> db.Output:
     )  # fmt: skip
 
 
-async def remember_source(pool: db.Pool, url: str, fetched: fetch.Fetched) -> None:
-    """Record what ``url`` sent: its bytes' SHA-256 and its validators."""
-    assert fetched.data is not None and fetched.sha256 is not None
-    v = fetched.validators
-    async with db.translated():
-        await pool.execute(
-            db.queries()["save_source"], url, v.etag, v.last_modified, fetched.sha256, len(fetched.data)
-        )
-
-
 async def forget_output(pool: db.Pool, key: str) -> None:
     """The object of an output is gone from the store: the next image makes it again."""
     async with db.translated():
@@ -124,18 +115,6 @@ async def stored_output(
         return Found(output, own=True, missing=True)
     await forget_output(pool, output.key)
     return None
-
-
-async def remember_output(
-    pool: db.Pool, source_sha256: str, settings_key: str, output: db.Output, bytes_in: int
-) -> None:
-    """Record the output made from these source bytes under these settings."""
-    async with db.translated():
-        await pool.execute(
-            db.queries()["save_output"], source_sha256, settings_key, output.sha256, output.key,
-            output.url, bytes_in, output.bytes_out, output.width, output.height, output.format_in,
-            output.format_out, output.quality_in, output.quality_out, output.kept_original,
-        )  # fmt: skip
 
 
 def reused(found: Found, reason: models.ReuseReason, saved: int) -> db.Output:

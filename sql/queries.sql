@@ -128,6 +128,15 @@ ANALYZE images, products;
 -- JSON rather than arrays: the planner's estimate of a JSON set does not depend on its
 -- value, so the prepared statement settles on one generic plan; with arrays it was
 -- planned anew on every call, and planning was most of its cost.
+-- An image that downloaded its source's bytes brings the source's record too (its URL,
+-- validators, SHA-256 and size; changed_at moves only when the bytes did), and one whose
+-- output was made now brings the output's (under its settings key; two workers that made
+-- it at once stored the same key, or two keys that both exist, and the row points at
+-- one that does). They are written here, in the
+-- transaction that records the image, rather than in two statements and two commits of
+-- their own an image. Each is written once a statement, in key order, and only once
+-- the request row is locked, so that two statements that write the same records take
+-- their locks in the same order.
 -- Returns the final status when these images finished the request (else NULL), and
 -- for each duplicate that ended, the id of the image it ended with.
 -- The ids of the images to record are listed first, once (MATERIALIZED), and the
@@ -139,7 +148,8 @@ WITH v AS (
         AS v(id bigint, status text, error text, output_key text, output_url text,
              bytes_in bigint, bytes_out bigint, width int, height int, format_in text,
              format_out text, quality_in int, quality_out int, kept_original bool, reused text,
-             bytes_saved bigint, source_sha256 text, output_sha256 text)
+             bytes_saved bigint, source_sha256 text, output_sha256 text, source_url text,
+             etag text, last_modified text, settings_key text)
 ), targets AS MATERIALIZED (
     SELECT v.id AS leader, v.id AS target FROM v
     UNION ALL
@@ -147,6 +157,30 @@ WITH v AS (
 ), locked AS (
     SELECT id, status, done_count + failed_count + cancelled_count AS ended, image_count
     FROM requests WHERE id = $1 FOR UPDATE
+), sourced AS (
+    INSERT INTO sources AS s (url, etag, last_modified, sha256, bytes)
+    SELECT DISTINCT ON (source_url) source_url, etag, last_modified, source_sha256, bytes_in
+    FROM v WHERE source_url IS NOT NULL AND EXISTS (SELECT FROM locked)
+    ORDER BY source_url
+    ON CONFLICT (url) DO UPDATE
+    SET etag = excluded.etag, last_modified = excluded.last_modified, sha256 = excluded.sha256,
+        bytes = excluded.bytes, fetched_at = now(),
+        changed_at = CASE WHEN s.sha256 = excluded.sha256 THEN s.changed_at ELSE now() END
+), made AS (
+    INSERT INTO outputs (source_sha256, settings_key, output_sha256, output_key, output_url, bytes_in,
+                         bytes_out, width, height, format_in, format_out, quality_in, quality_out,
+                         kept_original)
+    SELECT DISTINCT ON (source_sha256, settings_key) source_sha256, settings_key, output_sha256,
+           output_key, output_url, bytes_in, bytes_out, width, height, format_in, format_out,
+           quality_in, quality_out, kept_original
+    FROM v WHERE settings_key IS NOT NULL AND EXISTS (SELECT FROM locked)
+    ORDER BY source_sha256, settings_key
+    ON CONFLICT (source_sha256, settings_key) DO UPDATE
+    SET output_sha256 = excluded.output_sha256, output_key = excluded.output_key,
+        output_url = excluded.output_url, bytes_out = excluded.bytes_out, width = excluded.width,
+        height = excluded.height, format_out = excluded.format_out, quality_in = excluded.quality_in,
+        quality_out = excluded.quality_out, kept_original = excluded.kept_original,
+        created_at = now(), verified_at = now()
 ), finished AS (
     UPDATE images i
     SET status = v.status, error = v.error, output_key = v.output_key, output_url = v.output_url,
@@ -395,16 +429,6 @@ FROM sources s
 LEFT JOIN outputs o ON o.source_sha256 = s.sha256 AND o.settings_key = $2
 WHERE s.url = ANY($1::text[]);
 
--- save_source --
--- What the origin sent for a URL: its bytes' SHA-256, and the validators to ask with
--- next time ($2 and $3; NULL when it sent none). changed_at moves only when the bytes did.
-INSERT INTO sources AS s (url, etag, last_modified, sha256, bytes)
-VALUES ($1, $2, $3, $4, $5)
-ON CONFLICT (url) DO UPDATE
-SET etag = excluded.etag, last_modified = excluded.last_modified, sha256 = excluded.sha256,
-    bytes = excluded.bytes, fetched_at = now(),
-    changed_at = CASE WHEN s.sha256 = excluded.sha256 THEN s.changed_at ELSE now() END;
-
 -- find_output --
 -- A stored output for these source bytes: made from them under these settings ($2;
 -- looked for if $3), or the bytes are themselves one of our outputs (own = true). The
@@ -419,21 +443,6 @@ UNION ALL
         verified_at > now() - make_interval(secs => $4)
  FROM outputs WHERE output_sha256 = $1 ORDER BY created_at LIMIT 1)
 LIMIT 1;
-
--- save_output --
--- The newest output made from these bytes under these settings. Two workers that made
--- it at once stored the same key (the output's SHA-256) or two keys that both exist;
--- the row points at one that does.
-INSERT INTO outputs (source_sha256, settings_key, output_sha256, output_key, output_url, bytes_in,
-                     bytes_out, width, height, format_in, format_out, quality_in, quality_out,
-                     kept_original)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-ON CONFLICT (source_sha256, settings_key) DO UPDATE
-SET output_sha256 = excluded.output_sha256, output_key = excluded.output_key,
-    output_url = excluded.output_url, bytes_out = excluded.bytes_out, width = excluded.width,
-    height = excluded.height, format_out = excluded.format_out, quality_in = excluded.quality_in,
-    quality_out = excluded.quality_out, kept_original = excluded.kept_original, created_at = now(),
-    verified_at = now();
 
 -- output_verified --
 -- A HEAD found the object of an output: trusted again for IMGSVC_REUSE_CHECK_SECONDS.

@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from imgsvc import db, errors, intake, migrate, models, reads
+from imgsvc import catalog, db, errors, intake, migrate, models, reads
 from tests.conftest import request_row_locked, store_request, wait_for_lock_waits
 
 
@@ -445,6 +445,70 @@ async def test_one_statement_records_several_images_and_their_duplicates(pool: d
     assert (request["done_bytes_in"], request["done_bytes_out"]) == (30, 6)
     assert request["bytes_saved"] == 12  # the duplicate's download and output
     assert await _finish_jobs(pool, rid) == 1
+
+
+async def test_the_record_of_images_writes_their_sources_and_outputs_records(pool: db.Pool) -> None:
+    # Three images of one job: two whose bytes are the same photo at two URLs (both made
+    # now: one outputs row), and one that failed after its download (its source only).
+    rid = await store_request(pool, [product(1, 3)])
+    ids = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
+    tasks = [models.ImageTask(i, rid, serial_number=1, position=1, url="", attempts=1) for i in ids]
+    result = models.Compressed(
+        data=b"xyz", format_in="jpeg", format_out="jpeg", width=3, height=1,
+        quality_in=80, quality_out=40, kept_original=False,
+    )  # fmt: skip
+    output = db.Output.made(result, key="img/k.jpg", url="http://out.test/img/k.jpg", sha256="11" * 32)
+    etag = catalog.Validators(etag='"e1"')
+    dated = catalog.Validators(last_modified="Mon, 07 Dec 2026 10:00:00 GMT")
+
+    def made(task: models.ImageTask, url: str, validators: catalog.Validators) -> db.Ending:
+        return db.Ending(
+            task, output=output, bytes_in=10, source_sha256="aa" * 32,
+            source=db.Source(url, validators), made_under="q50",
+        )  # fmt: skip
+
+    await pool.execute(
+        "INSERT INTO sources (url, sha256, bytes, changed_at) VALUES ($1, $2, 9, now() - interval '1 day')",
+        "http://img.test/a.jpg", "00" * 32,
+    )  # fmt: skip
+    endings = [
+        made(tasks[0], "http://img.test/a.jpg", etag),
+        made(tasks[1], "http://img.test/b.jpg", dated),
+        db.Ending(
+            tasks[2],
+            error="not an image",
+            bytes_in=4,
+            source_sha256="cc" * 32,
+            source=db.Source("http://img.test/c.jpg", catalog.Validators()),
+        ),
+    ]
+    recorded = await db.record_images(pool, endings, finish_job=FINISH_JOB)
+    assert recorded.status == "completed_with_errors"
+    sources = await pool.fetch(
+        "SELECT url, etag, last_modified, sha256, bytes, changed_at > now() - interval '1 minute' AS changed"
+        " FROM sources ORDER BY url"
+    )
+    assert [tuple(r) for r in sources] == [
+        ("http://img.test/a.jpg", '"e1"', None, "aa" * 32, 10, True),  # other bytes than before
+        ("http://img.test/b.jpg", None, dated.last_modified, "aa" * 32, 10, True),
+        ("http://img.test/c.jpg", None, None, "cc" * 32, 4, True),
+    ]
+    outputs = await pool.fetch(
+        "SELECT source_sha256, settings_key, output_key, bytes_in, bytes_out FROM outputs"
+    )
+    assert [tuple(r) for r in outputs] == [("aa" * 32, "q50", "img/k.jpg", 10, 3)]
+    # A reused output (no settings key) and a 304 (no source) write neither record.
+    rid = await store_request(pool, [product(2, 2)])
+    ids = [r["id"] for r in await pool.fetch("SELECT id FROM images WHERE request_id = $1", uuid.UUID(rid))]
+    tasks = [models.ImageTask(i, rid, serial_number=2, position=1, url="", attempts=1) for i in ids]
+    reused = dataclasses.replace(output, reused=models.ReuseReason.NOT_MODIFIED, bytes_saved=13)
+    await db.record_images(
+        pool,
+        [db.Ending(t, output=reused, bytes_in=10, source_sha256="aa" * 32) for t in tasks],
+        finish_job=FINISH_JOB,
+    )
+    assert await pool.fetchval("SELECT count(*) FROM sources") == 3
+    assert await pool.fetchval("SELECT count(*) FROM outputs") == 1
 
 
 async def test_the_images_of_one_record_share_a_request(pool: db.Pool) -> None:
