@@ -67,7 +67,9 @@ FROM (SELECT batch, jsonb_agg(id ORDER BY id) AS ids
 -- queued, its row is locked before any image, as finishing and cancelling lock them, so
 -- a claim and a cancel wait for each other instead of deadlocking. The images are
 -- locked in id order, as cancelling locks them, for the same reason once the request
--- is processing and its row is no longer taken.
+-- is processing and its row is no longer taken. The images are updated by the list of
+-- ids locked (= ANY), so that the update reads those rows by index however many the
+-- table holds: joined to that list otherwise, the plan read the whole table.
 WITH locked AS (
     SELECT r.id FROM requests r
     WHERE r.id IN (SELECT request_id FROM images WHERE id = ANY($1::bigint[])) AND r.status = 'queued'
@@ -85,7 +87,7 @@ WITH locked AS (
     UPDATE images i
     SET status = 'processing', attempts = i.attempts + 1, started_at = coalesce(i.started_at, now())
     FROM ordered o, products p
-    WHERE i.id = o.id AND p.id = i.product_id
+    WHERE i.id = ANY (ARRAY(SELECT id FROM ordered)) AND i.id = o.id AND p.id = i.product_id
     RETURNING i.id, i.request_id, p.serial_number, i.position, i.input_url, i.attempts, i.source_url
 ), started AS (
     UPDATE requests r

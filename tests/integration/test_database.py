@@ -569,9 +569,30 @@ async def test_recording_looks_images_up_even_when_the_statistics_are_stale(pool
             await recording.rollback()  # nothing recorded
             await conn.execute("DEALLOCATE ALL")
 
-    def image_rows(node: dict[str, Any]) -> int:
-        own = node["Actual Rows"] * node["Actual Loops"] if node.get("Relation Name") == "images" else 0
-        return own + sum(image_rows(child) for child in node.get("Plans", []))
-
-    read = image_rows(json.loads(plan)[0]["Plan"])
+    read = _image_rows(json.loads(plan)[0]["Plan"])
     assert read <= 3 * 1000, f"the statement read {read} rows of images for 8 images of 1,000"
+
+
+def _image_rows(node: dict[str, Any]) -> int:
+    """The rows of images a plan read (EXPLAIN ANALYZE, FORMAT JSON)."""
+    own = node["Actual Rows"] * node["Actual Loops"] if node.get("Relation Name") == "images" else 0
+    return own + sum(_image_rows(child) for child in node.get("Plans", []))
+
+
+@pytest.mark.parametrize("plan_mode", ["force_custom_plan", "force_generic_plan"])
+async def test_a_claim_reads_its_own_images_whatever_the_table_holds(pool: db.Pool, plan_mode: str) -> None:
+    await store_request(pool, [product(n, 2) for n in range(1000)])  # its statistics refreshed
+    ids = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id LIMIT 16")]
+    async with pool.acquire() as conn:
+        claiming = conn.transaction()
+        await claiming.start()
+        try:
+            await conn.execute(f"SET LOCAL plan_cache_mode = {plan_mode}")
+            await conn.execute(f"PREPARE claim (bigint[]) AS {db.queries()['claim_images']}")
+            listed = ",".join(map(str, ids))
+            plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE claim ('{{{listed}}}')")
+        finally:
+            await claiming.rollback()
+            await conn.execute("DEALLOCATE ALL")
+    read = _image_rows(json.loads(plan)[0]["Plan"])
+    assert read <= 4 * len(ids), f"the claim of 16 images read {read} rows of images of 2,000"
