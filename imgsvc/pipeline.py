@@ -39,9 +39,9 @@ async def process_images(res: resources.Resources, image_ids: list[int]) -> list
     try:
         claimed = {task.image_id: task for task in await db.claim_images(res.pool, image_ids)}
         known = await _known(res, list(claimed.values()))
-        recorder = _recorder(res, len(claimed))
+        job = _Job(_recorder(res, len(claimed)), known, _outputs(res, list(claimed.values())))
         outcomes = await asyncio.gather(
-            *(_process_claimed(res, claimed[i], recorder, known) for i in image_ids if i in claimed),
+            *(_process_claimed(res, claimed[i], job) for i in image_ids if i in claimed),
             return_exceptions=True,
         )
     except asyncio.CancelledError:
@@ -116,6 +116,24 @@ async def _known(res: resources.Resources, tasks: list[models.ImageTask]) -> dic
         return None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Job:
+    """What a job's images share: their records, what their sources were (None if the
+    database did not say), and the look-up of stored outputs."""
+
+    records: recorder.Recorder
+    known: dict[str, reuse.Known] | None
+    outputs: reuse.Outputs
+
+
+def _outputs(res: resources.Resources, tasks: list[models.ImageTask]) -> reuse.Outputs:
+    """The look-up of stored outputs for a job's images (one request's: one ``reprocess``)."""
+    return reuse.Outputs(
+        res.pool, compress.settings_key(res.image_limits), res.settings.reuse_check_seconds,
+        same=not any(task.reprocess for task in tasks),
+    )  # fmt: skip
+
+
 def _source_url(task: models.ImageTask) -> str:
     return task.source_url or catalog.normalize_url(task.url)
 
@@ -129,19 +147,15 @@ def _recorder(res: resources.Resources, expected: int = 1) -> recorder.Recorder:
     )
 
 
-async def _process_claimed(
-    res: resources.Resources,
-    task: models.ImageTask,
-    records: recorder.Recorder,
-    known: dict[str, reuse.Known] | None = None,
-) -> str:
+async def _process_claimed(res: resources.Resources, task: models.ImageTask, job: _Job) -> str:
     image_id = task.image_id
+    records = job.records
     logs.image_id.set(image_id)
     logs.request_id.set(task.request_id)
     final_attempt = task.attempts >= res.settings.max_attempts
     seen = _Seen()
     try:
-        output = await _output(res, task, seen, known)
+        output = await _output(res, task, seen, job)
     except errors.PermanentError as exc:
         return await record_failure(res, task, exc.message, seen, records)
     except errors.TransientError as exc:
@@ -168,9 +182,7 @@ async def _process_claimed(
     return models.ImageStatus.DONE
 
 
-async def _output(
-    res: resources.Resources, task: models.ImageTask, seen: _Seen, records: dict[str, reuse.Known] | None
-) -> db.Output:
+async def _output(res: resources.Resources, task: models.ImageTask, seen: _Seen, job: _Job) -> db.Output:
     """The image's output: reused where a stored result answers (``reuse``), else
     downloaded, compressed and stored under the SHA-256 of its bytes."""
     source_url = _source_url(task)
@@ -181,8 +193,8 @@ async def _output(
     async with res.source_slots, res.source_budget.hold() as source:
         if task.reprocess:
             known = None
-        elif records is not None:
-            known = records.get(source_url)
+        elif job.known is not None:
+            known = job.known.get(source_url)
         else:
             known = await reuse.known_source(
                 res.pool, source_url, settings_key, res.settings.reuse_check_seconds
@@ -219,10 +231,7 @@ async def _output(
         seen.source = db.Source(source_url, fetched.validators)
         # Bytes that are one of our outputs are taken as they are, reprocess or not: no
         # image is degraded twice.
-        found = await reuse.stored_output(
-            res.pool, res.store, seen.sha256, settings_key, res.settings.reuse_check_seconds,
-            same=not task.reprocess,
-        )  # fmt: skip
+        found = await reuse.stored_output(job.outputs, res.pool, res.store, seen.sha256)
         if found is not None:
             if found.missing:
                 await _put(res, found.output.key, data, models.CONTENT_TYPES[found.output.format_out or ""])

@@ -15,7 +15,9 @@ output made again.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 
 import asyncpg
 
@@ -91,21 +93,62 @@ async def present(pool: db.Pool, storage: store.Storage, key: str) -> bool:
     return True
 
 
+class Outputs:
+    """The look-up of stored outputs for a job's images (``find_outputs``), several in
+    one statement: an image that asks while another image's look-up is in flight waits
+    for it, and goes in the next statement with all that asked meanwhile. A lone image
+    waits for nothing; images whose downloads end together share a round trip."""
+
+    def __init__(self, pool: db.Pool, settings_key: str, trust_seconds: int, *, same: bool) -> None:
+        self._pool = pool
+        self._args = (settings_key, same, trust_seconds)
+        self._waiting: list[tuple[str, asyncio.Future[asyncpg.Record | None]]] = []
+        self._lock = asyncio.Lock()
+        self.statements = 0  # statements sent, for the tests
+
+    async def row(self, source_sha256: str) -> asyncpg.Record | None:
+        """The stored output's row for these source bytes, or None."""
+        mine: asyncio.Future[asyncpg.Record | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((source_sha256, mine))
+        try:
+            async with self._lock:
+                if not mine.done():
+                    await self._look_up(mine)
+        except asyncio.CancelledError:
+            self._waiting = [(s, f) for s, f in self._waiting if f is not mine]
+            if mine.done() and not mine.cancelled():
+                mine.exception()  # taken: nobody waits for it any more
+            raise
+        return mine.result()
+
+    async def _look_up(self, mine: asyncio.Future[asyncpg.Record | None]) -> None:
+        batch, self._waiting = self._waiting, []
+        self.statements += 1
+        try:
+            async with db.translated():
+                rows = await self._pool.fetch(
+                    db.queries()["find_outputs"], json.dumps(sorted({s for s, _ in batch})), *self._args
+                )
+        except asyncio.CancelledError:
+            # This image was cancelled; the others were not, and go in the next statement.
+            self._waiting[:0] = [(s, f) for s, f in batch if f is not mine]
+            raise
+        except Exception as exc:
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        found = {row["looked_up"]: row for row in rows}
+        for sha256, future in batch:
+            future.set_result(found.get(sha256))
+
+
 async def stored_output(
-    pool: db.Pool,
-    storage: store.Storage,
-    source_sha256: str,
-    settings_key: str,
-    trust_seconds: int,
-    *,
-    same: bool = True,
+    outputs: Outputs, pool: db.Pool, storage: store.Storage, source_sha256: str
 ) -> Found | None:
-    """The output stored for these source bytes under these settings (with ``same``),
-    or the output these bytes are; None when there is none, or its object is gone."""
-    async with db.translated():
-        row = await pool.fetchrow(
-            db.queries()["find_output"], source_sha256, settings_key, same, trust_seconds
-        )
+    """The output stored for these source bytes under the settings of ``outputs`` (if it
+    looks for them), or the output these bytes are; None when there is none, or its
+    object is gone."""
+    row = await outputs.row(source_sha256)
     if row is None:
         return None
     output = _output(row)

@@ -431,20 +431,26 @@ FROM sources s
 LEFT JOIN outputs o ON o.source_sha256 = s.sha256 AND o.settings_key = $2
 WHERE s.url = ANY($1::text[]);
 
--- find_output --
--- A stored output for these source bytes: made from them under these settings ($2;
--- looked for if $3), or the bytes are themselves one of our outputs (own = true). The
--- first is preferred: an output kept as the original has the source's own SHA-256.
-(SELECT false AS own, output_key, output_url, bytes_in, bytes_out, width, height, format_in,
-        format_out, quality_in, quality_out, kept_original, output_sha256,
-        verified_at > now() - make_interval(secs => $4) AS trusted
- FROM outputs WHERE $3 AND source_sha256 = $1 AND settings_key = $2)
-UNION ALL
-(SELECT true, output_key, output_url, bytes_out, bytes_out, width, height, format_out,
-        format_out, quality_out, quality_out, true, output_sha256,
-        verified_at > now() - make_interval(secs => $4)
- FROM outputs WHERE output_sha256 = $1 ORDER BY created_at LIMIT 1)
-LIMIT 1;
+-- find_outputs --
+-- Stored outputs for some source bytes (their SHA-256s, $1, a JSON array), one row for
+-- each that has one (looked_up): made from them under these settings ($2; looked for
+-- if $3), or the bytes are themselves one of our outputs (own = true). The first is
+-- preferred: an output kept as the original has the source's own SHA-256. A JSON array
+-- for the same reason as record_images': one generic plan, whatever the count.
+SELECT s.sha256 AS looked_up, f.*
+FROM json_array_elements_text($1::json) AS s (sha256)
+CROSS JOIN LATERAL (
+    (SELECT false AS own, output_key, output_url, bytes_in, bytes_out, width, height, format_in,
+            format_out, quality_in, quality_out, kept_original, output_sha256,
+            verified_at > now() - make_interval(secs => $4) AS trusted
+     FROM outputs WHERE $3 AND source_sha256 = s.sha256 AND settings_key = $2)
+    UNION ALL
+    (SELECT true, output_key, output_url, bytes_out, bytes_out, width, height, format_out,
+            format_out, quality_out, quality_out, true, output_sha256,
+            verified_at > now() - make_interval(secs => $4)
+     FROM outputs WHERE output_sha256 = s.sha256 ORDER BY created_at LIMIT 1)
+    LIMIT 1
+) f;
 
 -- output_verified --
 -- A HEAD found the object of an output: trusted again for IMGSVC_REUSE_CHECK_SECONDS.

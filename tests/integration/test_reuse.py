@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import pyvips
 
-from imgsvc import db, finish, maintenance, models, pipeline, quality, reads, resources, settings
+from imgsvc import db, finish, maintenance, models, pipeline, quality, reads, resources, reuse, settings
 from tests.conftest import run_until, store_request, with_settings
 from tests.origin import CatalogOrigin
 from tests.servers import IMAGES, S3Server
@@ -382,3 +382,28 @@ async def test_our_image_re_encoded_elsewhere_stops_at_the_quality_floor(
         res, await run(res, database_url, origin.url("ignore", f"{files}/cdn-copy-2.jpg"))
     )
     assert third["reused"] == "own_output" and third["quality_out"] == 30  # and goes no lower
+
+
+async def test_output_look_ups_that_come_together_share_statements(res: resources.Resources) -> None:
+    await res.pool.execute(
+        "INSERT INTO outputs (source_sha256, settings_key, output_sha256, output_key, output_url,"
+        " bytes_in, bytes_out, kept_original) VALUES ($1, 'q50', $2, 'img/b.jpg', 'http://s3.test/img/b.jpg',"
+        " 10, 5, false)",
+        "aa" * 32, "bb" * 32,
+    )  # fmt: skip
+    outputs = reuse.Outputs(res.pool, "q50", 3600, same=True)
+    asked = ["aa" * 32, "bb" * 32, "cc" * 32, "aa" * 32]
+    rows = await asyncio.gather(*(outputs.row(sha256) for sha256 in asked))
+    assert [None if r is None else (r["own"], r["output_key"], r["trusted"]) for r in rows] == [
+        (False, "img/b.jpg", True), (True, "img/b.jpg", True), None, (False, "img/b.jpg", True),
+    ]  # fmt: skip
+    # The first went alone; the three that asked while it ran went in one more.
+    assert outputs.statements == 2
+    # Without ``same`` (reprocess) only our own outputs are found; other settings find those.
+    for other in (
+        reuse.Outputs(res.pool, "q50", 3600, same=False),
+        reuse.Outputs(res.pool, "q40", 0, same=True),
+    ):
+        assert await other.row("aa" * 32) is None
+        own = await other.row("bb" * 32)
+        assert own is not None and own["own"] and own["output_key"] == "img/b.jpg"
