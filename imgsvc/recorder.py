@@ -9,8 +9,9 @@ lags the work by at most the linger. Each image still learns whether its own rec
 finished the request.
 
 An image whose record was not made (the worker stopped, the database failed) is not
-finished: its job, or the requeue of an interrupted job, takes it again, and the stored
-results it made answer that second time (``reuse``).
+finished: its job, or the requeue of an interrupted job, takes it again. The records of
+its source and output go in the same statement, so that second time makes the output
+again: the same bytes, stored under the same key.
 """
 
 from __future__ import annotations
