@@ -401,6 +401,15 @@ async def test_deleting_or_truncating_requests_or_products_takes_their_images(po
         assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0, table
 
 
+def made_output(data: bytes, key: str) -> db.Output:
+    """An output of ``data``'s size (one pixel a byte), stored under ``key``."""
+    result = models.Compressed(
+        data=data, format_in="jpeg", format_out="jpeg", width=len(data), height=1,
+        quality_in=80, quality_out=40, kept_original=False,
+    )  # fmt: skip
+    return db.Output.made(result, key=key, url=f"http://out.test/{key}", sha256="11" * 32)
+
+
 async def test_one_statement_records_several_images_and_their_duplicates(pool: db.Pool) -> None:
     # Product 2 repeats product 1's two URLs: its slots are duplicates and end with them.
     first = product(1, 2)
@@ -412,11 +421,7 @@ async def test_one_statement_records_several_images_and_their_duplicates(pool: d
     leaders = [r["id"] for r in rows if r["duplicate_of"] is None]
     assert len(leaders) == 3 and len(rows) == 5
     tasks = [models.ImageTask(i, rid, serial_number=1, position=1, url="", attempts=1) for i in leaders]
-    result = models.Compressed(
-        data=b"xy", format_in="jpeg", format_out="jpeg", width=2, height=1,
-        quality_in=80, quality_out=40, kept_original=False,
-    )  # fmt: skip
-    output = db.Output.made(result, key="k", url="http://out.test/k", sha256="11" * 32)
+    output = made_output(b"xy", "k")
     endings = [
         db.Ending(tasks[0], output=output, bytes_in=10, source_sha256="aa" * 32),
         db.Ending(tasks[1], error="broken", bytes_in=7),
@@ -453,11 +458,7 @@ async def test_the_record_of_images_writes_their_sources_and_outputs_records(poo
     rid = await store_request(pool, [product(1, 3)])
     ids = [r["id"] for r in await pool.fetch("SELECT id FROM images ORDER BY id")]
     tasks = [models.ImageTask(i, rid, serial_number=1, position=1, url="", attempts=1) for i in ids]
-    result = models.Compressed(
-        data=b"xyz", format_in="jpeg", format_out="jpeg", width=3, height=1,
-        quality_in=80, quality_out=40, kept_original=False,
-    )  # fmt: skip
-    output = db.Output.made(result, key="img/k.jpg", url="http://out.test/img/k.jpg", sha256="11" * 32)
+    output = made_output(b"xyz", "img/k.jpg")
     etag = catalog.Validators(etag='"e1"')
     dated = catalog.Validators(last_modified="Mon, 07 Dec 2026 10:00:00 GMT")
 
