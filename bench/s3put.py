@@ -60,6 +60,7 @@ VARIANTS = (
         "parameter_validation=False, path",
         {**TODAY, "parameter_validation": False, "s3": {"addressing_style": "path"}},
     ),
+)
 
 
 async def _put_many(client: Any, count: int, body: bytes, concurrency: int, same_key: bool, tag: str) -> None:
