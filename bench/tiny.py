@@ -81,4 +81,6 @@ async def run(
         "attempts": len(attempts),
         "attempts_foreign_cores": [a["foreign_cores"] for a in attempts],
         "attempts_images_per_second": [a["images_per_second"] for a in attempts],
+        # Each attempt's CPU too: whether a later one costs more (2,000 more rows) shows here.
+        "attempts_cpu_ms_per_image": [a["cpu_ms_per_image"] for a in attempts],
     }
