@@ -37,7 +37,9 @@ async def top(url: str, images: int, limit: int = 12) -> list[dict[str, Any]]:
     conn = await asyncpg.connect(url)
     try:
         rows = await conn.fetch(
-            "SELECT calls, total_exec_time, total_plan_time, rows, query FROM pg_stat_statements"
+            "SELECT calls, total_exec_time, total_plan_time, rows,"
+            " shared_blks_hit + shared_blks_read AS blocks,"
+            " query FROM pg_stat_statements"
             " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
             " AND query NOT LIKE '%pg_stat_statements%'"
             " ORDER BY total_exec_time + total_plan_time DESC LIMIT $1",
@@ -50,6 +52,9 @@ async def top(url: str, images: int, limit: int = 12) -> list[dict[str, Any]]:
             "calls_per_image": round(r["calls"] / images, 3),
             "ms_per_image": round((r["total_exec_time"] + r["total_plan_time"]) / images, 4),
             "ms_per_call": round((r["total_exec_time"] + r["total_plan_time"]) / max(1, r["calls"]), 4),
+            # Buffers a call reads: a plan whose cost grows with a table shows here.
+            "blocks_per_call": round(r["blocks"] / max(1, r["calls"]), 1),
+            "rows_per_call": round(r["rows"] / max(1, r["calls"]), 1),
             "query": " ".join(r["query"].split())[:110],
         }
         for r in rows

@@ -28,19 +28,21 @@ import asyncio
 import dataclasses
 import gc
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from bench import imageset, load, procstat, profiling, rerun, tiny, uploads
+from bench import imageset, load, procstat, profiling, quiet, rerun, tiny, uploads
 from bench.services import Services
 from imgsvc import metrics
 
 MAX_EXPANSION = 50  # at most this many copies of the image list in one request
 CONTENDED = 0.1  # cores used by other processes above which a request is sent again
 RETRIES = 3
+
+Settle = Callable[[str], Awaitable[None]]  # waits until nothing runs before the phase named
 
 
 @dataclasses.dataclass
@@ -171,6 +173,8 @@ class PipelineResults:
     large_uploads: uploads.LargeUploads | None = None  # in the JSON under a key of its own
     rerun: dict[str, Any] | None = None  # likewise
     tiny: dict[str, Any] | None = None  # likewise
+    # Before each measured request: what an earlier one had left open, and the wait.
+    quiet: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         """Figures for the report."""
@@ -184,6 +188,7 @@ class PipelineResults:
             "vm_hwm_kib": self.vm_hwm_kib,
             "rss_samples": self.rss_samples,
             "pids": self.pids,
+            "quiet": self.quiet,
         }
 
 
@@ -354,6 +359,22 @@ async def run(services: Services, items: list[imageset.Item], options: Options) 
     profile: dict[str, Any] | None = None
     rerun_results: dict[str, Any] | None = None
     tiny_results: dict[str, Any] | None = None
+    settled: dict[str, dict[str, Any]] = {}
+
+    async def settle(phase: str) -> None:
+        # Nothing an earlier request left (its finishing, the latency phase's one-row
+        # uploads, autovacuum) runs inside this one's window or on its cores.
+        found = await quiet.wait(services.database_url, roots)
+        settled[phase] = found
+        if not found["quiet"]:
+            print(
+                f"bench: {phase}: still not quiet after {found['waited_seconds']:.0f} s: "
+                f"{found['pending_at_last']}, services {found['services_cores']:.2f} cores",
+                flush=True,
+            )
+        elif found["waited_seconds"] > 1.0:
+            print(f"bench: {phase}: waited {found['waited_seconds']:.1f} s for quiet", flush=True)
+
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             if options.warmup:
@@ -375,6 +396,7 @@ async def run(services: Services, items: list[imageset.Item], options: Options) 
                 # A request during which other processes used the CPU is sent again, up to
                 # RETRIES more times; the median is taken over the undisturbed ones if enough.
                 while len(runs) < options.repeat and len(disturbed) <= RETRIES:
+                    await settle(f"throughput {group} {len(runs) + len(disturbed) + 1}")
                     measured = await _measured_batch(
                         session, services, group, group_items, sampler, roots, options.timeout
                     )
@@ -406,24 +428,32 @@ async def run(services: Services, items: list[imageset.Item], options: Options) 
                     f"{options.status_rate:g}/s and POST /upload at {options.upload_rate:g}/s (open loop)",
                     flush=True,
                 )
+                await settle("latency")
                 latency_batch, latency, api_loop_lag = await _latency_phase(
                     session, services, latency_items, sampler, roots, options
                 )
             if options.profile:
                 profile_items = expanded(items, options.profile_seconds, rate)
                 print(f"bench: profile, {len(profile_items)} images with py-spy on the worker", flush=True)
+                await settle("profile")
                 profile = await _profile_phase(session, services, profile_items, options)
             if options.rerun_images:
                 print(
                     f"bench: re-run, a catalog of {options.rerun_images} images sent three times", flush=True
                 )
                 rerun_results = await rerun.run(
-                    session, services, items, options.rerun_images, options.timeout, options.pg_statements
+                    session,
+                    services,
+                    items,
+                    options.rerun_images,
+                    options.timeout,
+                    options.pg_statements,
+                    settle=settle,
                 )
             if options.tiny_images:
                 print(f"bench: tiny images, {options.tiny_images} 64x48 JPEGs in one request", flush=True)
                 tiny_results = await tiny.run(
-                    session, services, options.tiny_images, options.timeout, options.pg_statements
+                    session, services, options.tiny_images, options.timeout, options.pg_statements, settle
                 )
     finally:
         sampler.stop()
@@ -433,6 +463,7 @@ async def run(services: Services, items: list[imageset.Item], options: Options) 
     peaks = sampler.overall()
     large: uploads.LargeUploads | None = None
     if options.large_uploads:
+        await settle("large uploads")
         print("bench: large uploads, stopping the worker (its queued images are never processed)", flush=True)
         names = list(dict.fromkeys(item.file.name for item in items))
         large = await uploads.run(
@@ -455,4 +486,5 @@ async def run(services: Services, items: list[imageset.Item], options: Options) 
         large_uploads=large,
         rerun=rerun_results,
         tiny=tiny_results,
+        quiet=settled,
     )

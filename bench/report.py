@@ -171,12 +171,38 @@ def _statements(phase: str, rows: list[dict[str, Any]] | None) -> list[str]:
     if not rows:
         return []
     table = [
-        [_num(r["ms_per_image"], 3), _num(r["calls_per_image"], 2), _num(r["ms_per_call"], 3), r["query"]]
+        [
+            _num(r["ms_per_image"], 3),
+            _num(r["calls_per_image"], 2),
+            _num(r["ms_per_call"], 3),
+            _num(r.get("blocks_per_call"), 0),
+            r["query"],
+        ]
         for r in rows
     ]
     return [
         f"  PostgreSQL's time by statement, {phase} (pg_stat_statements, execution + planning):",
-        *("  " + line for line in _table(["ms/image", "calls/image", "ms/call", "statement"], table)),
+        *(
+            "  " + line
+            for line in _table(["ms/image", "calls/image", "ms/call", "buffers/call", "statement"], table)
+        ),
+    ]
+
+
+def _quiet(quiet: dict[str, dict[str, Any]]) -> list[str]:
+    """What each measured request found left open by the ones before it."""
+    if not quiet:
+        return []
+    found = {phase: {k: v for k, v in q["pending_at_first"].items() if v} for phase, q in quiet.items()}
+    noisy = [phase for phase, q in quiet.items() if not q["quiet"]]
+    return [
+        "",
+        f"Quiet before each request ({len(quiet)}): no open request, image, job or webhook, no statement "
+        "or autovacuum running, the services' trees under 0.1 core",
+        "  left open at the start: "
+        + ("; ".join(f"{p} {f}" for p, f in found.items() if f) or "nothing")
+        + f"; longest wait {max(q['waited_seconds'] for q in quiet.values()):.1f} s"
+        + (f"; NOT quiet: {', '.join(noisy)}" if noisy else ""),
     ]
 
 
@@ -190,6 +216,14 @@ def _tiny(tiny: dict[str, Any]) -> list[str]:
         f"  {tiny['images_per_second']:.0f} images/s ({tiny['seconds']:.2f} s, target >= 200); "
         + "CPU ms an image: "
         + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()),
+        f"  other load {tiny['foreign_cores']:.2f} cores"
+        + (
+            f" (the least disturbed of {tiny['attempts']} requests: "
+            + ", ".join(f"{c:.2f}" for c in tiny["attempts_foreign_cores"])
+            + ")"
+            if tiny.get("attempts", 1) > 1
+            else ""
+        ),
         f"  PostgreSQL {postgres:.2f} CPU ms an image (target <= 0.5, aim 0.25): "
         + _verdict(postgres <= 0.5),
         *_statements("tiny images", tiny.get("statements")),
@@ -484,6 +518,7 @@ def render(results: dict[str, Any]) -> str:
         out += _rerun(results["rerun"])
     if results.get("tiny"):
         out += _tiny(results["tiny"])
+    out += _quiet(results["pipeline"].get("quiet") or {})
     foreign = {
         "throughput": max((t["machine_cpu"]["foreign_cores"] for t in pipeline["throughput"]), default=0.0),
         "latency": (pipeline["latency_batch"] or {}).get("machine_cpu", {}).get("foreign_cores", 0.0),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -79,7 +79,10 @@ async def _run(
     *,
     reprocess: bool,
     time_limit: float,
+    settle: Callable[[str], Awaitable[None]] | None = None,
 ) -> Run:
+    if settle is not None:
+        await settle(f"re-run {name}")
     before = await _stats(session, services)
     meter = procstat.CpuMeter(services.roots())
     meter.start()
@@ -99,15 +102,19 @@ async def run(
     size: int,
     time_limit: float,
     statements: bool = False,
+    settle: Callable[[str], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
-    """The four requests, and the ratios the targets are set on."""
+    """The four requests, each once ``settle`` says nothing else runs, and the
+    ratios the targets are set on."""
     files = [item.file for item in items]
     catalog = [imageset.Item(index=FIRST_INDEX + n, file=files[n % len(files)]) for n in range(size)]
     rows = [
         (item.index, f"Catalog product {item.index}", services.image_url(item.index, item.file.name))
         for item in catalog
     ]
-    first = await _run(session, services, "first", rows, reprocess=True, time_limit=time_limit)
+    first = await _run(session, services, "first", rows, reprocess=True, time_limit=time_limit, settle=settle)
+    if settle is not None:
+        await settle("re-run unchanged")
     if statements:
         await pgstat.reset(services.database_url)
     unchanged = await _run(session, services, "unchanged", rows, reprocess=False, time_limit=time_limit)
@@ -122,9 +129,17 @@ async def run(
             f"http://127.0.0.1:{services.image_port}/change/{catalog[n].index}"
         ) as response:
             response.raise_for_status()
-    one_percent = await _run(session, services, "1% changed", rows, reprocess=False, time_limit=time_limit)
+    one_percent = await _run(
+        session, services, "1% changed", rows, reprocess=False, time_limit=time_limit, settle=settle
+    )
     alone = await _run(
-        session, services, "changed only", [rows[n] for n in changed], reprocess=True, time_limit=time_limit
+        session,
+        services,
+        "changed only",
+        [rows[n] for n in changed],
+        reprocess=True,
+        time_limit=time_limit,
+        settle=settle,
     )
     return {
         "images": size,

@@ -112,11 +112,23 @@ def test_every_phase_measures_the_pipeline_and_writes_table_and_json(tmp_path: P
     assert tiny["images"] == 20 and tiny["images_per_second"] > 0
     assert set(tiny["cpu_ms_per_image"]) == {"api", "worker", "postgres", "s3 (rclone)", "image server"}
     assert tiny["cpu_ms_per_image"]["worker"] > 0
+    # Sent again while other load disturbed it; the least disturbed request is kept.
+    assert 1 <= tiny["attempts"] == len(tiny["attempts_foreign_cores"]) <= 4
+    assert tiny["foreign_cores"] == min(tiny["attempts_foreign_cores"])
     assert "Tiny images: 20 distinct 64x48 JPEGs" in done.stdout
     if statements:  # PostgreSQL's time by statement: recording the images is among it
         assert any("json_to_recordset" in row["query"] for row in tiny["statements"])
         assert any("json_to_recordset" in row["query"] for row in results["rerun"]["unchanged_statements"])
         assert "PostgreSQL's time by statement, tiny images" in done.stdout
+
+    # Each measured request waited until nothing an earlier one left was open or running.
+    quiet = results["pipeline"]["quiet"]
+    assert {"throughput ecommerce 1", "latency", "re-run first", "tiny", "large uploads"} <= set(quiet)
+    for phase, found in quiet.items():
+        assert found["quiet"], (phase, found)
+        assert not any(found["pending_at_last"].values()), (phase, found)
+        assert found["tables"]["images"]["bytes"] > 0
+    assert "Quiet before each request" in done.stdout
 
     large = results["large_uploads"]
     assert large["worker_stopped"] and large["worker_exit_code"] == 0
