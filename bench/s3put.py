@@ -140,7 +140,7 @@ def main() -> None:
     args = p.parse_args()
     services = Services(Path("."))
     try:
-        services._start_s3()  # the store alone: no database, API or worker
+        services.start_s3()  # the store alone: no database, API or worker
         sizes = [int(s) for s in args.sizes.split(",")]
         result = uvloop.run(measure(services.s3_endpoint, sizes, args.puts, args.rounds, args.concurrency))
     finally:

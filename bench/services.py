@@ -199,7 +199,8 @@ class Services:
         self.database_url = self.postgres.start()
         self.versions["postgresql"] = self.postgres.execute("SHOW server_version")
 
-    def _start_s3(self) -> None:
+    def start_s3(self) -> None:
+        """Start `rclone serve s3` alone (``start`` starts it with the rest)."""
         rclone = shutil.which(
             "rclone", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         )
@@ -277,7 +278,7 @@ class Services:
     def start(self) -> None:
         """Start everything; raise RuntimeError (after stopping what started) if anything fails."""
         self._start_postgres()
-        self._start_s3()
+        self.start_s3()
         self._start_image_server()
         self._start_imgsvc()
 
